@@ -1,0 +1,66 @@
+"""Parameter accounting in the form of the paper's Tables 3-4.
+
+Groups: ``irc`` (W_Q and W_K weights), ``dwc`` (W_V weights), ``fpp_emb`` (embedding tables),
+``fpp_ff`` (feed-forward weights and biases, as Table 4 counts them). A removed (masked) weight
+counts as gone; a folded matrix counts as its vector plus any rows left unfolded.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from smartprune.adapters import Adapter
+
+GROUPS = {"irc": "IRC (W_Q, W_K)", "dwc": "DWC (W_V)", "fpp_emb": "FPP-emb", "fpp_ff": "FPP-FF"}
+
+
+def group_counts(adapter: Adapter) -> dict[str, int]:
+    """Stored parameters of each group in the model as it is now."""
+    counts = dict.fromkeys(GROUPS, 0)
+    counts["fpp_emb"] = sum(e.alive() for e in adapter.embeddings().values())
+    for i in range(len(adapter.blocks())):
+        att = adapter.attention_projections(i)
+        counts["irc"] += att.q.alive() + att.k.alive()
+        counts["dwc"] += att.v.alive()
+        for p in adapter.ff_projections(i).values():
+            counts["fpp_ff"] += p.alive() + (p.bias.numel() if p.bias is not None else 0)
+    return counts
+
+
+def unique_parameters(model: nn.Module) -> int:
+    """Parameter count with tied tensors counted once."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        seen[p.data_ptr()] = p.numel()
+    return sum(seen.values())
+
+
+def accounting(before: dict[str, int], after: dict[str, int], total: int) -> dict:
+    """Before/after per group, C%UB (share of the group removed), T% (share of the model removed by
+    the group) and the overall compression (fraction of the model's parameters removed)."""
+    groups = {}
+    for g in GROUPS:
+        removed = before[g] - after[g]
+        groups[g] = {"before": before[g], "after": after[g],
+                     "c_ub": removed / before[g] if before[g] else 0.0,
+                     "t": removed / total if total else 0.0}
+    removed = sum(before[g] - after[g] for g in GROUPS)
+    return {"groups": groups, "overall": {"params_before": total, "params_after": total - removed,
+                                          "compression": removed / total if total else 0.0}}
+
+
+def format_table(acc: dict, seconds: dict[str, float] | None = None) -> str:
+    """A Markdown table like the paper's Table 4 (plus wall time per stage when given)."""
+    head = "| group | before | after | C%UB | T% |" + (" seconds |" if seconds is not None else "")
+    rule = "|---|---:|---:|---:|---:|" + ("---:|" if seconds is not None else "")
+    rows = [head, rule]
+    for g, label in GROUPS.items():
+        r = acc["groups"][g]
+        row = f"| {label} | {r['before']:,} | {r['after']:,} | {100 * r['c_ub']:.2f}% | {100 * r['t']:.2f}% |"
+        if seconds is not None:
+            row += f" {seconds.get(g, 0.0):.1f} |" if g in seconds else " - |"
+        rows.append(row)
+    o = acc["overall"]
+    tail = f"| **overall** | {o['params_before']:,} | {o['params_after']:,} | | {100 * o['compression']:.2f}% |"
+    rows.append(tail + (f" {sum(seconds.values()):.1f} |" if seconds is not None else ""))
+    return "\n".join(rows)

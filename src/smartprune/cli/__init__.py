@@ -1,0 +1,5 @@
+"""The ``smartprune`` command line."""
+
+from smartprune.cli.main import main
+
+__all__ = ["main"]

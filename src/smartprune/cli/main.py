@@ -1,0 +1,182 @@
+"""``smartprune``: a thin command line over the library API.
+
+Each subcommand parses its flags into plain values and calls one library function; heavy modules
+(torch, transformers) are imported only inside the command that needs them, so ``--help`` is fast.
+User errors print one line and exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from smartprune.errors import SmartpruneError, did_you_mean
+
+log = logging.getLogger("smartprune")
+
+MODEL_HELP = ("a local Hugging Face folder, a .gguf file, a folder written by `smartprune compress --out`, "
+              "the built-in name smollm2-135m, or a hub id (needs a network)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" on unknown subcommands and choices."""
+
+    def error(self, message: str):
+        if "invalid choice:" in message:
+            word = message.split("invalid choice:", 1)[1].split("'")[1]
+            choices = message.split("choose from", 1)[1] if "choose from" in message else ""
+            options = [c.strip(" '()") for c in choices.split(",")]
+            message += did_you_mean(word, options)
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return n
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from smartprune.recipes import builtin_recipes
+    from smartprune.recipes.schema import SECTION_TYPES, STAGE_TYPES, field_docs
+
+    recipes = builtin_recipes()
+    width = max(map(len, recipes))
+    for name, recipe in recipes.items():
+        _out(f"{name:<{width}}  {recipe.description}")
+    if args.fields:
+        for key, cls in {**STAGE_TYPES, **SECTION_TYPES}.items():
+            _out(f"\n{key}:")
+            for field, default, doc in field_docs(cls):
+                _out(f"  {field:<16} default {default!s:<11} {doc}")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from smartprune.api import compress_model
+    from smartprune.artifact import check_output
+
+    check_output(Path(args.out), args.overwrite)  # fail before any work
+    if args.dense_out:
+        check_output(Path(args.dense_out), args.overwrite)
+    result = compress_model(args.model, args.recipe, out=args.out, dense_out=args.dense_out, seed=args.seed,
+                            overwrite=args.overwrite, calib_samples=args.calib_samples,
+                            calib_seqlen=args.calib_seqlen)
+    _out(result.summary())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from smartprune.api import run_demo
+
+    result = run_demo(model=args.model, recipe=args.recipe, quick=args.quick, limit=args.limit, seed=args.seed,
+                      json_path=args.json)
+    _out(result.summary())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from smartprune.api import evaluate_perplexity
+
+    result = evaluate_perplexity(args.models, tasks=args.tasks.split(","), seqlen=args.seqlen, stride=args.stride,
+                                 limit=args.limit, json_path=args.json)
+    _out(result.summary())
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+def build_parser() -> Parser:
+    p = Parser(prog="smartprune", description="Compress causal language models with the smart-pruning methods "
+               "of Belhaouari & Kraidia (2025), and measure what it costs and buys.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    r = sub.add_parser("recipes", help="list the built-in recipes", description="List the built-in recipes, "
+                       "one line each; --fields also lists every recipe field with its default.")
+    r.add_argument("--fields", action="store_true", help="also list each stage's fields and defaults")
+    r.set_defaults(func=cmd_recipes)
+
+    c = sub.add_parser("compress", help="compress a model with a recipe",
+                       description="Compress MODEL with a recipe and write the compressed model (loadable with "
+                       "smartprune.load) and report.json to --out.")
+    c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    c.add_argument("--recipe", required=True, help="a built-in recipe name (see `smartprune recipes`) or a "
+                   ".yaml/.json file")
+    c.add_argument("--out", required=True, help="folder for the compressed model and report.json")
+    c.add_argument("--dense-out", help="also write a plain Hugging Face folder with the compressed weights "
+                   "materialized (vanilla from_pretrained loads it)")
+    c.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random choices (0)")
+    c.add_argument("--calib-samples", type=_positive, help="override the recipe's calibration window count")
+    c.add_argument("--calib-seqlen", type=_positive, help="override the recipe's calibration window length")
+    c.add_argument("--overwrite", action="store_true", help="replace output folders that are not empty")
+    c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("demo", help="the main job: compress smollm2-135m and show before/after numbers",
+                       description="Compress a model (default smollm2-135m, recipe paper) and print WikiText-2 "
+                       "perplexity before and after (1024-token windows, the first --limit windows), the "
+                       "parameter accounting and the time taken.")
+    d.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    d.add_argument("--recipe", default="paper", help="recipe name or file (paper)")
+    d.add_argument("--quick", action="store_true", help="small calibration and 4 windows: about 5 minutes")
+    d.add_argument("--limit", type=_positive, help="evaluation windows (16; --quick: 4)")
+    d.add_argument("--seed", type=int, default=0, help="seed (0)")
+    d.add_argument("--json", help="also write the results to this JSON file")
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="perplexity of one or more models, side by side",
+                       description="WikiText-2 / WikiText-103 / PTB test perplexity by the standard protocol "
+                       "(non-overlapping windows, trailing partial window dropped).")
+    e.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
+    e.add_argument("--tasks", default="wikitext2", help="comma-separated: wikitext2, wikitext103, ptb")
+    e.add_argument("--seqlen", type=_positive, default=1024, help="window length (1024)")
+    e.add_argument("--stride", type=_positive, help="sliding-window stride (default: non-overlapping)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N windows")
+    e.add_argument("--json", help="write the results to this JSON file")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="smartprune: %(message)s", stream=sys.stderr)
+    if args.quiet:
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"
+    _quiet_libraries()
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except SmartpruneError as exc:
+        sys.stderr.write(f"smartprune: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("smartprune: interrupted\n")
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """transformers' own progress bars and advice would drown ours."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "transformers" in sys.modules:  # already imported (e.g. in-process use): the env is read too late
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

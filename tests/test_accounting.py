@@ -1,0 +1,35 @@
+"""Accounting against the paper's Table 4 (GPT-2 small) and by hand on a tiny model."""
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from smartprune.accounting import accounting, group_counts, unique_parameters
+from smartprune.adapters import get_adapter
+from smartprune.nn import FoldedProjection
+
+
+def test_gpt2_small_groups_match_table_4():
+    model = AutoModelForCausalLM.from_config(GPT2Config())  # GPT-2 small shapes, random weights
+    adapter = get_adapter(model)
+    before = group_counts(adapter)
+    assert before["irc"] == 14_155_776 and before["dwc"] == 7_077_888 and before["fpp_ff"] == 56_669_184
+    for i in range(12):
+        att = adapter.attention_projections(i)
+        for role in ("q", "k"):
+            p = getattr(att, role)
+            adapter.replace(adapter.attention_paths(i)[role],
+                            FoldedProjection(p.dense_weight(), p.bias.detach(), torch.ones(768, dtype=torch.bool),
+                                             p.weight[0].detach()))
+        att.v.set_mask(torch.eye(768, dtype=torch.bool))
+    after = group_counts(adapter)
+    assert after["irc"] == 18_432 and after["dwc"] == 9_216  # Table 4's "after" column
+    acc = accounting(before, after, unique_parameters(model))
+    assert abs(acc["groups"]["irc"]["c_ub"] - 0.99870) < 1e-4
+    assert acc["overall"]["compression"] == (before["irc"] - 18_432 + before["dwc"] - 9_216) / unique_parameters(model)
+
+
+def test_tied_parameters_count_once():
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10, n_positions=4))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert unique_parameters(model) == sum(p.numel() for p in model.parameters())  # parameters() dedups too
+    assert unique_parameters(model) < sum(t.numel() for t in model.state_dict().values())

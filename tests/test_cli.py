@@ -1,0 +1,102 @@
+"""The command line, end to end on tiny models, and every bad input of the engine issue."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import smartprune
+from smartprune.cli.main import main
+
+
+def run(capsys, *argv):
+    code = main(["-q", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_compress_writes_a_loadable_model_report_and_dense_twin(arch, model_dirs, use_data, tmp_path, capsys):
+    out, dense = tmp_path / "out", tmp_path / "dense"
+    code, stdout, err = run(capsys, "compress", model_dirs[arch], "--recipe", "paper", "--out", out,
+                            "--dense-out", dense, "--calib-samples", "8", "--calib-seqlen", "32")
+    assert code == 0, err
+    assert "overall" in stdout and "FPP-FF" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["groups"]) == {"irc", "dwc", "fpp_emb", "fpp_ff"}
+    assert report["groups"]["irc"]["after"] < report["groups"]["irc"]["before"]
+    assert 0.5 < report["overall"]["compression"] < 0.8
+    model = smartprune.load(out)
+    vanilla = AutoModelForCausalLM.from_pretrained(dense).eval()
+    ids = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, vanilla(ids).logits, atol=1e-4)
+    assert model.smartprune_tokenizer is not None
+
+
+def test_recipes_lists_one_line_each(capsys):
+    code, out, _ = run(capsys, "recipes")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 6 and lines[-1].startswith("paper ")
+
+
+def _one_clean_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_inputs_get_one_line_and_a_nonzero_exit(model_dirs, use_data, tmp_path, capsys):
+    bad_recipe = tmp_path / "bad.yaml"
+    bad_recipe.write_text("irc: {rate: 1.5}\n")
+    unknown_key = tmp_path / "unknown.yaml"
+    unknown_key.write_text("irc: {rate: 1.0, speed: 3}\n")
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertLMHeadModel"]}))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    out = tmp_path / "never"
+    m = model_dirs["gpt2"]
+    cases = [
+        (["compress", tmp_path / "missing-model", "--recipe", "paper", "--out", out], "model path not found"),
+        (["compress", "smollm2-13m", "--recipe", "paper", "--out", out], "did you mean 'smollm2-135m'"),
+        (["compress", bert, "--recipe", "paper", "--out", out], "unsupported architecture 'bert'"),
+        (["compress", m, "--recipe", "papr", "--out", out], "unknown recipe 'papr' (did you mean 'paper'?)"),
+        (["compress", m, "--recipe", bad_recipe, "--out", out], "irc.rate: 1.5 is outside [0, 1]"),
+        (["compress", m, "--recipe", unknown_key, "--out", out], "unknown key 'speed'"),
+        (["compress", m, "--recipe", "paper", "--out", busy], "not empty (use --overwrite"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2, argv
+        assert message in _one_clean_line(err), err
+        assert not out.exists()
+    assert [p.name for p in busy.iterdir()] == ["x"]
+
+
+def test_missing_data_directory_names_the_path_and_the_variable(model_dirs, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("SMARTPRUNE_DATA", str(tmp_path / "no-data"))
+    code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "irc", "--out", tmp_path / "o")
+    line = _one_clean_line(err)
+    assert code == 2 and str(tmp_path / "no-data") in line and "SMARTPRUNE_DATA" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_subcommand_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compres"])
+    assert exit_info.value.code == 2
+    assert "did you mean 'compress'" in capsys.readouterr().err
+
+
+def test_eval_prints_models_side_by_side(model_dirs, use_data, tmp_path, capsys):
+    code, out, err = run(capsys, "eval", model_dirs["gpt2"], model_dirs["llama"], "--seqlen", "64", "--limit", "2",
+                         "--json", tmp_path / "e.json")
+    assert code == 0, err
+    assert "wikitext2" in out
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["results"]["wikitext2"]["windows"] == 2 and data["results"]["wikitext2"]["perplexity"] > 1
