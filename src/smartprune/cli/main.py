@@ -128,7 +128,8 @@ def build_parser() -> Parser:
                        "parameter accounting and the time taken.")
     d.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     d.add_argument("--recipe", default="paper", help="recipe name or file (paper)")
-    d.add_argument("--quick", action="store_true", help="small calibration and 4 windows: about 5 minutes")
+    d.add_argument("--quick", action="store_true",
+                   help="8 calibration windows of 64 tokens, 4 evaluation windows: a few minutes")
     d.add_argument("--limit", type=_positive, help="evaluation windows (16; --quick: 4)")
     d.add_argument("--seed", type=int, default=0, help="seed (0)")
     d.add_argument("--json", help="also write the results to this JSON file")
