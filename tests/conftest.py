@@ -15,6 +15,7 @@ from smartprune.data import Calibration
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead, and CI may share the cores
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
