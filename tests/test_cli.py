@@ -24,7 +24,7 @@ def test_compress_writes_a_loadable_model_report_and_dense_twin(arch, model_dirs
     assert code == 0, err
     assert "overall" in stdout and "FPP-FF" in stdout
     report = json.loads((out / "report.json").read_text())
-    assert set(report["groups"]) == {"irc", "dwc", "fpp_emb", "fpp_ff"}
+    assert set(report["groups"]) == {"irc", "dwc", "attn_out", "fpp_emb", "fpp_ff"}
     assert report["groups"]["irc"]["after"] < report["groups"]["irc"]["before"]
     assert 0.5 < report["overall"]["compression"] < 0.8
     model = smartprune.load(out)
@@ -100,3 +100,29 @@ def test_eval_prints_models_side_by_side(model_dirs, use_data, tmp_path, capsys)
     assert "wikitext2" in out
     data = json.loads((tmp_path / "e.json").read_text())
     assert data["results"]["wikitext2"]["windows"] == 2 and data["results"]["wikitext2"]["perplexity"] > 1
+
+
+def test_compare_runs_every_method_on_equal_terms(model_dirs, use_data, tmp_path, capsys):
+    (use_data / "ptb").mkdir(exist_ok=True)
+    (use_data / "ptb" / "ptb.test.txt").write_text(" the cat sat on the mat \n" * 400)
+    code, out, err = run(capsys, "compare", model_dirs["llama"], "--methods", "dense,magnitude,wanda,sparsegpt,irc",
+                         "--sparsity", "0.5,2:4,match:irc", "--limit", "1", "--seqlen", "32",
+                         "--calib-samples", "8", "--calib-seqlen", "16", "--json", tmp_path / "c.json")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [(r["method"], r["sparsity"].split(" ")[0]) for r in rows] == [
+        ("irc", "recipe"), ("dense", "0"),
+        *[(m, s) for m in ("magnitude", "wanda", "sparsegpt") for s in ("0.5", "2:4", "match:irc")]]
+    irc = rows[0]["compression"]
+    for r in rows:
+        assert set(r["perplexity"]) == {"wikitext2", "ptb"} and r["seconds"] >= 0
+        if r["sparsity"].startswith("match:"):
+            assert abs(r["compression"] - irc) < 1e-3  # equal size
+    assert "Reported in the paper (not measured here)" in (tmp_path / "c.md").read_text()
+
+
+def test_compare_rejects_unknown_methods_and_bad_sparsities(model_dirs, use_data, capsys):
+    code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "wand")
+    assert code == 2 and "did you mean 'wanda'" in _one_clean_line(err)
+    code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "wanda", "--sparsity", "1.5")
+    assert code == 2 and "1.5 is outside [0, 1]" in _one_clean_line(err)

@@ -1,7 +1,8 @@
 """Parameter accounting in the form of the paper's Tables 3-4.
 
-Groups: ``irc`` (W_Q and W_K weights), ``dwc`` (W_V weights), ``fpp_emb`` (embedding tables),
-``fpp_ff`` (feed-forward weights and biases, as Table 4 counts them). A removed (masked) weight
+Groups: ``irc`` (W_Q and W_K weights), ``dwc`` (W_V weights), ``attn_out`` (W_O weights, which the
+paper leaves alone but the baselines prune), ``fpp_emb`` (embedding tables), ``fpp_ff`` (feed-forward
+weights and biases, as Table 4 counts them). A removed (masked) weight
 counts as gone; a folded matrix counts as its vector plus any rows left unfolded.
 """
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from smartprune.adapters import Adapter
 
-GROUPS = {"irc": "IRC (W_Q, W_K)", "dwc": "DWC (W_V)", "fpp_emb": "FPP-emb", "fpp_ff": "FPP-FF"}
+GROUPS = {"irc": "IRC (W_Q, W_K)", "dwc": "DWC (W_V)", "attn_out": "W_O", "fpp_emb": "FPP-emb", "fpp_ff": "FPP-FF"}
 
 
 def group_counts(adapter: Adapter) -> dict[str, int]:
@@ -22,9 +23,16 @@ def group_counts(adapter: Adapter) -> dict[str, int]:
         att = adapter.attention_projections(i)
         counts["irc"] += att.q.alive() + att.k.alive()
         counts["dwc"] += att.v.alive()
+        counts["attn_out"] += att.o.alive()
         for p in adapter.ff_projections(i).values():
             counts["fpp_ff"] += p.alive() + (p.bias.numel() if p.bias is not None else 0)
     return counts
+
+
+def block_linear_weights(adapter: Adapter) -> int:
+    """Weights of every linear layer of every block (the peers' pruning target)."""
+    return sum(p.weight.numel() for i in range(len(adapter.blocks()))
+               for p in [*adapter.attention_projections(i).as_dict().values(), *adapter.ff_projections(i).values()])
 
 
 def unique_parameters(model: nn.Module) -> int:

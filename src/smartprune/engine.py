@@ -62,13 +62,14 @@ class _Run:
         self.progress = progress
         self.seconds: dict[str, float] = defaultdict(float)
         self.layers: list[dict] = []
+        self.shared: dict = {}  # state a method keeps across sublayers of this run (e.g. a global threshold)
         s = recipe.strategy
         self.check = s.recursive and s.threshold is not None
         self.dense_ppl = _calibration_ppl(self.model, calib.eval_ids) if self.check and s.metric == "perplexity" \
             else None
 
     def stages(self, scope: str) -> list[str]:
-        return [k for k, spec in METHODS.items() if spec.scope == scope and k in self.recipe.stages]
+        return [k for k, spec in METHODS.items() if scope in spec.scopes and k in self.recipe.stages]
 
     def _within_threshold(self, sub: Sublayer) -> tuple[bool, float]:
         s = self.recipe.strategy
@@ -114,7 +115,7 @@ class _Run:
             return
         ids = self.calib.ids
         sub = Sublayer(self.adapter, "embedding", None, {p: p for p in self.adapter.embedding_paths()},
-                       inputs=ids, target=_chunked(self.adapter.embed, ids))
+                       inputs=ids, target=_chunked(self.adapter.embed, ids), shared=self.shared)
         for key in keys:
             self.run_stage(key, sub)
 
@@ -131,7 +132,7 @@ class _Run:
         for s in range(0, x.shape[0], 8):
             stats.add_batch(x[s:s + 8])
         paths = a.attention_paths(block) if scope == "attention" else a.ff_paths(block)
-        sub = Sublayer(a, scope, block, paths, inputs=x, target=dense, stats=stats)
+        sub = Sublayer(a, scope, block, paths, inputs=x, target=dense, stats=stats, shared=self.shared)
         for key in keys:
             self.run_stage(key, sub)
         return dense, _chunked(fn, x)

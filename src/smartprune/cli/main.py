@@ -95,6 +95,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from smartprune.compare import CompareSettings, run_compare, write_outputs
+
+    settings = CompareSettings(model=args.model, methods=args.methods.split(","), sparsities=args.sparsity.split(","),
+                               tasks=args.tasks.split(","), limit=args.limit, seqlen=args.seqlen,
+                               calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed)
+    result = run_compare(settings)
+    if args.json:
+        write_outputs(result, Path(args.json))
+    _out(result.summary())
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> Parser:
     p = Parser(prog="smartprune", description="Compress causal language models with the smart-pruning methods "
@@ -134,6 +149,24 @@ def build_parser() -> Parser:
     d.add_argument("--seed", type=int, default=0, help="seed (0)")
     d.add_argument("--json", help="also write the results to this JSON file")
     d.set_defaults(func=cmd_demo)
+
+    k = sub.add_parser("compare", help="the paper's method beside magnitude, Wanda and SparseGPT",
+                       description="Run each method on the same model, calibration windows and seed, evaluate "
+                       "WikiText-2 and PTB perplexity, and print one table (JSON and Markdown with --json). "
+                       "Baselines prune every linear of every block; recipes run as written.")
+    k.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    k.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt,paper",
+                   help="comma-separated: dense, magnitude, magnitude-global, wanda, sparsegpt, or recipe names/files")
+    k.add_argument("--sparsity", default="0.5", help="comma-separated baseline targets: a fraction (0.5), an N:M "
+                   "pattern (2:4), or match:RECIPE (the same parameter reduction as RECIPE)")
+    k.add_argument("--tasks", default="wikitext2,ptb", help="perplexity tasks (wikitext2,ptb)")
+    k.add_argument("--limit", type=int, help="evaluate only the first N windows of each task")
+    k.add_argument("--seqlen", type=_positive, default=1024, help="evaluation window length (1024)")
+    k.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (32)")
+    k.add_argument("--calib-seqlen", type=_positive, default=128, help="tokens per calibration window (128)")
+    k.add_argument("--seed", type=int, default=0, help="seed (0)")
+    k.add_argument("--json", help="write rows to this JSON file, and a Markdown twin beside it")
+    k.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("eval", help="perplexity of one or more models, side by side",
                        description="WikiText-2 / WikiText-103 / PTB test perplexity by the standard protocol "

@@ -12,26 +12,34 @@ from smartprune.methods.base import Stage
 from smartprune.methods.dwc import DWCStage
 from smartprune.methods.fpp import FPPStage
 from smartprune.methods.irc import IRCStage
+from smartprune.methods.magnitude import MagnitudeStage
+from smartprune.methods.sparsegpt import SparseGPTStage
+from smartprune.methods.wanda import WandaStage
 
 SCOPES = ("embedding", "attention", "ff")
+BLOCK_LINEARS = ("attention", "ff")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     key: str
-    scope: str  # one of SCOPES
+    scopes: tuple[str, ...]  # where the engine runs it, from SCOPES
     stage: type[Stage]
     summary: str
+    baseline: bool = False  # a peer method (one shot on every block linear), not the paper's
 
 
 METHODS: dict[str, MethodSpec] = {
     spec.key: spec
     for spec in (
-        MethodSpec("fpp_emb", "embedding", FPPStage, "Forward Propagation Pruning of the embedding table(s)"),
-        MethodSpec("irc", "attention", IRCStage, "Identical Row Compression of W_Q / W_K"),
-        MethodSpec("dwc", "attention", DWCStage, "Diagonal Weight Compression of W_V"),
-        MethodSpec("fpp_ff", "ff", FPPStage, "Forward Propagation Pruning of the feed-forward matrices"),
+        MethodSpec("fpp_emb", ("embedding",), FPPStage, "Forward Propagation Pruning of the embedding table(s)"),
+        MethodSpec("irc", ("attention",), IRCStage, "Identical Row Compression of W_Q / W_K"),
+        MethodSpec("dwc", ("attention",), DWCStage, "Diagonal Weight Compression of W_V"),
+        MethodSpec("fpp_ff", ("ff",), FPPStage, "Forward Propagation Pruning of the feed-forward matrices"),
+        MethodSpec("magnitude", BLOCK_LINEARS, MagnitudeStage, "magnitude pruning of every block linear", True),
+        MethodSpec("wanda", BLOCK_LINEARS, WandaStage, "Wanda: |W| x input norm, per output", True),
+        MethodSpec("sparsegpt", BLOCK_LINEARS, SparseGPTStage, "SparseGPT: OBS with the layer Hessian", True),
     )
 }
 
-__all__ = ["METHODS", "SCOPES", "MethodSpec", "Stage"]
+__all__ = ["BLOCK_LINEARS", "METHODS", "SCOPES", "MethodSpec", "Stage"]

@@ -50,7 +50,7 @@ class Sublayer:
     inputs: Tensor | None = None
     target: Tensor | None = None
     stats: InputStats | None = None
-    extras: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)  # run-wide state shared by every sublayer
 
     def module(self, role: str) -> nn.Module:
         return self.adapter.model.get_submodule(self.paths[role])

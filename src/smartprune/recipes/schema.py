@@ -73,6 +73,60 @@ class FPPConfig(FitConfig):
                           choices=("magnitude", "literal"))
 
 
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M): N zeros in every group of M consecutive inputs."""
+    if pattern == "unstructured":
+        return None
+    n, sep, m = pattern.partition(":")
+    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+        return int(n), int(m)
+    raise ValueError(f"pattern: {pattern!r} is neither 'unstructured' nor 'N:M' with 0 < N < M (e.g. 2:4)")
+
+
+@dataclass(frozen=True)
+class PruneConfig(FitConfig):
+    """A one-shot pruning baseline on every linear layer of every block (no re-fitting by default)."""
+
+    steps: int = _opt(0, "Adam steps after pruning (0 = the published one-shot method)", lo=0, hi=100_000)
+    sparsity: float = _opt(0.5, "fraction of each matrix's weights zeroed (N:M patterns: N/M)", lo=0.0, hi=1.0)
+    pattern: str = _opt("unstructured", "unstructured | N:M (N zeros in every M consecutive inputs, e.g. 2:4)")
+
+    def __post_init__(self) -> None:
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            object.__setattr__(self, "sparsity", nm[0] / nm[1])
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig(PruneConfig):
+    """Magnitude pruning: the smallest |W| per matrix, or over all block linears at once (global)."""
+
+    scope: str = _opt("matrix", "compare weights within each matrix or across all block linears",
+                      choices=("matrix", "global"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope == "global" and self.nm is not None:
+            raise ValueError("scope: 'global' cannot be combined with an N:M pattern")
+
+
+@dataclass(frozen=True)
+class WandaConfig(PruneConfig):
+    """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, compared within each output."""
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig(PruneConfig):
+    """SparseGPT (Frantar & Alistarh 2023): OBS pruning with the layer Hessian X^T X."""
+
+    blocksize: int = _opt(128, "columns per lazy-update block", lo=1, hi=1_000_000)
+    damp: float = _opt(0.01, "dampening, as a fraction of the mean Hessian diagonal", lo=0.0, hi=10.0)
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """Sequential (Eq. 3) and recursive (Algorithm 1) strategies."""
@@ -103,6 +157,9 @@ STAGE_TYPES: dict[str, type[FitConfig]] = {
     "irc": IRCConfig,
     "dwc": DWCConfig,
     "fpp_ff": FPPConfig,
+    "magnitude": MagnitudeConfig,
+    "wanda": WandaConfig,
+    "sparsegpt": SparseGPTConfig,
 }
 SECTION_TYPES: dict[str, type] = {"strategy": StrategyConfig, "calibration": CalibrationConfig}
 
@@ -180,7 +237,10 @@ def build_section(cls: type, data: Any, where: str) -> Any:
         if key not in fields:
             raise RecipeError(f"{where}: unknown key '{key}'{did_you_mean(str(key), fields)}")
         kwargs[key] = _check_value(f"{where}.{key}", fields[key], value, hints[key])
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # cross-field checks in __post_init__ name their field first
+        raise RecipeError(f"{where}.{exc}") from None
 
 
 def build_recipe(data: Any, name: str, source: str) -> Recipe:

@@ -1,0 +1,47 @@
+"""Magnitude pruning: remove the weights of smallest |W|, per matrix or over all block linears."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smartprune.methods.base import InputStats
+from smartprune.methods.oneshot import OneShotStage
+from smartprune.methods.pruning import lowest_in_matrix, lowest_n_of_m
+from smartprune.nn import Projection
+from smartprune.recipes.schema import MagnitudeConfig
+
+
+def global_threshold(weights: list[Tensor], sparsity: float) -> tuple[float, int]:
+    """The |W| value at which ``round(sparsity * total)`` entries of all `weights` are removed, and
+    how many entries exactly equal to it must go as well (ties are rare but counted)."""
+    values = torch.cat([w.detach().abs().flatten() for w in weights])
+    k = round(sparsity * values.numel())
+    if k == 0:
+        return -1.0, 0
+    t = torch.kthvalue(values, k).values.item()
+    return t, k - int((values < t).sum())
+
+
+class MagnitudeStage(OneShotStage):
+    cfg: MagnitudeConfig
+    needs_stats = False
+
+    def prune(self, role: str, proj: Projection, stats: InputStats | None) -> Tensor:
+        score = proj.weight.detach().abs().T
+        if self.cfg.nm is not None:
+            return lowest_n_of_m(score, *self.cfg.nm)
+        if self.cfg.scope == "matrix":
+            return lowest_in_matrix(score, round(self.cfg.sparsity * score.numel()))
+        shared = self.sub.shared
+        if "magnitude_threshold" not in shared:  # weights are not updated, so the dense values serve
+            a = self.sub.adapter
+            weights = [p.weight for i in range(len(a.blocks()))
+                       for p in [*a.attention_projections(i).as_dict().values(), *a.ff_projections(i).values()]]
+            shared["magnitude_threshold"] = list(global_threshold(weights, self.cfg.sparsity))
+        t, ties_left = shared["magnitude_threshold"]
+        prune = score < t
+        ties = (score == t).flatten().nonzero().flatten()[:ties_left]
+        prune.view(-1)[ties] = True
+        shared["magnitude_threshold"][1] = ties_left - ties.numel()
+        return prune

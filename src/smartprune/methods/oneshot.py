@@ -1,0 +1,76 @@
+"""One-shot pruning baselines on every linear layer of a block (SparseGPT's two-phase interface:
+collect input statistics with ``add_batch``, then prune).
+
+Within a sublayer the projections are pruned group by group in data-flow order (Q, K, V, then O;
+gate and up, then down), each group's statistics collected with the earlier groups already pruned,
+as the published "true sequential" variants do.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from torch import nn
+
+from smartprune.methods.base import InputStats, Stage, Sublayer
+from smartprune.nn import Projection
+from smartprune.recipes import StrategyConfig
+from smartprune.recipes.schema import PruneConfig
+
+
+def prune_groups(sub: Sublayer) -> list[list[str]]:
+    """Projection roles of a sublayer in data-flow order: inputs first, the output projection last."""
+    roles = list(sub.paths)
+    return [roles[:-1], roles[-1:]]
+
+
+def collect_stats(sub: Sublayer, roles: list[str], chunk: int = 8) -> dict[str, InputStats]:
+    """Input statistics of each projection in `roles`, from the sublayer run on its calibration input."""
+    stats: dict[str, InputStats] = {}
+    hooks = []
+    for role in roles:
+        mod = sub.module(role)
+        stats[role] = InputStats(mod.d_in)
+        hooks.append(mod.register_forward_pre_hook(lambda _m, args, s=stats[role]: s.add_batch(args[0])))
+    try:
+        with torch.no_grad():
+            for s in range(0, sub.inputs.shape[0], chunk):
+                sub.forward(sub.inputs[s:s + chunk])
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+class OneShotStage(Stage):
+    """Prune every projection of the sublayer to the configured sparsity in one step."""
+
+    cfg: PruneConfig
+    needs_stats = True
+
+    def __init__(self, cfg: PruneConfig, sub: Sublayer, generator: torch.Generator) -> None:
+        super().__init__(cfg, sub, generator)
+        self.rate = 0.0
+
+    def schedule(self, strategy: StrategyConfig) -> list[float]:
+        return [self.cfg.sparsity] if self.cfg.sparsity > 0 else []
+
+    def compress_to(self, rate: float) -> None:
+        for roles in prune_groups(self.sub):
+            stats = collect_stats(self.sub, roles) if self.needs_stats else {}
+            for role in roles:
+                proj: Projection = self.sub.module(role)
+                prune_t = self.prune(role, proj, stats.get(role))  # (d_out, d_in), True = removed
+                proj.set_mask(~prune_t.T)
+        self.rate = rate
+
+    @abstractmethod
+    def prune(self, role: str, proj: Projection, stats: InputStats | None) -> torch.Tensor:
+        """The prune mask of `proj` in (d_out, d_in) layout; may also update ``proj.weight``."""
+
+    def trainable(self) -> list[nn.Parameter]:
+        return self.sub.parameters()
+
+    def achieved(self) -> float:
+        return self.rate

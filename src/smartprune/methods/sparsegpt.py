@@ -1,0 +1,71 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with optimal-brain-surgeon weight updates.
+
+Columns (inputs) are processed left to right in blocks of ``blocksize``. Within a block the mask is
+chosen adaptively from ``w^2 / [H^-1]_jj^2``; each pruned column's error is spread over the columns
+not yet processed through the upper Cholesky factor of ``H^-1`` (``H = X^T X`` plus dampening of a
+fraction of its mean diagonal), lazily for the columns beyond the block. Inputs that never fire
+(zero Hessian diagonal) get a unit diagonal and zero weights, so a singular Hessian stays solvable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smartprune.methods.base import InputStats
+from smartprune.methods.oneshot import OneShotStage
+from smartprune.methods.pruning import lowest_in_matrix, lowest_n_of_m
+from smartprune.nn import Projection
+from smartprune.recipes.schema import SparseGPTConfig
+
+
+def sparsegpt(weight_t: Tensor, gram: Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+              blocksize: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Prune `weight_t` (d_out, d_in) given the input Gram matrix; returns (new weights, prune mask)."""
+    w = weight_t.detach().double().clone()
+    h = gram.detach().double().clone()
+    rows, cols = w.shape
+    if nm is not None and (blocksize % nm[1] or cols % nm[1]):
+        raise ValueError(f"N:M with M={nm[1]} needs blocksize ({blocksize}) and inputs ({cols}) divisible by M")
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    prune = torch.zeros(rows, cols, dtype=torch.bool)
+    total = round(sparsity * w.numel())
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        d = hinv1.diagonal()
+        err1 = torch.zeros_like(w1)
+        if nm is None:  # this block's share of the exact total, chosen adaptively within the block
+            k = round(total * i2 / cols) - round(total * i1 / cols)
+            mask1 = lowest_in_matrix(w1.pow(2) / d.pow(2), k)
+        else:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                g = slice(i, i + nm[1])
+                mask1[:, g] = lowest_n_of_m(w1[:, g].pow(2) / d[g].pow(2), *nm)
+            col = w1[:, i]
+            q = torch.where(mask1[:, i], torch.zeros_like(col), col)
+            err = (col - q) / d[i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            w1[:, i] = q  # exactly zero where pruned
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        prune[:, i1:i2] = mask1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w.to(weight_t.dtype), prune
+
+
+class SparseGPTStage(OneShotStage):
+    cfg: SparseGPTConfig
+
+    def prune(self, role: str, proj: Projection, stats: InputStats | None) -> Tensor:
+        new_t, prune = sparsegpt(proj.weight.detach().T, stats.gram, self.cfg.sparsity, self.cfg.nm,
+                                 self.cfg.blocksize, self.cfg.damp)
+        with torch.no_grad():
+            proj.weight.copy_(new_t.T)
+        return prune

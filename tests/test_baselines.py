@@ -1,0 +1,93 @@
+"""Magnitude, Wanda and SparseGPT: ordering on a correlated layer, exact sparsity, N:M, singular Hessians."""
+
+import pytest
+import torch
+
+from smartprune.engine import compress
+from smartprune.methods.base import InputStats
+from smartprune.methods.pruning import lowest_in_matrix, lowest_n_of_m, lowest_per_row, spread
+from smartprune.methods.sparsegpt import sparsegpt
+from smartprune.methods.wanda import wanda_score
+from smartprune.recipes.schema import build_recipe
+
+from .conftest import tiny_model
+
+
+def _correlated_layer(d_in=64, d_out=48, n=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    mix = torch.eye(d_in, dtype=torch.float64) + 0.6 * torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+    # features of very different size, in no particular order (SparseGPT gives each block of columns
+    # the same sparsity, as the reference does, so scales sorted by column would be a pathological case)
+    scales = torch.logspace(-1, 1, d_in, dtype=torch.float64)[torch.randperm(d_in, generator=g)]
+    x = (z @ mix) * scales
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    stats = InputStats(d_in)
+    stats.add_batch(x)
+    return x, w, stats
+
+
+def test_reconstruction_error_orders_sparsegpt_below_wanda_below_magnitude():
+    x, w, stats = _correlated_layer(d_in=384, d_out=64, n=4096)  # three 128-column blocks
+
+    def error(pruned):
+        return (x @ w.T - x @ pruned.T).pow(2).sum().item()
+
+    mag = w.masked_fill(lowest_in_matrix(w.abs(), w.numel() // 2), 0)
+    wanda = w.masked_fill(lowest_per_row(wanda_score(w, stats.feature_norms), 0.5), 0)
+    sgpt, prune = sparsegpt(w, stats.gram, 0.5)
+    assert int(prune.sum()) == w.numel() // 2 and torch.equal(sgpt[prune], torch.zeros(int(prune.sum()),
+                                                                                           dtype=sgpt.dtype))
+    assert error(sgpt) < error(wanda) < error(mag)
+
+
+def test_counts_are_exact_and_n_m_groups_hold_exactly_n_zeros():
+    assert spread(10, 4).tolist() == [3, 3, 2, 2]
+    score = torch.rand(7, 12)
+    assert int(lowest_per_row(score, 0.7).sum()) == round(0.7 * 84)
+    nm = lowest_n_of_m(score, 2, 4)
+    assert (nm.view(7, 3, 4).sum(-1) == 2).all()
+    _, w, stats = _correlated_layer(d_in=32, d_out=8)
+    _, prune = sparsegpt(w, stats.gram, 0.0, nm=(4, 8), blocksize=16)
+    assert (prune.view(8, 4, 8).sum(-1) == 4).all()
+
+
+def test_singular_hessian_with_dead_inputs_gives_no_nans():
+    x, w, _ = _correlated_layer(d_in=32, d_out=8)
+    x[:, [3, 7, 20]] = 0.0  # inputs that never fire
+    stats = InputStats(32)
+    stats.add_batch(x)
+    new, prune = sparsegpt(w, stats.gram, 0.5, blocksize=8)
+    assert torch.isfinite(new).all()
+    assert (new[:, [3, 7, 20]] == 0).all()
+    assert int(prune.sum()) == 128
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_every_method_reaches_its_sparsity_exactly_on_conv1d_and_linear(method, pattern, kind, calib):
+    recipe = build_recipe({method: {"sparsity": 0.7, "pattern": pattern}}, "t", "t")
+    model = tiny_model(kind)
+    result = compress(model, None, recipe, calib=calib, progress=False)
+    a = result.adapter
+    for i in range(2):
+        for proj in [*a.attention_projections(i).as_dict().values(), *a.ff_projections(i).values()]:
+            n = proj.weight.numel()
+            if pattern == "2:4":
+                gone = ~proj.mask.T  # (d_out, d_in)
+                assert (gone.reshape(proj.d_out, -1, 4).sum(-1) == 2).all()
+            else:
+                assert n - proj.alive() == round(0.7 * n)
+            assert torch.equal(proj.weight[~proj.mask], torch.zeros(n - proj.alive()))
+
+
+def test_global_magnitude_is_exact_over_all_block_linears(calib):
+    recipe = build_recipe({"magnitude": {"sparsity": 0.6, "scope": "global"}}, "t", "t")
+    result = compress(tiny_model("llama"), None, recipe, calib=calib, progress=False)
+    a = result.adapter
+    projs = [p for i in range(2) for p in [*a.attention_projections(i).as_dict().values(),
+                                          *a.ff_projections(i).values()]]
+    total = sum(p.weight.numel() for p in projs)
+    assert sum(p.weight.numel() - p.alive() for p in projs) == round(0.6 * total)
+    per_matrix = {round(1 - p.alive() / p.weight.numel(), 2) for p in projs}
+    assert len(per_matrix) > 1  # one threshold, so matrices end at different sparsities
