@@ -105,7 +105,7 @@ def test_eval_prints_models_side_by_side(model_dirs, use_data, tmp_path, capsys)
 def test_compare_runs_every_method_on_equal_terms(model_dirs, use_data, tmp_path, capsys):
     (use_data / "ptb").mkdir(exist_ok=True)
     (use_data / "ptb" / "ptb.test.txt").write_text(" the cat sat on the mat \n" * 400)
-    code, out, err = run(capsys, "compare", model_dirs["llama"], "--methods", "dense,magnitude,wanda,sparsegpt,irc",
+    code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "dense,magnitude,wanda,sparsegpt,irc",
                          "--sparsity", "0.5,2:4,match:irc", "--limit", "1", "--seqlen", "32",
                          "--calib-samples", "8", "--calib-seqlen", "16", "--json", tmp_path / "c.json")
     assert code == 0, err

@@ -24,8 +24,7 @@ def lowest_in_matrix(score: Tensor, count: int) -> Tensor:
 
 def lowest_per_row(score: Tensor, sparsity: float) -> Tensor:
     """The lowest scores of each row; ``round(sparsity * numel)`` in all, spread evenly over rows."""
-    rows, cols = score.shape
-    counts = spread(round(sparsity * score.numel()), rows)
+    counts = spread(round(sparsity * score.numel()), score.shape[0])
     rank = score.argsort(dim=1).argsort(dim=1)  # 0 = lowest in its row
     return rank < counts[:, None]
 
