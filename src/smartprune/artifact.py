@@ -149,7 +149,7 @@ def _tensor(tensors: dict[str, Tensor], key: str, path: Path) -> Tensor:
 
 def load(path: str | os.PathLike) -> nn.Module:
     """Load a folder written by `save` (``smartprune compress --out``) into a ready model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if not path.is_dir():
@@ -184,10 +184,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     for key, target in manifest.get("aliases", {}).items():
         state[key] = state[target] if target in state else _tensor(tensors, target, path)
     _load_state(model, state, path)
-    model.eval()
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        model.smartprune_tokenizer = AutoTokenizer.from_pretrained(path)
-    return model
+    return model.eval()
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:

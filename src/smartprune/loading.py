@@ -144,10 +144,12 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
         if path.is_file() and path.suffix == ".gguf":
             model, tokenizer = _from_gguf(path)
         elif path.is_dir() and (path / "smartprune.json").is_file():
+            from transformers import AutoTokenizer
+
             from smartprune.artifact import load
 
             model = load(path)
-            return LoadedModel(model, getattr(model, "smartprune_tokenizer", None), spec, str(path))
+            tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
         elif path.is_dir():
             model, tokenizer = _from_folder(path)
         else:

@@ -62,14 +62,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from smartprune.api import compress_model
-    from smartprune.artifact import check_output
 
-    check_output(Path(args.out), args.overwrite)  # fail before any work
-    if args.dense_out:
-        check_output(Path(args.dense_out), args.overwrite)
     result = compress_model(args.model, args.recipe, out=args.out, dense_out=args.dense_out, seed=args.seed,
                             overwrite=args.overwrite, calib_samples=args.calib_samples,
                             calib_seqlen=args.calib_seqlen)
