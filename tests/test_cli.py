@@ -64,6 +64,7 @@ def test_bad_inputs_get_one_line_and_a_nonzero_exit(model_dirs, use_data, tmp_pa
     cases = [
         (["compress", tmp_path / "missing-model", "--recipe", "paper", "--out", out], "model path not found"),
         (["compress", "smollm2-13m", "--recipe", "paper", "--out", out], "did you mean 'smollm2-135m'"),
+        (["compress", "smartprune-tests/no-such-model", "--recipe", "paper", "--out", out], "Hugging Face hub"),
         (["compress", bert, "--recipe", "paper", "--out", out], "unsupported architecture 'bert'"),
         (["compress", m, "--recipe", "papr", "--out", out], "unknown recipe 'papr' (did you mean 'paper'?)"),
         (["compress", m, "--recipe", bad_recipe, "--out", out], "irc.rate: 1.5 is outside [0, 1]"),

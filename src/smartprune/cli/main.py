@@ -177,8 +177,7 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="smartprune: %(message)s", stream=sys.stderr)
+    _configure_logging(args.quiet)
     if args.quiet:
         import os
 
@@ -193,6 +192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("smartprune: interrupted\n")
         return 130
+
+
+def _configure_logging(quiet: bool) -> None:
+    """Our messages as 'smartprune: ...' lines; other libraries' only when they are errors."""
+    if not any(getattr(h, "_smartprune", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("smartprune: %(message)s"))
+        handler._smartprune = True
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    for name in ("huggingface_hub", "transformers", "urllib3", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _quiet_libraries() -> None:
