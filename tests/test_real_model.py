@@ -36,3 +36,22 @@ def test_paper_recipe_accounting_on_the_real_model(smollm):
     ids = smollm.tokenizer("The Industrial Revolution", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(smollm.model(ids).logits).all()
+
+
+def test_out_and_dense_out_round_trip_on_the_real_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from smartprune.api import compress_model
+    from smartprune.artifact import load
+
+    run = compress_model("smollm2-135m", "fpp-emb", out=tmp_path / "c", dense_out=tmp_path / "d",
+                         calib_samples=4, calib_seqlen=64, progress=False)
+    assert abs(run.report["overall"]["compression"] - 0.1473) < 1e-3
+    ids = torch.arange(100, 164).unsqueeze(0)
+    with torch.no_grad():
+        a = load(tmp_path / "c")(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    compact = (tmp_path / "c" / "model.safetensors").stat().st_size
+    dense = (tmp_path / "d" / "model.safetensors").stat().st_size
+    assert compact < 0.75 * dense  # 70% of the tied embedding stored as values + bitmask
