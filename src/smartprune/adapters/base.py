@@ -56,11 +56,13 @@ class Adapter(ABC):
 
     @abstractmethod
     def attention_paths(self, i: int) -> dict[str, str]:
-        """Paths of block `i`'s native q/k/v/o layers, relative to the model."""
+        """Paths of block `i`'s native q/k/v/o layers, relative to the model, in data-flow order
+        (the output projection last: the baselines prune in this order)."""
 
     @abstractmethod
     def ff_paths(self, i: int) -> dict[str, str]:
-        """Paths of block `i`'s native feed-forward layers, relative to the model."""
+        """Paths of block `i`'s native feed-forward layers, relative to the model, in data-flow order
+        (the output projection last)."""
 
     # ---- how a block runs ----------------------------------------------------------------------
     @abstractmethod
