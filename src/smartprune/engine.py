@@ -26,7 +26,7 @@ from smartprune.adapters import Adapter, get_adapter
 from smartprune.data import Calibration, calibration
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.methods import METHODS
-from smartprune.methods.base import InputStats, Sublayer
+from smartprune.methods.base import Sublayer
 from smartprune.methods.fit import Fitter, Objective, lm_objective, local_objective, relative_error
 from smartprune.recipes import Recipe
 
@@ -128,11 +128,8 @@ class _Run:
         keys = self.stages(scope)
         if not keys:
             return dense, dense
-        stats = InputStats(x.shape[-1])
-        for s in range(0, x.shape[0], 8):
-            stats.add_batch(x[s:s + 8])
         paths = a.attention_paths(block) if scope == "attention" else a.ff_paths(block)
-        sub = Sublayer(a, scope, block, paths, inputs=x, target=dense, stats=stats, shared=self.shared)
+        sub = Sublayer(a, scope, block, paths, inputs=x, target=dense, shared=self.shared)
         for key in keys:
             self.run_stage(key, sub)
         return dense, _chunked(fn, x)

@@ -52,6 +52,14 @@ class Sublayer:
     stats: InputStats | None = None
     shared: dict = field(default_factory=dict)  # run-wide state shared by every sublayer
 
+    def input_stats(self) -> InputStats:
+        """Statistics of the sublayer's calibration input, computed on first use."""
+        if self.stats is None:
+            self.stats = InputStats(self.inputs.shape[-1])
+            for s in range(0, self.inputs.shape[0], 8):
+                self.stats.add_batch(self.inputs[s:s + 8])
+        return self.stats
+
     def module(self, role: str) -> nn.Module:
         return self.adapter.model.get_submodule(self.paths[role])
 

@@ -43,7 +43,8 @@ class DWCStage(Stage):
     def __init__(self, cfg: DWCConfig, sub: Sublayer, generator: torch.Generator) -> None:
         super().__init__(cfg, sub, generator)
         w = sub.module("v").dense_weight()
-        norms = sub.stats.feature_norms if sub.stats is not None else None
+        rectangular_largest = w.shape[0] != w.shape[1] and cfg.rect_diagonal == "largest"
+        norms = sub.input_stats().feature_norms if rectangular_largest else None
         self.diag = diagonal_rows(w, cfg.rect_diagonal, norms)
         self.order = removal_order(tuple(w.shape), self.diag, cfg.variant)
         self.rate = 0.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from smartprune.methods.base import InputStats, Stage, Sublayer, recursive_rates
+from smartprune.methods.base import Stage, Sublayer, recursive_rates
 from smartprune.nn import FoldedProjection
 from smartprune.recipes import IRCConfig, StrategyConfig
 
@@ -40,10 +40,7 @@ class IRCStage(Stage):
 
     def _shared_row(self, role: str, current: nn.Module, folded: Tensor) -> Tensor:
         if self.cfg.init == "fit":
-            stats: InputStats | None = self.sub.stats
-            if stats is None:
-                raise ValueError("IRC init 'fit' needs calibration statistics of the attention input")
-            return least_squares_row(stats.gram, self.original[role], folded)
+            return least_squares_row(self.sub.input_stats().gram, self.original[role], folded)
         if isinstance(current, FoldedProjection) and current.folded_rows.numel():
             return current.q.detach()  # keep the (already optimized) shared row as more rows join
         if self.cfg.init == "mean-row":
