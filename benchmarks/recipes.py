@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from smartprune.api import environment
-from smartprune.artifact import save, write_json
+from smartprune.artifact import save, write_json, write_text
 from smartprune.engine import compress
 from smartprune.evaluation import perplexity
 from smartprune.loading import load_model
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["full_seconds"] = time.perf_counter() - t
         results["runs"][name] = entry
         write_json(out / "results.json", results)
-        (out / "results.md").write_text(table(results))
+        write_text(out / "results.md", table(results))
 
     loaded = load_model(args.model)
     score(loaded.model, loaded.tokenizer, "dense", {"compression": 0.0})

@@ -17,7 +17,7 @@ from smartprune.artifact import check_output, save, write_dense, write_json
 from smartprune.data import eval_text, train_text_path
 from smartprune.engine import compress
 from smartprune.errors import DataError
-from smartprune.evaluation.perplexity import perplexity
+from smartprune.evaluation.perplexity import check_limit, perplexity
 from smartprune.loading import load_model
 from smartprune.recipes import Recipe, load_recipe
 
@@ -122,8 +122,7 @@ def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick
     Default subset: the first 16 windows of 1024 tokens of the WikiText-2 test text. ``quick``
     uses 4 evaluation windows and 8 calibration windows of 64 tokens (a few minutes on two cores).
     """
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be a positive number of windows, got {limit}")
+    check_limit(limit)
     t0 = time.perf_counter()
     rec = load_recipe(recipe)
     if quick:
@@ -178,8 +177,7 @@ def evaluate_perplexity(models: list[str], *, tasks: list[str], seqlen: int = 10
                         limit: int | None = None, json_path: str | Path | None = None,
                         progress: bool = True) -> PerplexityTable:
     """Perplexity of each model on each task, with the first model as the reference column."""
-    if limit is not None and limit < 1:
-        raise DataError(f"--limit must be a positive number of windows, got {limit}")
+    check_limit(limit)
     results: dict[str, dict[str, dict]] = {}
     for spec in models:
         loaded = load_model(spec)

@@ -62,14 +62,21 @@ def atomic_dir(target: Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file in the same folder (never a half-written file)."""
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and move it into place (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
 def _pack(mask: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ from smartprune.accounting import block_linear_weights
 from smartprune.adapters import get_adapter
 from smartprune.data import calibration, eval_text, tokenize, train_text_path
 from smartprune.engine import compress
-from smartprune.errors import DataError, RecipeError, did_you_mean
-from smartprune.evaluation.perplexity import perplexity_of_ids
+from smartprune.errors import RecipeError, did_you_mean
+from smartprune.evaluation.perplexity import check_limit, perplexity_of_ids
 from smartprune.loading import load_model
 from smartprune.methods import METHODS
 from smartprune.recipes import Recipe, load_recipe
@@ -141,6 +141,11 @@ def _resolve_methods(names: list[str]) -> list[tuple[str, Recipe | None]]:
     return out
 
 
+def _removed(report: dict) -> int:
+    """Parameters a compression run removed."""
+    return report["overall"]["params_before"] - report["overall"]["params_after"]
+
+
 def _baseline_recipe(name: str, fraction: float | None, pattern: str | None) -> Recipe:
     fields = dict(BASELINES[name])
     fields.update({"pattern": pattern} if pattern else {"sparsity": fraction})
@@ -151,8 +156,7 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
     """Run every method on the same model, calibration windows and evaluation windows."""
     methods = _resolve_methods(settings.methods)
     sparsities = [parse_sparsity(t) for t in settings.sparsities]
-    if settings.limit is not None and settings.limit < 1:
-        raise DataError(f"--limit must be a positive number of windows, got {settings.limit}")
+    check_limit(settings.limit)
     train_text_path("wikitext2")
     texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
     loaded = load_model(settings.model)
@@ -181,8 +185,7 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
     order = [m for m in methods if m[1] is not None] + [m for m in methods if m[1] is None]
     for name, recipe in order:  # recipes first: their budgets define the match:RECIPE sparsities
         if recipe is not None:
-            report = run(name, "recipe", recipe)
-            removed_by[name] = report["overall"]["params_before"] - report["overall"]["params_after"]
+            removed_by[name] = _removed(run(name, "recipe", recipe))
         elif name == "dense":
             evaluate(loaded.model, "dense", "0", 0.0, 0.0, PeakRSS._rss())
         else:
@@ -199,8 +202,8 @@ def _matched_fraction(recipe_name: str, removed_by: dict[str, int], model, setti
     """The block-linear sparsity that removes as many parameters as `recipe_name` did."""
     if recipe_name not in removed_by:  # not among --methods: run it now (it is not reported)
         fresh = load_model(settings.model).model
-        report = compress(fresh, None, load_recipe(recipe_name), seed=settings.seed, calib=calib).report
-        removed_by[recipe_name] = report["overall"]["params_before"] - report["overall"]["params_after"]
+        removed_by[recipe_name] = _removed(
+            compress(fresh, None, load_recipe(recipe_name), seed=settings.seed, calib=calib).report)
     total = block_linear_weights(get_adapter(model))
     fraction = removed_by[recipe_name] / total
     if fraction > 1:
@@ -228,13 +231,10 @@ above is measured on one model under one protocol.
 
 
 def write_outputs(result: Comparison, json_path: Path, md_path: Path | None = None) -> None:
-    from smartprune.artifact import write_json
+    from smartprune.artifact import write_json, write_text
 
     write_json(json_path, result.to_dict())
-    md_path = md_path or json_path.with_suffix(".md")
-    tmp = md_path.with_suffix(".md.tmp")
-    tmp.write_text(f"# smartprune compare\n\n{result.summary()}\n\n{REPORTED}")
-    tmp.replace(md_path)
+    write_text(md_path or json_path.with_suffix(".md"), f"# smartprune compare\n\n{result.summary()}\n\n{REPORTED}")
 
 
 __all__ = ["BASELINES", "CompareSettings", "Comparison", "parse_sparsity", "run_compare", "write_outputs"]

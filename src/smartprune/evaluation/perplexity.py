@@ -57,12 +57,17 @@ def windows(n_tokens: int, seqlen: int, stride: int | None = None) -> list[tuple
     return out
 
 
+def check_limit(limit: int | None) -> None:
+    """A window limit is None (all windows) or a positive count; callers check it before any work."""
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of windows, got {limit}")
+
+
 @torch.no_grad()
 def perplexity_of_ids(model: nn.Module, ids: Tensor, seqlen: int, *, stride: int | None = None,
                       limit: int | None = None, task: str = "tokens", progress: bool = True) -> PerplexityResult:
     """Perplexity of `model` on the 1-D token stream `ids`."""
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be a positive number of windows, got {limit}")
+    check_limit(limit)
     spans = windows(ids.numel(), seqlen, stride)[:limit]
     if not spans:
         raise DataError(f"text of {ids.numel()} tokens is shorter than one window of {seqlen}")
