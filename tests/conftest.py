@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # before transformers is imported
@@ -119,7 +120,31 @@ def data_dir(tmp_path_factory) -> Path:
     (root / "wikitext-2-raw").mkdir()
     raw = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
     (root / "wikitext-2-raw" / "wiki.test.raw").write_text(raw.read_text()[:40_000] if raw.is_file() else text[:40_000])
+    _write_classification_data(root)
+    if GPT2_TOKENIZER.is_dir():
+        shutil.copytree(GPT2_TOKENIZER, root / "gpt2-tokenizer")
     return root
+
+
+def _write_classification_data(root: Path) -> None:
+    """Tiny synthetic files in the GLUE / SMS layouts (SST-2 train+dev, RTE dev only, SMS)."""
+    good = ["a charming and affecting journey", "a wonderful , moving film", "bright and funny", "truly great"]
+    bad = ["bleak and desperate", "a dull , tedious mess", "boring and flat", "truly awful"]
+    rows = [(t, 1) for t in good] + [(t, 0) for t in bad]
+    sst = root / "glue" / "SST-2"
+    sst.mkdir(parents=True)
+    for split, reps in (("train", 3), ("dev", 1)):
+        body = "".join(f"{t} \t{y}\n" for t, y in rows * reps)
+        (sst / f"{split}.tsv").write_text("sentence\tlabel\n" + body)
+    rte = root / "glue" / "RTE"
+    rte.mkdir(parents=True)
+    (rte / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n"
+                                 "0\tA cat sat on the mat.\tA cat sat.\tentailment\n"
+                                 "1\tA dog ran \"fast\".\tA cat sat.\tnot_entailment\n")
+    sms = root / "sms"
+    sms.mkdir()
+    lines = [f"ham\tsee you at {i} tonight" for i in range(8)] + [f"spam\tWIN {i} prizes now" for i in range(2)]
+    (sms / "SMSSpamCollection").write_text("\n".join(lines * 5) + "\n")
 
 
 @pytest.fixture

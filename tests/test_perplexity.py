@@ -51,3 +51,25 @@ def test_wikitext_rows_match_the_hugging_face_layout(tmp_path):
     f = tmp_path / "t.raw"
     f.write_text(" \n = Title = \n \n Text line .\n")
     assert wikitext_rows(f) == ["", " = Title = \n", "", " Text line .\n"]
+
+
+def test_missing_text_falls_back_to_the_hub_only_when_reachable(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    import smartprune.loading
+    from smartprune.data import eval_text
+
+    (tmp_path / "d").mkdir()
+    monkeypatch.setenv("SMARTPRUNE_DATA", str(tmp_path / "d"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config, split: calls.append((name, config, split)) or {"text": ["a\n", "", "b\n"]}
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(smartprune.loading, "hub_reachable", lambda: False)
+    with pytest.raises(DataError, match=r"wiki\.test\.raw.*SMARTPRUNE_DATA"):
+        eval_text("wikitext2")
+    monkeypatch.setattr(smartprune.loading, "hub_reachable", lambda: True)
+    assert eval_text("wikitext2") == "a\n\n\n\n\nb\n"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "test")]

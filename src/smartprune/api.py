@@ -14,7 +14,7 @@ import torch
 
 from smartprune.accounting import format_table
 from smartprune.artifact import check_output, save, write_dense, write_json
-from smartprune.data import eval_text, train_text_path
+from smartprune.data import EVAL_TEXTS, eval_text, train_text_path
 from smartprune.engine import compress
 from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import check_limit, perplexity
@@ -149,43 +149,136 @@ def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick
     return run
 
 
+def _cell(value: float, base: float | None) -> str:
+    text = f"{value:,.4f}" if abs(value) < 10 else f"{value:,.2f}"
+    if base is None:
+        return text
+    delta = value - base
+    return text + (f" ({delta:+,.4f})" if abs(delta) < 10 else f" ({delta:+,.2f})")
+
+
 @dataclass
-class PerplexityTable:
+class EvalTable:
+    """Results of several models on the same tasks; the first model is the reference column."""
+
     models: list[str]
-    results: dict[str, dict[str, dict]]  # model -> task -> PerplexityResult dict
+    results: dict[str, dict[str, dict]]  # model -> task -> result
+    settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        # `results` keyed by task for the first model; every model under `models_results`.
         first = self.models[0]
-        return {"results": self.results[first], "models": self.models, "by_model": self.results}
+        return {"results": self.results[first], "models": self.models, "by_model": self.results,
+                "settings": self.settings, "environment": environment()}
 
     def summary(self) -> str:
-        tasks = list(self.results[self.models[0]])
-        head = "| task | " + " | ".join(self.models) + " |"
-        lines = [head, "|---|" + "---:|" * len(self.models)]
-        for task in tasks:
-            base = self.results[self.models[0]][task]["perplexity"]
-            cells = []
-            for i, m in enumerate(self.models):
-                p = self.results[m][task]["perplexity"]
-                cells.append(f"{p:.2f}" if i == 0 else f"{p:.2f} ({p - base:+.2f})")
-            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        from smartprune.evaluation.suite import shown_metrics
+
+        first = self.results[self.models[0]]
+        head = "| task | metric | " + " | ".join(self.models) + " |"
+        lines = [head, "|---|---|" + "---:|" * len(self.models)]
+        for task, res in first.items():
+            if res.get("available") is False:
+                lines.append(f"| {task} | not available | {res['reason']} |" + " |" * (len(self.models) - 1))
+                continue
+            for metric in shown_metrics(task, res):
+                cells = [_cell(self.results[m][task][metric], None if i == 0 else res[metric])
+                         for i, m in enumerate(self.models)]
+                lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 
-def evaluate_perplexity(models: list[str], *, tasks: list[str], seqlen: int = 1024, stride: int | None = None,
-                        limit: int | None = None, json_path: str | Path | None = None,
-                        progress: bool = True) -> PerplexityTable:
-    """Perplexity of each model on each task, with the first model as the reference column."""
-    check_limit(limit)
+def evaluate_models(models: list[str], *, tasks: list[str], settings=None, json_path: str | Path | None = None,
+                    progress: bool = True) -> EvalTable:
+    """Every task on every model (loaded one at a time), side by side with the first model."""
+    from smartprune.evaluation.suite import EvalSettings, check_tasks, evaluate
+
+    settings = settings or EvalSettings()
+    tasks = check_tasks(tasks)
+    for t in tasks:  # missing perplexity texts fail before any model loads
+        if t in EVAL_TEXTS:
+            eval_text(t)
     results: dict[str, dict[str, dict]] = {}
     for spec in models:
         loaded = load_model(spec)
         if loaded.tokenizer is None:
-            raise DataError(f"model {spec} has no tokenizer files; perplexity needs one")
-        results[spec] = {t: perplexity(loaded.model, loaded.tokenizer, t, seqlen=seqlen, stride=stride, limit=limit,
-                                       progress=progress).to_dict() for t in tasks}
-    table = PerplexityTable(list(models), results)
+            raise DataError(f"model {spec} has no tokenizer files; evaluation needs one")
+        log.info("evaluating %s on %s", spec, ", ".join(tasks))
+        results[spec] = evaluate(loaded, tasks, settings, progress=progress)
+        del loaded
+    table = EvalTable(list(models), results, dataclasses.asdict(settings))
     if json_path:
         write_json(Path(json_path), table.to_dict())
     return table
+
+
+@dataclass
+class ClassifierRun:
+    """A fine-tuned classifier before and after compression (the paper's Table 6 setting)."""
+
+    model: str
+    task: str
+    recipe: str
+    dense: dict
+    compressed: dict
+    training: dict
+    report: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "results": {self.task: self.compressed}, "environment": environment()}
+
+    def summary(self) -> str:
+        lines = [f"{self.model} fine-tuned on {self.task} ({self.training['examples']} examples, "
+                 f"{self.training['steps']} steps), compressed with '{self.recipe}' "
+                 f"({100 * self.report['overall']['compression']:.2f}%)", "",
+                 "| metric | fine-tuned | compressed |", "|---|---:|---:|"]
+        for m in ("accuracy", "precision", "recall", "f1_weighted", "loss", "mcc", "f1"):
+            if m in self.dense:
+                lines.append(f"| {m} | {_cell(self.dense[m], None)} | {_cell(self.compressed[m], self.dense[m])} |")
+        s = self.seconds
+        lines += ["", f"time: fine-tune {s['finetune']:.0f} s, compress {s['compress']:.0f} s, "
+                  f"evaluation {s['evaluate']:.0f} s"]
+        return "\n".join(lines)
+
+
+def compress_classifier(model: str, task: str, recipe: str | Path | Recipe, *, finetune=None,
+                        examples: int | None = None, calib_samples: int = 64, seed: int = 0,
+                        json_path: str | Path | None = None, progress: bool = True) -> ClassifierRun:
+    """Fine-tune MODEL on `task`, score its dev split, compress it with `recipe` (stages with
+    ``objective: task`` fit the classification loss), and score it again."""
+    from smartprune.evaluation import classify
+    from smartprune.evaluation.tasks import NotAvailable, get_task, load_split, subsample
+
+    cfg = finetune or classify.FinetuneConfig(seed=seed)
+    spec = get_task(task)
+    try:
+        train, dev = load_split(spec, "train", seed), subsample(load_split(spec, "dev", seed), examples, seed)
+    except NotAvailable as exc:
+        raise DataError(f"task {task} cannot be fine-tuned here: {exc}") from None
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    loaded = load_model(model)
+    clf = classify.SequenceClassifier(loaded.model, len(spec.labels), seed=cfg.seed)
+    seconds = {}
+    t = time.perf_counter()
+    training = classify.finetune(clf, loaded.tokenizer, spec, subsample(train, cfg.max_train, cfg.seed), cfg,
+                                 progress=progress)
+    seconds["finetune"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dense = classify.evaluate_classifier(clf, loaded.tokenizer, spec, dev, seqlen=cfg.seqlen, progress=progress)
+    seconds["evaluate"] = time.perf_counter() - t
+    calib_examples = subsample(train, calib_samples + rec.calibration.eval_samples, seed + 1)
+    calib, objective = classify.task_calibration(clf, loaded.tokenizer, spec, calib_examples[:calib_samples],
+                                                 calib_examples[calib_samples:], cfg.seqlen)
+    clf.head.requires_grad_(False)
+    t = time.perf_counter()
+    result = compress(loaded.model, loaded.tokenizer, rec, seed=seed, calib=calib, task_objective=objective,
+                      progress=progress)
+    seconds["compress"] = time.perf_counter() - t
+    t = time.perf_counter()
+    after = classify.evaluate_classifier(clf, loaded.tokenizer, spec, dev, seqlen=cfg.seqlen, progress=progress)
+    seconds["evaluate"] += time.perf_counter() - t
+    run = ClassifierRun(model, task, rec.name, dense, after, {**training, "budget": cfg.to_dict()},
+                        result.report, seconds)
+    if json_path:
+        write_json(Path(json_path), run.to_dict())
+    return run

@@ -40,12 +40,43 @@ TRAIN_TEXTS = {
 }
 
 
+# The same test splits on the Hugging Face hub: (dataset, config, text field, joiner). A fallback only.
+HUB_TEXTS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "\n\n"),
+    "wikitext103": ("wikitext", "wikitext-103-v1", "text", "\n\n"),
+    "ptb": ("ptb_text_only", "penn_treebank", "sentence", " "),
+}
+
+
+def _from_hub(task: str, missing: DataError) -> str:
+    """The test split from the hub with the `datasets` package; re-raises `missing` when offline."""
+    import os
+
+    from smartprune.loading import hub_reachable
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise missing
+    try:
+        import datasets
+    except ImportError:
+        raise missing from None
+    if not hub_reachable():
+        raise missing
+    name, config, key, joiner = HUB_TEXTS[task]
+    rows = datasets.load_dataset(name, config, split="test")[key]
+    return joiner.join(r.strip() for r in rows) if joiner == " " else joiner.join(rows)
+
+
 def eval_text(task: str) -> str:
-    """The test text of `task`, joined as the standard perplexity protocol expects."""
+    """The test text of `task`, joined as the standard perplexity protocol expects: from the data
+    folder, or (file missing, network present, `datasets` installed) from the Hugging Face hub."""
     if task not in EVAL_TEXTS:
         raise DataError(f"unknown text '{task}'{did_you_mean(task, EVAL_TEXTS)}; known: {', '.join(EVAL_TEXTS)}")
     reader, parts = EVAL_TEXTS[task]
-    text = reader(parts)
+    try:
+        text = reader(parts)
+    except DataError as missing:
+        text = _from_hub(task, missing)
     if not text.strip():
         raise DataError(f"text '{task}' is empty ({'/'.join(parts)})")
     return text

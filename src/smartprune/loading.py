@@ -116,7 +116,7 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """A TCP connection to the hub endpoint succeeds (saves a minute of retries when offline)."""
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -129,7 +129,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _from_hub(repo_id: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
         raise ModelError(f"no local path '{repo_id}', and the Hugging Face hub is not reachable from here "
                          "(no network) to load it as a hub id")
     try:

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from smartprune.errors import SmartpruneError, did_you_mean
+from smartprune.errors import DataError, SmartpruneError, did_you_mean
 
 log = logging.getLogger("smartprune")
 
@@ -66,7 +66,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     result = compress_model(args.model, args.recipe, out=args.out, dense_out=args.dense_out, seed=args.seed,
                             overwrite=args.overwrite, calib_samples=args.calib_samples,
-                            calib_seqlen=args.calib_seqlen)
+                            calib_seqlen=args.calib_seqlen, progress=not args.quiet)
     _out(result.summary())
     return 0
 
@@ -75,17 +75,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from smartprune.api import run_demo
 
     result = run_demo(model=args.model, recipe=args.recipe, quick=args.quick, limit=args.limit, seed=args.seed,
-                      json_path=args.json)
+                      json_path=args.json, progress=not args.quiet)
     _out(result.summary())
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from smartprune.api import evaluate_perplexity
+def _eval_settings(args: argparse.Namespace):
+    """EvalSettings from whichever option groups the command has (the others keep their defaults)."""
+    from smartprune.evaluation.classify import FinetuneConfig
+    from smartprune.evaluation.generation import GenerationConfig
+    from smartprune.evaluation.suite import EvalSettings
 
-    result = evaluate_perplexity(args.models, tasks=args.tasks.split(","), seqlen=args.seqlen, stride=args.stride,
-                                 limit=args.limit, json_path=args.json)
+    a = vars(args)
+    try:
+        finetune = FinetuneConfig(**{k: a[o] for k, o in (("max_train", "max_train"), ("epochs", "epochs"),
+                                                          ("seqlen", "ft_seqlen"), ("batch_size", "ft_batch_size"),
+                                                          ("lr", "lr"), ("seed", "seed")) if o in a})
+        generation = GenerationConfig(**{k: v for k, v in (("prompts", tuple(a.get("prompt") or ())),
+                                                           ("lengths", tuple(a.get("lengths") or ())),
+                                                           ("greedy", not a.get("sample", False)),
+                                                           ("seed", a["seed"])) if v != ()})
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    return EvalSettings(**{k: a[k] for k in ("seqlen", "stride", "limit", "examples", "mode") if k in a},
+                        finetune=finetune, generation=generation, seed=args.seed)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from smartprune.api import evaluate_models
+
+    result = evaluate_models(args.models, tasks=args.tasks.split(","), settings=_eval_settings(args),
+                             json_path=args.json, progress=not args.quiet)
     _out(result.summary())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from smartprune.api import evaluate_models
+
+    result = evaluate_models(args.models, tasks=["generation"], settings=_eval_settings(args), json_path=args.json,
+                             progress=not args.quiet)
+    for model, res in result.results.items():
+        for prompt, text in res["generation"]["texts"].items():
+            _out(f"--- {model} | {res['generation']['decoding']} | {prompt!r}\n{prompt}{text}\n")
+    _out(result.summary())
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from smartprune.api import compress_classifier
+
+    s = _eval_settings(args)
+    result = compress_classifier(args.model, args.task, args.recipe, finetune=s.finetune, examples=args.examples,
+                                 calib_samples=args.calib_samples, seed=args.seed, json_path=args.json,
+                                 progress=not args.quiet)
+    _out(result.summary())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from smartprune.training import TrainConfig, train
+
+    cfg = TrainConfig(config=args.config, text=args.text, steps=args.steps, minutes=args.minutes,
+                      batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr, seed=args.seed)
+    summary = train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    t = summary["test"]
+    _out(f"trained {cfg.config} ({summary['parameters']:,} parameters) on {cfg.text} for {summary['steps_done']} "
+         f"steps in {summary['seconds']:.0f} s: loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "
+         f"test perplexity {t['perplexity']:.2f} (first {t['windows']} windows of {t['seqlen']})\nsaved to {args.out}")
     return 0
 
 
@@ -162,17 +219,81 @@ def build_parser() -> Parser:
     k.add_argument("--json", help="write rows to this JSON file, and a Markdown twin beside it")
     k.set_defaults(func=cmd_compare)
 
-    e = sub.add_parser("eval", help="perplexity of one or more models, side by side",
-                       description="WikiText-2 / WikiText-103 / PTB test perplexity by the standard protocol "
-                       "(non-overlapping windows, trailing partial window dropped).")
+    e = sub.add_parser("eval", help="quality of one or more models, side by side",
+                       description="Evaluate each MODEL on each task and print one table; with two or more "
+                       "models the first is the reference and the others show deltas. Tasks: perplexity "
+                       "(wikitext2, wikitext103, ptb: standard protocol, non-overlapping windows, trailing "
+                       "partial window dropped), classification (cola, sst2, mrpc, rte, qnli, mnli, sms, qqp; "
+                       "--mode zero-shot or finetune; a task without data here is reported as not available), "
+                       "and generation (repetition and meaningless-word rates, see docs/evaluation.md).")
     e.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
-    e.add_argument("--tasks", default="wikitext2", help="comma-separated: wikitext2, wikitext103, ptb")
-    e.add_argument("--seqlen", type=_positive, default=1024, help="window length (1024)")
-    e.add_argument("--stride", type=_positive, help="sliding-window stride (default: non-overlapping)")
-    e.add_argument("--limit", type=int, help="evaluate only the first N windows")
-    e.add_argument("--json", help="write the results to this JSON file")
+    e.add_argument("--tasks", default="wikitext2", help="comma-separated task names (wikitext2)")
+    _eval_options(e, "perplexity", "classification", "mode", "finetune", "generation")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text and measure repetition and meaningless words",
+                       description="Continue each prompt with each MODEL (greedy by default, or seeded sampling), "
+                       "print the texts, and measure repetition@N and meaningless@N at each --lengths N.")
+    g.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
+    _eval_options(g, "generation")
+    g.set_defaults(func=cmd_generate)
+
+    f = sub.add_parser("classify", help="fine-tune a classifier, compress it, score it before and after",
+                       description="The paper's Table 6 setting: fine-tune MODEL with a classification head on "
+                       "TASK's train split (budget: --max-train, --epochs, --ft-seqlen), score the dev split, "
+                       "compress with --recipe (calibration on the task's examples; stages with objective: task "
+                       "fit the classification loss), and score it again.")
+    f.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    f.add_argument("--task", required=True, help="a classification task with a train split here: cola, sst2, "
+                   "mrpc, rte, sms")
+    f.add_argument("--recipe", default="paper", help="recipe name or file (paper)")
+    f.add_argument("--calib-samples", type=_positive, default=64, help="training examples used as calibration (64)")
+    _eval_options(f, "classification", "finetune")
+    f.set_defaults(func=cmd_classify)
+
+    t = sub.add_parser("train", help="train a small GPT-2 from scratch on a text of the data folder",
+                       description="Train a GPT-2 of --config from random weights on the train split of --text "
+                       "(GPT-2 tokenizer from the data folder) within --steps and --minutes, score the first "
+                       "test windows, and save a Hugging Face folder to --out.")
+    t.add_argument("--config", default="gpt2-mini", help="gpt2-tiny, gpt2-mini (default) or gpt2-small")
+    t.add_argument("--text", default="wikitext2", help="wikitext2 (default) or ptb")
+    t.add_argument("--steps", type=_positive, default=1000, help="optimizer steps (1000)")
+    t.add_argument("--minutes", type=float, help="stop earlier when this many minutes have passed")
+    t.add_argument("--batch-size", type=_positive, default=8, help="sequences per step (8)")
+    t.add_argument("--seqlen", type=_positive, default=128, help="tokens per sequence (128)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    t.add_argument("--seed", type=int, default=0, help="seed (0)")
+    t.add_argument("--out", required=True, help="folder to save the trained model to")
+    t.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
+    t.set_defaults(func=cmd_train)
     return p
+
+
+def _eval_options(p: argparse.ArgumentParser, *groups: str) -> None:
+    """Options shared by eval, generate and classify, by group: perplexity, classification, finetune,
+    generation (every command gets --seed and --json)."""
+    if "perplexity" in groups:
+        p.add_argument("--seqlen", type=_positive, default=1024, help="perplexity window length (1024)")
+        p.add_argument("--stride", type=_positive, help="sliding-window perplexity stride (default: non-overlapping)")
+        p.add_argument("--limit", type=int, help="perplexity: only the first N windows")
+    if "classification" in groups:
+        p.add_argument("--examples", type=int, help="classification: at most N dev examples (a seeded subset)")
+    if "mode" in groups:
+        p.add_argument("--mode", default="zero-shot", help="classification: zero-shot (default) or finetune")
+    if "finetune" in groups:
+        p.add_argument("--max-train", type=int, default=1000, help="fine-tune: training examples (1000)")
+        p.add_argument("--epochs", type=int, default=1, help="fine-tune: epochs (1)")
+        p.add_argument("--ft-seqlen", type=int, default=128, help="fine-tune: tokens per example (128)")
+        p.add_argument("--ft-batch-size", type=int, default=8, help="fine-tune: examples per step (8)")
+        p.add_argument("--lr", type=float, default=3e-5, help="fine-tune: learning rate (3e-5)")
+    if "generation" in groups:
+        p.add_argument("--prompt", action="append", help="generation prompt (repeatable; default: the paper's "
+                       "two, 'Once upon a time' and 'The Industrial Revolution')")
+        p.add_argument("--lengths", type=_positive, nargs="+", default=[128, 512],
+                       help="generation: token counts the metrics are taken at (128 512)")
+        p.add_argument("--sample", action="store_true", help="generation: seeded nucleus sampling, not greedy")
+    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--json", help="write the results to this JSON file")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

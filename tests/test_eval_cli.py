@@ -1,0 +1,103 @@
+"""`smartprune eval / generate / classify / train` end to end on tiny models and the small data folder."""
+
+import json
+
+import pytest
+
+from .test_cli import _one_clean_line, run
+
+
+def test_eval_runs_every_kind_of_task_side_by_side_with_deltas(model_dirs, use_data, tmp_path, capsys):
+    path = tmp_path / "e.json"
+    code, out, err = run(capsys, "eval", model_dirs["gpt2"], model_dirs["llama"], "--tasks",
+                         "wikitext2,sst2,rte,qqp,generation", "--seqlen", "64", "--limit", "2", "--lengths", "4", "8",
+                         "--json", path)
+    assert code == 0, err
+    data = json.loads(path.read_text())
+    r = data["results"]
+    assert r["wikitext2"]["windows"] == 2 and r["wikitext2"]["tokens"] == 2 * 63
+    assert r["sst2"]["examples"] == 8 and 0 <= r["sst2"]["accuracy"] <= 1 and r["sst2"]["mode"] == "zero-shot"
+    assert r["rte"]["examples"] == 2
+    assert r["qqp"] == {"available": False, "reason": r["qqp"]["reason"], "mode": "zero-shot"}
+    assert set(r["generation"]) >= {"repetition@4", "meaningless@8"}
+    assert list(data["by_model"]) == [str(model_dirs["gpt2"]), str(model_dirs["llama"])]
+    row = next(line for line in out.splitlines() if line.startswith("| sst2 | accuracy"))
+    assert "(+" in row or "(-" in row  # the second model's delta against the first
+    assert "| qqp | not available |" in out
+
+
+def test_eval_finetune_mode_reports_missing_train_splits(model_dirs, use_data, tmp_path, capsys):
+    path = tmp_path / "f.json"
+    code, _, err = run(capsys, "eval", model_dirs["llama"], "--tasks", "sst2,rte", "--mode", "finetune",
+                         "--max-train", "16", "--ft-seqlen", "16", "--json", path)
+    assert code == 0, err
+    r = json.loads(path.read_text())["results"]
+    assert r["sst2"]["mode"] == "finetune" and r["sst2"]["training"]["steps"] == 2
+    assert r["rte"]["available"] is False and "train" in r["rte"]["reason"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--tasks", "wikitext"], "did you mean 'wikitext2'"),
+    (["--tasks", "sst-2"], "did you mean 'sst2'"),
+    (["--limit", "0"], "limit must be a positive number"),
+    (["--limit", "-3"], "limit must be a positive number"),
+    (["--seqlen", "4096"], "longer than the model allows (128)"),
+    (["--mode", "fine-tune"], "did you mean 'finetune'"),
+    (["--examples", "0"], "examples must be a positive count"),
+    (["--tasks", "wikitext103"], "wiki.test.tokens"),
+])
+def test_eval_bad_inputs_get_one_line(argv, message, model_dirs, use_data, capsys):
+    code, _, err = run(capsys, "eval", model_dirs["gpt2"], *argv)
+    line = _one_clean_line(err)
+    assert code == 2 and message in line, err
+    if message.endswith("wiki.test.tokens"):
+        assert "SMARTPRUNE_DATA" in line
+
+
+def test_eval_of_an_empty_text_is_one_clear_error(model_dirs, use_data, capsys):
+    raw = use_data / "wikitext-2-raw" / "wiki.test.raw"
+    saved = raw.read_text()
+    raw.write_text("\n \n")
+    try:
+        code, _, err = run(capsys, "eval", model_dirs["gpt2"])
+    finally:
+        raw.write_text(saved)
+    assert code == 2 and "is empty" in _one_clean_line(err)
+
+
+def test_generate_prints_texts_and_metrics(model_dirs, use_data, capsys):
+    code, out, err = run(capsys, "generate", model_dirs["llama"], "--prompt", "The cat", "--lengths", "6",
+                         "--sample", "--seed", "1")
+    assert code == 0, err
+    assert "The cat" in out and "repetition@6" in out and "sample(" in out
+
+
+def test_classify_finetunes_compresses_and_rescores(model_dirs, use_data, tmp_path, capsys):
+    path = tmp_path / "c.json"
+    code, out, err = run(capsys, "classify", model_dirs["gpt2"], "--task", "sms", "--recipe", "fpp-ff",
+                         "--max-train", "16", "--ft-seqlen", "16", "--calib-samples", "8", "--json", path)
+    assert code == 0, err
+    data = json.loads(path.read_text())
+    assert data["report"]["groups"]["fpp_ff"]["after"] < data["report"]["groups"]["fpp_ff"]["before"]
+    calib = data["report"]["calibration"]
+    assert calib["text"] == "sms train" and calib["samples"] == 8 and calib["eval_samples"] == 4
+    assert calib["seqlen"] <= 16  # examples padded to the longest, truncated at --ft-seqlen
+    assert data["dense"]["examples"] == data["compressed"]["examples"] == 10
+    assert "| accuracy |" in out
+    code, _, err = run(capsys, "classify", model_dirs["gpt2"], "--task", "rte", "--recipe", "fpp-ff")
+    assert code == 2 and "cannot be fine-tuned here" in _one_clean_line(err)
+
+
+def test_train_from_scratch_saves_a_loadable_gpt2(use_data, tmp_path, capsys):
+    import smartprune
+
+    out = tmp_path / "g"
+    code, _, err = run(capsys, "train", "--config", "gpt2-tiny", "--steps", "3", "--batch-size", "2",
+                            "--seqlen", "32", "--out", out)
+    assert code == 0, err
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["steps_done"] == 3 and summary["test"]["windows"] == 8
+    loaded = smartprune.load_model(out)
+    assert loaded.model.config.model_type == "gpt2" and loaded.tokenizer is not None
+    code, _, err = run(capsys, "train", "--config", "gpt2-mega", "--out", tmp_path / "x")
+    assert code == 2 and "did you mean" in _one_clean_line(err) and not (tmp_path / "x").exists()
