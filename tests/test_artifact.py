@@ -77,3 +77,70 @@ def test_output_folder_that_holds_something_is_refused(compressed, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     save(compressed, out, overwrite=True)
     assert (out / "smartprune.json").is_file() and not (out / "keep.txt").exists()
+
+
+def _rounded(model, dtype):
+    """`model` with every floating tensor rounded to `dtype` and back (what a save in `dtype` keeps)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in out.state_dict().values():  # what is saved (not e.g. RoPE's recomputed inv_freq)
+            if t.is_floating_point():
+                t.copy_(t.to(dtype).float())
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["paper", "paper-structured"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_every_structure_and_dtype_round_trips(recipe, dtype, kind, calib, tmp_path):
+    from smartprune.artifact import DTYPES
+
+    model = tiny_model(kind)
+    compress(model, None, load_recipe(recipe), calib=calib, progress=False)
+    save(model, tmp_path / "m", dtype=dtype)
+    loaded = load(tmp_path / "m")
+    reference = _rounded(model, DTYPES[dtype])
+    with torch.no_grad():
+        assert (loaded(calib.ids).logits - reference(calib.ids).logits).abs().max() <= 1e-5
+    kinds = {r["kind"] for r in json.loads((tmp_path / "m" / "smartprune.json").read_text())["modules"].values()}
+    assert kinds >= {"folded", "projection", "masked"}
+
+
+def test_csr_is_chosen_only_when_smaller_and_round_trips(tmp_path):
+    from smartprune.artifact import _sparse_encoding
+    from smartprune.nn import Projection
+
+    # 100 x 100 fp32: bitmask = 4a + 1250 bytes, CSR (int16 indices) = 6a + 404: CSR wins below a = 423
+    assert _sparse_encoding((100, 100), 422, 4) == "csr"
+    assert _sparse_encoding((100, 100), 424, 4) == "bitmask"
+    from smartprune.adapters import get_adapter
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    adapter.prepare()
+    proj: Projection = next(iter(adapter.ff_projections(0).values()))
+    proj.set_mask(torch.rand(proj.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.99)
+    save(model, tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "smartprune.json").read_text())
+    name = next(n for n, m in model.named_modules() if m is proj)
+    assert manifest["modules"][name]["encoding"] == "csr"
+    loaded = load(tmp_path / "s")
+    assert torch.equal(loaded.get_submodule(name).mask, proj.mask)
+    ids = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_mismatched_values_and_unknown_dtype_are_refused(compressed, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save(compressed, tmp_path / "v")
+    tensors = load_file(str(tmp_path / "v" / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith(".weight.values"))
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, str(tmp_path / "v" / "model.safetensors"))
+    with pytest.raises(ArtifactError, match="values"):
+        load(tmp_path / "v")
+    with pytest.raises(OutputError, match="did you mean 'float16'"):
+        save(compressed, tmp_path / "w", dtype="float61")

@@ -59,3 +59,40 @@ def test_each_iteration_zeroes_p_pos_positive_and_p_neg_negative_weights():
         prev_pos, prev_neg = pos, neg
         assert torch.equal(up.weight[gone], torch.zeros(int(gone.sum())))
     assert prev_pos + prev_neg == round(0.6 * n)
+
+
+def test_neuron_scores_are_signed_norms_by_hand():
+    from smartprune.methods.fpp import neuron_scores
+
+    up = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # d=2 x k=2: neuron 0 column (3, 0), neuron 1 (0, 1)
+    down = torch.tensor([[4.0, 0.0], [-1.0, -1.0]])  # neuron 0 row (4, 0), sum > 0; neuron 1 (-1, -1), sum < 0
+    assert torch.allclose(neuron_scores([up], down), torch.tensor([5.0, -(3.0 ** 0.5)]))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_structured_fpp_leaves_smaller_dense_matrices_and_still_generates(arch, calib):
+    from smartprune.engine import compress
+    from smartprune.nn import Projection
+    from smartprune.recipes import load_recipe
+
+    from .conftest import tiny_model
+
+    model = tiny_model(arch)
+    result = compress(model, None, load_recipe("paper-structured"), calib=calib, progress=False)
+    k = 128 if arch == "gpt2" else 64  # the tiny configs' intermediate sizes
+    kept = k - round(0.7 * k)
+    for i in range(len(result.adapter.blocks())):
+        *inputs, output = result.adapter.ff_projections(i).values()
+        assert all(isinstance(p, Projection) and p.mask is None for p in [*inputs, output])
+        assert all(p.weight.shape == (32, kept) for p in inputs)
+        assert output.weight.shape == (kept, 32)
+    assert result.report["groups"]["fpp_ff"]["c_ub"] >= 0.7
+    out = model.generate(calib.ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 9)
+
+
+def test_neuron_structure_is_refused_for_the_embedding():
+    from smartprune.recipes.schema import build_recipe
+
+    with pytest.raises(RecipeError, match=r"fpp_emb\.structure"):
+        build_recipe({"fpp_emb": {"structure": "neuron"}}, "x", "x")

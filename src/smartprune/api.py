@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from smartprune.accounting import format_table
-from smartprune.artifact import check_output, save, write_dense, write_json
+from smartprune.artifact import DTYPES, check_output, save, write_dense, write_json
 from smartprune.data import EVAL_TEXTS, eval_text, train_text_path
 from smartprune.engine import compress
-from smartprune.errors import DataError
+from smartprune.errors import DataError, OutputError, did_you_mean
 from smartprune.evaluation.perplexity import check_limit, perplexity
 from smartprune.loading import load_model
 from smartprune.recipes import Recipe, load_recipe
@@ -62,10 +62,12 @@ class CompressRun:
 
 def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, dense_out: str | Path | None = None,
                    seed: int = 0, overwrite: bool = False, calib_samples: int | None = None,
-                   calib_seqlen: int | None = None, progress: bool = True) -> CompressRun:
+                   calib_seqlen: int | None = None, dtype: str = "float32", progress: bool = True) -> CompressRun:
     """Load MODEL, compress it with `recipe`, write it to `out` (and a dense HF folder to `dense_out`)."""
     out = Path(out)
     check_output(out, overwrite)
+    if dtype not in DTYPES:
+        raise OutputError(f"unknown dtype '{dtype}'{did_you_mean(dtype, DTYPES)}; known: {', '.join(DTYPES)}")
     if dense_out is not None:
         check_output(Path(dense_out), overwrite)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -74,7 +76,7 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     loaded = load_model(model)
     result = compress(loaded.model, loaded.tokenizer, recipe, seed=seed, progress=progress)
     report = {"model": model, "source": loaded.source, **result.report, "environment": environment()}
-    save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite)
+    save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite, dtype=dtype)
     if dense_out is not None:
         write_dense(loaded.model, dense_out, tokenizer=loaded.tokenizer, overwrite=overwrite)
     return CompressRun(report, out, Path(dense_out) if dense_out else None)

@@ -5,8 +5,12 @@ A compressed-model folder holds:
 - ``config.json``: the base model's Hugging Face config;
 - ``smartprune.json``: format name and version, model type, and each compressed module's structure;
 - ``model.safetensors``: the tensors. A masked matrix is stored as its surviving values (row-major)
-  plus its mask packed 8 entries to a byte; a folded (IRC) matrix as its shared vector and its
-  unfolded rows; everything else as is. Tied tensors are stored once;
+  plus either its mask packed 8 entries to a byte (``bitmask``) or CSR column indices and row
+  pointers (``csr``), whichever takes fewer bytes at its sparsity (CSR wins only above ~94%
+  sparsity with 16-bit indices); a folded (IRC) matrix as its shared vector and its unfolded rows;
+  a projection made smaller by structured pruning (whole neurons removed) as its smaller dense
+  matrix; everything else as is. Floating-point tensors are stored in the chosen ``dtype``
+  (float32, float16 or bfloat16) and loaded as float32. Tied tensors are stored once;
 - the tokenizer files, when the model has a tokenizer, and ``report.json`` from the run.
 
 `write_dense` instead writes a plain Hugging Face folder with every compressed weight materialized.
@@ -30,11 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from smartprune.adapters import get_adapter
-from smartprune.errors import ArtifactError, OutputError
-from smartprune.nn import FoldedProjection, Maskable
+from smartprune.errors import ArtifactError, OutputError, did_you_mean
+from smartprune.nn import FoldedProjection, Maskable, Projection
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 FORMAT = "smartprune"
-VERSION = 1
+VERSION = 2
 MANIFEST = "smartprune.json"
 TENSORS = "model.safetensors"
 
@@ -88,7 +94,33 @@ def _unpack(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool)).view(shape)
 
 
-def _encode(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int16 if n <= 2**15 else torch.int32
+
+
+def _sparse_encoding(shape: tuple[int, int], alive: int, value_bytes: int) -> str:
+    """The smaller of bitmask and CSR for a matrix of `shape` with `alive` stored entries."""
+    rows, cols = shape
+    bitmask = alive * value_bytes + (rows * cols + 7) // 8
+    csr = alive * (value_bytes + _index_dtype(cols).itemsize) + (rows + 1) * 4
+    return "csr" if csr < bitmask else "bitmask"
+
+
+def _encode_masked(name: str, w: Tensor, mask: Tensor, dtype: torch.dtype) -> tuple[dict, dict[str, Tensor]]:
+    values = w.detach()[mask].to(dtype).contiguous()
+    enc = _sparse_encoding(tuple(mask.shape), values.numel(), values.element_size()) if mask.dim() == 2 else "bitmask"
+    rec = {"kind": "masked", "shape": list(mask.shape), "encoding": enc}
+    if enc == "bitmask":
+        return rec, {f"{name}.weight.values": values, f"{name}.weight.mask": _pack(mask.cpu())}
+    counts = mask.sum(1)
+    indptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int32)
+    indptr[1:] = counts.cumsum(0).to(torch.int32)
+    indices = mask.nonzero()[:, 1].to(_index_dtype(mask.shape[1])).contiguous()
+    return rec, {f"{name}.weight.values": values, f"{name}.weight.indices": indices, f"{name}.weight.indptr": indptr}
+
+
+def _encode(model: nn.Module, dtype: torch.dtype = torch.float32
+            ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
     """Tensors to store, per-module structure records, and tied-tensor aliases (key -> stored key)."""
     modules: dict[str, dict] = {}
     skip: set[str] = set()
@@ -98,10 +130,12 @@ def _encode(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, dict], dict[
     for name, mod in model.named_modules():
         if isinstance(mod, FoldedProjection):
             modules[name] = {"kind": "folded", "d_in": mod.d_in, "d_out": mod.d_out}
+        elif isinstance(mod, Projection):  # its shape may differ from the config's (whole neurons removed)
+            modules[name] = {"kind": "projection", "d_in": mod.d_in, "d_out": mod.d_out, "bias": mod.bias is not None}
         if isinstance(mod, Maskable) and mod.mask is not None:
-            modules.setdefault(name, {"kind": "masked"})["shape"] = list(mod.weight.shape)
-            tensors[f"{name}.weight.values"] = mod.weight.detach()[mod.mask].contiguous()
-            tensors[f"{name}.weight.mask"] = _pack(mod.mask.cpu())
+            rec, stored = _encode_masked(name, mod.weight, mod.mask, dtype)
+            modules[name] = {**rec, **modules.get(name, {})}  # a projection keeps its kind and shape
+            tensors.update(stored)
             skip |= {f"{name}.weight", f"{name}.mask"}
             w = mod.weight
             seen[(w.data_ptr(), w.numel(), tuple(w.shape))] = f"{name}.weight"  # a tied head aliases it
@@ -113,16 +147,18 @@ def _encode(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, dict], dict[
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = t.detach().contiguous()
+        tensors[key] = (t.to(dtype) if t.is_floating_point() else t).detach().contiguous()
     return tensors, modules, aliases
 
 
 def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, report: dict | None = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, dtype: str = "float32") -> Path:
     """Write compressed `model` to folder `out` (see the module docstring for the layout)."""
+    if dtype not in DTYPES:
+        raise OutputError(f"unknown dtype '{dtype}'{did_you_mean(dtype, DTYPES)}; known: {', '.join(DTYPES)}")
     out = Path(out)
-    tensors, modules, aliases = _encode(model)
-    manifest = {"format": FORMAT, "version": VERSION, "model_type": model.config.model_type,
+    tensors, modules, aliases = _encode(model, DTYPES[dtype])
+    manifest = {"format": FORMAT, "version": VERSION, "model_type": model.config.model_type, "dtype": dtype,
                 "modules": modules, "aliases": aliases}
     with atomic_dir(out, overwrite) as tmp:
         model.config.save_pretrained(tmp)
@@ -174,24 +210,46 @@ def load(path: str | os.PathLike) -> nn.Module:
     for name, rec in manifest["modules"].items():
         if rec["kind"] == "folded":
             folded = torch.zeros(rec["d_in"], dtype=torch.bool)
-            folded[_tensor(tensors, f"{name}.folded_rows", path)] = True
-            q = _tensor(tensors, f"{name}.q", path)
+            folded[_tensor(tensors, f"{name}.folded_rows", path).long()] = True
+            q = _tensor(tensors, f"{name}.q", path).float()
             bias = tensors.get(f"{name}.bias")
-            adapter.replace(name, FoldedProjection(torch.zeros(rec["d_in"], rec["d_out"]), bias, folded, q))
+            adapter.replace(name, FoldedProjection(torch.zeros(rec["d_in"], rec["d_out"]),
+                                                   None if bias is None else bias.float(), folded, q))
+        elif rec["kind"] == "projection":
+            adapter.replace(name, Projection(torch.zeros(rec["d_in"], rec["d_out"]),
+                                             torch.zeros(rec["d_out"]) if rec["bias"] else None))
         if "shape" in rec:
-            mask = _unpack(_tensor(tensors, f"{name}.weight.mask", path), tuple(rec["shape"]))
+            mask = _decode_mask(tensors, name, rec, path)
             weight = torch.zeros(rec["shape"])
-            weight[mask] = _tensor(tensors, f"{name}.weight.values", path)
+            values = _tensor(tensors, f"{name}.weight.values", path)
+            if values.numel() != int(mask.sum()):
+                raise ArtifactError(f"tensor '{name}.weight.values' holds {values.numel()} values, its mask "
+                                    f"{int(mask.sum())}")
+            weight[mask] = values.float()
             state[f"{name}.weight"] = weight
             state[f"{name}.mask"] = mask
             model.get_submodule(name).mask = mask
     for key, t in tensors.items():
-        if not key.endswith((".weight.values", ".weight.mask")):
-            state[key] = t
+        if not key.endswith((".weight.values", ".weight.mask", ".weight.indices", ".weight.indptr")):
+            state[key] = t.float() if t.is_floating_point() else t
     for key, target in manifest.get("aliases", {}).items():
         state[key] = state[target] if target in state else _tensor(tensors, target, path)
     _load_state(model, state, path)
     return model.eval()
+
+
+def _decode_mask(tensors: dict[str, Tensor], name: str, rec: dict, path: Path) -> Tensor:
+    shape = tuple(rec["shape"])
+    if rec.get("encoding", "bitmask") == "bitmask":
+        return _unpack(_tensor(tensors, f"{name}.weight.mask", path), shape)
+    indptr = _tensor(tensors, f"{name}.weight.indptr", path).long()
+    indices = _tensor(tensors, f"{name}.weight.indices", path).long()
+    if indptr.numel() != shape[0] + 1 or int(indptr[-1]) != indices.numel():
+        raise ArtifactError(f"CSR tensors of '{name}' do not match its shape {shape}")
+    rows = torch.repeat_interleave(torch.arange(shape[0]), indptr.diff())
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[rows, indices] = True
+    return mask
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:

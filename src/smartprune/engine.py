@@ -102,6 +102,7 @@ class _Run:
                     break
                 best = sub.snapshot()
             reached = rate
+        stage.finalize()
         err = relative_error(sub.forward, sub.inputs, sub.target)
         seconds = time.perf_counter() - start
         self.seconds[key] += seconds

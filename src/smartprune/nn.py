@@ -142,6 +142,13 @@ class FusedProjections(nn.Module):
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
 
+def mask_gradients(model: nn.Module) -> None:
+    """Zero the gradients of pruned entries, so an optimizer step keeps them exactly zero."""
+    for m in model.modules():
+        if isinstance(m, Maskable) and m.mask is not None and m.weight.grad is not None:
+            m.weight.grad.mul_(m.mask)
+
+
 def iter_maskable(module: nn.Module):
     """(qualified name, module) of every Maskable below `module`."""
     return ((n, m) for n, m in module.named_modules() if isinstance(m, Maskable))

@@ -66,7 +66,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     result = compress_model(args.model, args.recipe, out=args.out, dense_out=args.dense_out, seed=args.seed,
                             overwrite=args.overwrite, calib_samples=args.calib_samples,
-                            calib_seqlen=args.calib_seqlen, progress=not args.quiet)
+                            calib_seqlen=args.calib_seqlen, dtype=args.dtype, progress=not args.quiet)
     _out(result.summary())
     return 0
 
@@ -133,6 +133,20 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from smartprune.bench import BenchSettings, bench, write_outputs
+
+    settings = BenchSettings(repeats=args.repeats, lengths=tuple(args.lengths), threads=args.threads,
+                             new_tokens=args.new_tokens, rss=not args.no_rss)
+    result = bench(args.models, settings, progress=not args.quiet)
+    if args.json:
+        write_outputs(result, Path(args.json))
+    _out(result.summary())
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from smartprune.training import TrainConfig, train
 
@@ -185,6 +199,8 @@ def build_parser() -> Parser:
     c.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random choices (0)")
     c.add_argument("--calib-samples", type=_positive, help="override the recipe's calibration window count")
     c.add_argument("--calib-seqlen", type=_positive, help="override the recipe's calibration window length")
+    c.add_argument("--dtype", default="float32", help="stored value precision in --out: float32 (default), float16 "
+                   "or bfloat16 (loaded back as float32)")
     c.add_argument("--overwrite", action="store_true", help="replace output folders that are not empty")
     c.set_defaults(func=cmd_compress)
 
@@ -250,6 +266,22 @@ def build_parser() -> Parser:
     f.add_argument("--calib-samples", type=_positive, default=64, help="training examples used as calibration (64)")
     _eval_options(f, "classification", "finetune")
     f.set_defaults(func=cmd_classify)
+
+    b = sub.add_parser("bench", help="size and speed of models, side by side in one process",
+                       description="Measure each MODEL in one process, interleaved round by round after a warm-up: "
+                       "forward latency (batch 1 at 128/512/1024 tokens, batch 8 at 128), greedy generation "
+                       "tokens/s with KV cache, throughput (sequences/s), fine-tuning steps (sequences/s), peak "
+                       "RSS (each model in its own subprocess) and size on disk. Medians, spreads, and ratios to "
+                       "the first MODEL (the dense baseline).")
+    b.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
+    b.add_argument("--repeats", type=_positive, default=5, help="measured rounds per metric (5)")
+    b.add_argument("--lengths", type=_positive, nargs="+", default=[128, 512, 1024],
+                   help="batch-1 forward lengths; the first is also used for batch 8 and training (128 512 1024)")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    b.add_argument("--new-tokens", type=_positive, default=128, help="generated tokens per generation run (128)")
+    b.add_argument("--no-rss", action="store_true", help="skip the per-model peak-RSS subprocesses")
+    b.add_argument("--json", help="write the results to this JSON file and a Markdown twin beside it")
+    b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train", help="train a small GPT-2 from scratch on a text of the data folder",
                        description="Train a GPT-2 of --config from random weights on the train split of --text "

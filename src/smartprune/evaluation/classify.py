@@ -27,7 +27,7 @@ from smartprune.data import Calibration
 from smartprune.evaluation.metrics import classification_metrics
 from smartprune.evaluation.tasks import Example, Task
 from smartprune.methods.fit import Objective
-from smartprune.nn import Maskable
+from smartprune.nn import mask_gradients
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,6 @@ def encode_examples(tokenizer, task: Task, examples: list[Example], seqlen: int)
     return [_encode(tokenizer, t)[:seqlen] or [0] for t in texts]
 
 
-def _mask_grads(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, Maskable) and m.mask is not None and m.weight.grad is not None:
-            m.weight.grad.mul_(m.mask)
-
-
 def finetune(clf: SequenceClassifier, tokenizer, task: Task, train: list[Example], cfg: FinetuneConfig, *,
              progress: bool = False) -> dict:
     """Train `clf` (backbone and head) on `train`; returns the loss curve summary and the time."""
@@ -167,7 +161,7 @@ def finetune(clf: SequenceClassifier, tokenizer, task: Task, train: list[Example
             loss = F.cross_entropy(clf(ids, mask), torch.tensor([labels[i] for i in idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            _mask_grads(clf)
+            mask_gradients(clf)
             opt.step()
             losses.append(loss.item())
             bar.update()

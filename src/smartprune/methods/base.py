@@ -130,6 +130,10 @@ class Stage(ABC):
     def achieved(self) -> float:
         """The rate actually reached (for the report)."""
 
+    def finalize(self) -> None:
+        """Called once the schedule is done (e.g. to cut removed structure out of the matrices)."""
+        return None
+
 
 def recursive_rates(target: float, strategy: StrategyConfig) -> list[float]:
     """``step, 2*step, ..., target`` under the recursive strategy, else ``[target]``."""

@@ -5,6 +5,13 @@ Iteration ``it`` zeroes, among the still-alive entries of each matrix, ``p_pos *
 re-optimizes the survivors. ``magnitude`` (default) takes the weights of each sign closest to zero;
 ``literal`` takes the paper's words at face value: the largest positive and the most negative.
 The last iteration is trimmed so the target sparsity is met exactly.
+
+``structure: neuron`` (feed-forward only, beyond the paper) applies the same schedule to whole
+intermediate neurons instead of single weights: a neuron is its column in each input projection
+(up / gate, GPT-2's ``c_fc``) and its row in the output projection (down, ``c_proj``); its score is
+the L2 norm of all those weights, signed by the sum of its outgoing weights, and ``p_pos`` / ``p_neg``
+are shares of the neuron count. At the end the dead neurons are cut out, so the matrices become
+smaller dense ones that any dense kernel runs faster.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from torch import Tensor, nn
 
 from smartprune.errors import RecipeError
 from smartprune.methods.base import Stage, Sublayer
-from smartprune.nn import Maskable
+from smartprune.nn import Maskable, Projection
 from smartprune.recipes import FPPConfig, StrategyConfig
 
 
@@ -53,6 +60,24 @@ def fpp_rates(cfg: FPPConfig) -> list[float]:
     return rates
 
 
+def neuron_scores(inputs: list[Tensor], output: Tensor) -> Tensor:
+    """Per intermediate neuron: the L2 norm of its weights (columns of the ``d x k`` input matrices,
+    row of the ``k x d`` output matrix), signed by the sum of its outgoing weights."""
+    sq = output.detach().pow(2).sum(1)
+    for w in inputs:
+        sq = sq + w.detach().pow(2).sum(0)
+    sign = torch.where(output.detach().sum(1) >= 0, 1.0, -1.0)
+    return sign * sq.sqrt()
+
+
+def cut_neurons(inputs: list[Projection], output: Projection, alive: Tensor) -> tuple[list[Projection], Projection]:
+    """Smaller dense projections without the dead neurons (exact: a dead neuron's outgoing row is zero)."""
+    keep = alive.nonzero().flatten()
+    new_in = [Projection(p.weight.detach()[:, keep], None if p.bias is None else p.bias.detach()[keep])
+              for p in inputs]
+    return new_in, Projection(output.weight.detach()[keep], output.bias)
+
+
 class FPPStage(Stage):
     cfg: FPPConfig
 
@@ -60,19 +85,50 @@ class FPPStage(Stage):
         super().__init__(cfg, sub, generator)
         self.targets: list[Maskable] = [m for m in sub.modules().values() if isinstance(m, Maskable)]
         self.rate = 0.0
+        self.neurons: Tensor | None = None  # structure: neuron: alive intermediate neurons
+        if cfg.structure == "neuron":
+            if sub.scope != "ff":
+                raise RecipeError("FPP structure 'neuron' applies to feed-forward blocks only")
+            self.neurons = torch.ones(self.targets[-1].weight.shape[0], dtype=torch.bool)
 
     def schedule(self, strategy: StrategyConfig) -> list[float]:
         return fpp_rates(self.cfg)  # FPP is iterative by nature, whatever the strategy
 
+    def _split(self, new: int) -> tuple[int, int]:
+        n_pos = round(new * self.cfg.p_pos / (self.cfg.p_pos + self.cfg.p_neg))
+        return n_pos, new - n_pos
+
     def compress_to(self, rate: float) -> None:
-        share = self.cfg.p_pos / (self.cfg.p_pos + self.cfg.p_neg)
+        if self.neurons is not None:
+            self._prune_neurons(rate)
+            return
         for m in self.targets:
             n = m.weight.numel()
             removed = n - m.alive()
             new = max(0, round(rate * n) - removed)
-            n_pos = round(new * share)
-            m.set_mask(sign_balanced_mask(m.weight, m.mask, n_pos, new - n_pos, self.cfg.criterion))
+            m.set_mask(sign_balanced_mask(m.weight, m.mask, *self._split(new), self.cfg.criterion))
         self.rate = rate
+
+    def _prune_neurons(self, rate: float) -> None:
+        *inputs, output = self.targets
+        k = self.neurons.numel()
+        new = max(0, round(rate * k) - int((~self.neurons).sum()))
+        scores = neuron_scores([m.weight for m in inputs], output.weight)
+        self.neurons = sign_balanced_mask(scores, self.neurons, *self._split(new), self.cfg.criterion)
+        for m in inputs:
+            m.set_mask(self.neurons[None, :].expand_as(m.weight))
+        output.set_mask(self.neurons[:, None].expand_as(output.weight))
+        self.rate = rate
+
+    def finalize(self) -> None:
+        if self.neurons is None or bool(self.neurons.all()):
+            return
+        roles = list(self.sub.modules())
+        *inputs, output = (self.sub.module(r) for r in roles)
+        new_in, new_out = cut_neurons(inputs, output, self.neurons)
+        for role, mod in zip(roles, [*new_in, new_out], strict=True):
+            self.sub.replace(role, mod)
+        self.targets = [*new_in, new_out]
 
     def trainable(self) -> list[nn.Parameter]:
         return self.sub.parameters()

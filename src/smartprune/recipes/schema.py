@@ -71,6 +71,8 @@ class FPPConfig(FitConfig):
     max_it: int = _opt(100, "maximum pruning iterations (MaxIt)", lo=1, hi=100_000)
     criterion: str = _opt("magnitude", "magnitude (closest to zero) | literal (largest of each sign)",
                           choices=("magnitude", "literal"))
+    structure: str = _opt("weight", "weight (single entries) | neuron (whole feed-forward neurons, fpp_ff only: "
+                          "the matrices become smaller and dense; beyond the paper)", choices=("weight", "neuron"))
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -259,6 +261,9 @@ def build_recipe(data: Any, name: str, source: str) -> Recipe:
     if not stages:
         raise RecipeError(f"recipe {source}: no stage given (expected one of {', '.join(STAGE_TYPES)})")
     sections = {k: build_section(cls, data.get(k), f"recipe {source}: {k}") for k, cls in SECTION_TYPES.items()}
+    if getattr(stages.get("fpp_emb"), "structure", "weight") != "weight":
+        raise RecipeError(f"recipe {source}: fpp_emb.structure: an embedding has no neurons; 'neuron' applies to "
+                          "fpp_ff only")
     return Recipe(name=name, stages=stages, description=description, **sections)
 
 
