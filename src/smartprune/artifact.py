@@ -157,6 +157,7 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, report: di
     if dtype not in DTYPES:
         raise OutputError(f"unknown dtype '{dtype}'{did_you_mean(dtype, DTYPES)}; known: {', '.join(DTYPES)}")
     out = Path(out)
+    _check_not_structured(model)
     tensors, modules, aliases = _encode(model, DTYPES[dtype])
     manifest = {"format": FORMAT, "version": VERSION, "model_type": model.config.model_type, "dtype": dtype,
                 "modules": modules, "aliases": aliases}
@@ -169,6 +170,14 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, report: di
         if report is not None:
             write_json(tmp / "report.json", report)
     return out
+
+
+def _check_not_structured(model: nn.Module) -> None:
+    from smartprune.inference import STRUCTURED_MODULES
+
+    if any(isinstance(m, STRUCTURED_MODULES) for m in model.modules()):
+        raise OutputError("this model runs structured inference modules; save the model as compressed "
+                          "(or load it with structured=False) instead")
 
 
 def _read_manifest(path: Path) -> dict:
@@ -190,8 +199,12 @@ def _tensor(tensors: dict[str, Tensor], key: str, path: Path) -> Tensor:
     return tensors[key]
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Load a folder written by `save` (``smartprune compress --out``) into a ready model."""
+def load(path: str | os.PathLike, *, structured: bool = True) -> nn.Module:
+    """Load a folder written by `save` (``smartprune compress --out``) into a ready model.
+
+    ``structured`` (default) swaps in the modules that run the structure instead of its zeros
+    (`smartprune.inference.use_structure`); ``False`` gives the modules compression works on (what
+    `save`, further compression and `write_dense` need)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -235,6 +248,10 @@ def load(path: str | os.PathLike) -> nn.Module:
     for key, target in manifest.get("aliases", {}).items():
         state[key] = state[target] if target in state else _tensor(tensors, target, path)
     _load_state(model, state, path)
+    if structured:
+        from smartprune.inference import use_structure
+
+        use_structure(model)
     return model.eval()
 
 
@@ -268,8 +285,15 @@ def write_dense(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, ove
     """Write a plain Hugging Face folder of `model` with every compressed weight materialized
     (zeros, identical rows, diagonals) that vanilla ``from_pretrained`` loads."""
     out = Path(out)
+    _check_not_structured(model)
     dense = copy.deepcopy(model)
-    get_adapter(dense).materialize()
+    adapter = get_adapter(dense)
+    sizes = {adapter.ff_intermediate_size(i) for i in range(len(adapter.blocks()))}
+    if len(sizes) > 1:
+        raise OutputError(f"feed-forward blocks have different sizes {sorted(sizes)} after structured pruning; a "
+                          "plain Hugging Face config holds one size, so only the compressed format can store this")
+    setattr(dense.config, adapter.ff_size_key, sizes.pop())
+    adapter.materialize()
     with atomic_dir(out, overwrite) as tmp:
         dense.save_pretrained(tmp)
         if tokenizer is not None:

@@ -41,6 +41,7 @@ class Adapter(ABC):
     """Architecture access for one model family, keyed by ``config.model_type``."""
 
     model_types: ClassVar[tuple[str, ...]]
+    ff_size_key: ClassVar[str] = "intermediate_size"  # the config field of the feed-forward width
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -126,6 +127,40 @@ class Adapter(ABC):
 
     def ff_projections(self, i: int) -> dict[str, Projection]:
         return {k: self.model.get_submodule(p) for k, p in self.ff_paths(i).items()}
+
+    # ---- structured inference (smartprune.inference) ---------------------------------------------
+    @abstractmethod
+    def attention_module_path(self, i: int) -> str:
+        """Path of block `i`'s whole attention module (what structured inference replaces)."""
+
+    def rotary(self) -> nn.Module | None:
+        """The model's rotary-embedding module (with ``inv_freq``), or None without RoPE."""
+        return None
+
+    def structured_attention(self, i: int) -> nn.Module | None:
+        """An `IRCAttention` for block `i` when its Q and K are fully folded, else None."""
+        from smartprune.inference import IRCAttention, fully_folded
+
+        try:
+            a = self.attention_projections(i)
+        except AttributeError:  # not converted (prepare() not run): nothing is folded
+            return None
+        if not (fully_folded(a.q) and fully_folded(a.k)):
+            return None
+        rope = self.rotary()
+        if rope is not None and (a.q.bias is not None or a.k.bias is not None):
+            return None  # RoPE with a Q/K bias (Qwen2) has no closed offset form here: keep the reference path
+        c = self.config
+        heads = c.num_attention_heads
+        return IRCAttention(a.q, a.k, a.v, a.o, n_heads=heads, n_kv=getattr(c, "num_key_value_heads", None) or heads,
+                            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, layer_idx=i, rope=rope)
+
+    def ff_intermediate_size(self, i: int) -> int:
+        """Block `i`'s feed-forward width (smaller than the config's after structured FPP)."""
+        *_, down = (self.model.get_submodule(p) for p in self.ff_paths(i).values())
+        if isinstance(down, Projection):
+            return down.d_in
+        return down.in_features if isinstance(down, nn.Linear) else down.weight.shape[0]  # GPT-2 Conv1D: d_in x d_out
 
     def replace(self, path: str, module: nn.Module) -> None:
         """Swap the module at `path` (methods use it to install a `FoldedProjection`)."""

@@ -13,6 +13,7 @@ from smartprune.nn import FusedProjections, Projection
 
 class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
+    ff_size_key = "n_inner"
 
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer.h
@@ -40,6 +41,9 @@ class GPT2Adapter(Adapter):
 
     def attention(self, i: int, x: Tensor) -> Tensor:
         return self.blocks()[i].attn(x, attention_mask=None)[0]
+
+    def attention_module_path(self, i: int) -> str:
+        return f"transformer.h.{i}.attn"
 
     def head(self, h: Tensor) -> Tensor:
         return self.model.lm_head(self.model.transformer.ln_f(h))

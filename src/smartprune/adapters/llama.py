@@ -40,6 +40,12 @@ class LlamaAdapter(Adapter):
         rope = self.model.model.rotary_emb(x, positions(x))
         return self.blocks()[i].self_attn(x, position_embeddings=rope, attention_mask=None)[0]
 
+    def attention_module_path(self, i: int) -> str:
+        return f"model.layers.{i}.self_attn"
+
+    def rotary(self) -> nn.Module | None:
+        return self.model.model.rotary_emb
+
     def head(self, h: Tensor) -> Tensor:
         return self.model.lm_head(self.model.model.norm(h))
 

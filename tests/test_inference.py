@@ -1,0 +1,131 @@
+"""Structured inference: IRC attention without Q K^T, diagonal V, CSR feed-forward; equal to dense."""
+
+import copy
+
+import pytest
+import torch
+
+from smartprune.adapters import get_adapter
+from smartprune.engine import compress
+from smartprune.inference import DiagonalProjection, IRCAttention, SparseProjection, use_structure
+from smartprune.nn import FoldedProjection, Projection
+from smartprune.recipes import load_recipe
+
+from .conftest import tiny_model
+
+
+def _folded(d_in: int, d_out: int, seed: int, bias: bool = False) -> FoldedProjection:
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(d_out, generator=g) if bias else None
+    return FoldedProjection(torch.zeros(d_in, d_out), b, torch.ones(d_in, dtype=torch.bool),
+                            torch.randn(d_out, generator=g))
+
+
+def test_offset_function_equals_rope_scores_of_identical_rows():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config("llama")
+    rope = LlamaRotaryEmbedding(cfg)
+    heads, kv, hd = 4, 2, 8
+    q, k = _folded(32, heads * hd, 1), _folded(32, kv * hd, 2)
+    attn = IRCAttention(q, k, Projection(torch.randn(32, kv * hd)), Projection(torch.randn(heads * hd, 32)),
+                        n_heads=heads, n_kv=kv, head_dim=hd, layer_idx=0, rope=rope)
+    x = torch.randn(2, 7, 32)
+    pos = torch.arange(3, 10).expand(2, 7)  # offset positions, as after a cache
+    cos, sin = rope(x, pos)
+    Q = q(x).view(2, 7, heads, hd).transpose(1, 2)
+    K = k(x).view(2, 7, kv, hd).transpose(1, 2).repeat_interleave(2, 1)
+    Q, K = apply_rotary_pos_emb(Q, K, cos, sin)
+    expected = Q @ K.transpose(-1, -2) * hd ** -0.5
+    got = attn.scores(x.sum(-1), pos, x.sum(-1), pos)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    assert torch.allclose(got[..., causal], expected[..., causal], atol=1e-4, rtol=1e-4)
+
+
+def test_scores_with_bias_equal_softmax_of_explicit_products():
+    heads, hd = 2, 4
+    q, k = _folded(6, heads * hd, 3, bias=True), _folded(6, heads * hd, 4, bias=True)
+    attn = IRCAttention(q, k, Projection(torch.randn(6, 8)), Projection(torch.randn(8, 6)), n_heads=heads,
+                        n_kv=heads, head_dim=hd, layer_idx=0, rope=None)
+    x = torch.randn(1, 5, 6)
+    Q = q(x).view(1, 5, heads, hd).transpose(1, 2)
+    K = k(x).view(1, 5, heads, hd).transpose(1, 2)
+    pos = torch.arange(5)[None]
+    # Constant-per-query terms (s_i q.b_k, b_q.b_k) are dropped: compare after the softmax.
+    expected = torch.softmax(Q @ K.transpose(-1, -2) * hd ** -0.5, -1)
+    got = torch.softmax(attn.scores(x.sum(-1), pos, x.sum(-1), pos), -1)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_structured_model_equals_its_dense_materialization(arch, calib):
+    model = tiny_model(arch)
+    compress(model, None, load_recipe("paper"), calib=calib, progress=False)
+    dense = copy.deepcopy(model)
+    get_adapter(dense).materialize()
+    fast = copy.deepcopy(model)
+    counts = use_structure(fast, csr_min_sparsity=0.5)
+    assert counts == {"diagonal_v": 2, "irc_attention": 2, "csr_ff": len(get_adapter(model).ff_paths(0)) * 2}
+    ids = calib.ids[:3]
+    pad = torch.ones(3, 16, dtype=torch.long)
+    pad[1, 9:] = 0
+    with torch.no_grad():
+        for mask in (None, pad):
+            ref, got = dense(ids, attention_mask=mask).logits, fast(ids, attention_mask=mask).logits
+            keep = torch.ones(3, 16, dtype=torch.bool) if mask is None else mask.bool()
+            assert ((got - ref)[keep].abs().max() / ref.abs().max()) <= 1e-4
+    prompt = ids[:1, :4]
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(fast.generate(prompt, **kw), dense.generate(prompt, **kw))  # KV cache of (s, position)
+
+
+def test_partly_folded_attention_keeps_the_reference_path(calib):
+    model = tiny_model("llama")
+    compress(model, None, load_recipe("paper-30"), calib=calib, progress=False)
+    assert "irc_attention" not in use_structure(model)
+
+
+def test_diagonal_projection_only_for_one_entry_per_column():
+    w = torch.randn(4, 3)
+    p = Projection(w)
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    mask[[2, 0, 3], [0, 1, 2]] = True
+    p.set_mask(mask)
+    d = DiagonalProjection.of(p)
+    x = torch.randn(5, 4)
+    assert torch.allclose(d(x), p(x))
+    mask[1, 1] = True
+    q = Projection(w)
+    q.set_mask(mask)
+    assert DiagonalProjection.of(q) is None
+
+
+def test_sparse_projection_equals_dense_and_still_trains():
+    p = Projection(torch.randn(8, 6), torch.randn(6))
+    p.set_mask(torch.rand(8, 6, generator=torch.Generator().manual_seed(0)) > 0.8)
+    s = SparseProjection(p)
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        assert torch.allclose(s(x), p(x), atol=1e-6)
+    s(x).sum().backward()  # grad enabled: the dense masked path, so gradients reach the weight
+    assert s.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_structured_fpp_exports_a_vanilla_folder_and_structured_models_refuse_saving(arch, calib, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from smartprune.artifact import save, write_dense
+    from smartprune.errors import OutputError
+
+    model = tiny_model(arch)
+    compress(model, None, load_recipe("paper-structured"), calib=calib, progress=False)
+    write_dense(model, tmp_path / "d")
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    with torch.no_grad():
+        assert torch.allclose(vanilla(calib.ids).logits, model(calib.ids).logits, atol=1e-5)
+    use_structure(model)
+    with pytest.raises(OutputError, match="structured inference"):
+        save(model, tmp_path / "s")
