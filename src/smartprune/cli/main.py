@@ -147,6 +147,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from smartprune.sweep import SweepSettings, parse_rates, run_sweep, summary
+
+    settings = SweepSettings(model=args.model, method=args.method, rates=parse_rates(args.rates),
+                             variants=args.variants.split(",") if args.variants else [""],
+                             tasks=args.tasks.split(","), base=args.base, limit=args.limit, examples=args.examples,
+                             seqlen=args.seqlen, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                             seed=args.seed)
+    _out(summary(run_sweep(settings, args.json, progress=not args.quiet)))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from smartprune.training import TrainConfig, train
 
@@ -282,6 +294,26 @@ def build_parser() -> Parser:
     b.add_argument("--no-rss", action="store_true", help="skip the per-model peak-RSS subprocesses")
     b.add_argument("--json", help="write the results to this JSON file and a Markdown twin beside it")
     b.set_defaults(func=cmd_bench)
+
+    w = sub.add_parser("sweep", help="compression curves: one method at many rates, evaluated at each",
+                       description="Compress a fresh copy of MODEL with --method at every rate (and variant) and "
+                       "evaluate each point on --tasks. Points are saved to --json as they finish; re-running the "
+                       "same command resumes. Variants: q, k, qk (IRC, Fig. 10); lower, upper, both (DWC, "
+                       "Fig. 11); direct, optimized, cumulative or 'ablation' for all three (Fig. 16).")
+    w.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    w.add_argument("--method", required=True, help="irc, dwc, fpp-emb, fpp-ff, irc+dwc, magnitude, wanda, sparsegpt")
+    w.add_argument("--rates", default="0:1:0.1", help="start:stop:step or a comma list, in [0, 1] (0:1:0.1)")
+    w.add_argument("--variants", help="comma-separated variants (default: the stage's own settings)")
+    w.add_argument("--tasks", default="wikitext2", help="evaluation tasks (wikitext2)")
+    w.add_argument("--base", default="paper", help="recipe whose stage settings, strategy and calibration are used")
+    w.add_argument("--limit", type=int, help="perplexity: first N windows")
+    w.add_argument("--examples", type=int, help="classification: at most N dev examples")
+    w.add_argument("--seqlen", type=_positive, default=1024, help="perplexity window (1024)")
+    w.add_argument("--calib-samples", type=_positive, help="override the calibration window count")
+    w.add_argument("--calib-seqlen", type=_positive, help="override the calibration window length")
+    w.add_argument("--seed", type=int, default=0, help="seed (0)")
+    w.add_argument("--json", help="write (and resume from) this JSON file")
+    w.set_defaults(func=cmd_sweep)
 
     t = sub.add_parser("train", help="train a small GPT-2 from scratch on a text of the data folder",
                        description="Train a GPT-2 of --config from random weights on the train split of --text "

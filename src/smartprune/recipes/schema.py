@@ -11,7 +11,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from smartprune.errors import RecipeError, did_you_mean
 
@@ -40,6 +40,8 @@ class FitConfig:
 class IRCConfig(FitConfig):
     """Identical Row Compression of W_Q and/or W_K."""
 
+    rate_field: ClassVar[str] = "rate"  # the field a sweep varies
+
     variant: str = _opt("qk", "which matrices: q | k | qk", choices=("q", "k", "qk"))
     rate: float = _opt(1.0, "fraction of rows replaced by the shared row (1 = full IRC)", lo=0.0, hi=1.0)
     init: str = _opt("random-row", "shared row: random-row | mean-row | fit (least squares)",
@@ -50,6 +52,8 @@ class IRCConfig(FitConfig):
 @dataclass(frozen=True)
 class DWCConfig(FitConfig):
     """Diagonal Weight Compression of W_V."""
+
+    rate_field: ClassVar[str] = "rate"  # the field a sweep varies
 
     variant: str = _opt("both", "which triangle is removed: lower | upper | both", choices=("lower", "upper", "both"))
     rate: float = _opt(1.0, "fraction of the removable entries zeroed, farthest from the diagonal first",
@@ -62,6 +66,8 @@ class DWCConfig(FitConfig):
 @dataclass(frozen=True)
 class FPPConfig(FitConfig):
     """Forward Propagation Pruning (Algorithm 2) of embedding or feed-forward matrices."""
+
+    rate_field: ClassVar[str] = "target_sparsity"  # the field a sweep varies
 
     target_sparsity: float = _opt(0.7, "fraction of each matrix's weights zeroed at the end", lo=0.0, hi=1.0)
     p_pos: float = _opt(0.05, "share of the matrix's weights, taken from the positive ones, zeroed per iteration",
@@ -88,6 +94,8 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 @dataclass(frozen=True)
 class PruneConfig(FitConfig):
     """A one-shot pruning baseline on every linear layer of every block (no re-fitting by default)."""
+
+    rate_field: ClassVar[str] = "sparsity"  # the field a sweep varies
 
     steps: int = _opt(0, "Adam steps after pruning (0 = the published one-shot method)", lo=0, hi=100_000)
     sparsity: float = _opt(0.5, "fraction of each matrix's weights zeroed (N:M patterns: N/M)", lo=0.0, hi=1.0)
