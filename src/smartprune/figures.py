@@ -1,0 +1,109 @@
+"""Figures drawn from smartprune's own measurements (matplotlib, no display needed).
+
+- `curve_figure`: a sweep's metric against the compression rate, one line per variant, the dense
+  model as a dashed line (the paper's Figures 10, 11, 13-16).
+- `weight_figure`: a block's Q, K, V, feed-forward and embedding weights before and after
+  compression as heatmaps, before and after sharing one colour scale per matrix (Figures 5-9).
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; set before pyplot is imported
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from smartprune.adapters import get_adapter
+
+
+
+def _value(result: dict, metric: str) -> float | None:
+    v = result.get(metric)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def default_metric(result: dict) -> str:
+    return "perplexity" if "perplexity" in result else "accuracy"
+
+
+def curve_figure(sweep: dict, task: str, metric: str | None = None) -> Figure:
+    """`metric` of `task` against the rate (in %), one line per variant; the dense model dashed."""
+    points = sweep["points"]
+    dense = next((p for p in points if p["rate"] == 0), None)
+    metric = metric or default_metric(points[0]["results"][task])
+    method = sweep["settings"]["method"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for variant in sorted({p["variant"] for p in points if p["rate"] > 0}):
+        series = sorted((p for p in points if p["variant"] == variant and p["rate"] > 0), key=lambda p: p["rate"])
+        xs = [100 * p["rate"] for p in series]
+        ys = [_value(p["results"][task], metric) for p in series]
+        ax.plot(xs, ys, marker="o", label=variant or method)
+    if dense is not None and _value(dense["results"][task], metric) is not None:
+        ax.axhline(_value(dense["results"][task], metric), color="grey", linestyle="--", label="dense")
+    if metric in ("perplexity",):
+        ax.set_yscale("log")
+    ax.set_xlabel(f"{method} compression rate (%)")
+    ax.set_ylabel(f"{task} {metric}")
+    ax.set_title(f"{method}: {task} {metric} vs compression rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def layer_weights(model: nn.Module, block: int, embedding_rows: int = 256) -> dict[str, Tensor]:
+    """Block `block`'s Q, K, V, first feed-forward matrix and the first rows of the token embedding,
+    in the paper's d_in x d_out orientation (the model is converted in place if it is not yet)."""
+    adapter = get_adapter(model)
+    adapter.prepare()
+    a = adapter.attention_projections(block)
+    ff_name, ff = next(iter(adapter.ff_projections(block).items()))
+    emb_path = adapter.embedding_paths()[0]
+    emb = model.get_submodule(emb_path).weight.detach()[:embedding_rows]
+    return {"Q": a.q.dense_weight(), "K": a.k.dense_weight(), "V": a.v.dense_weight(),
+            f"FF ({ff_name})": ff.dense_weight(), f"embedding (first {embedding_rows} rows)": emb}
+
+
+def weight_figure(before: dict[str, Tensor], after: dict[str, Tensor], title: str) -> Figure:
+    """Heatmaps: one row per matrix, before | after, one colour scale per row (99th percentile of |W|)."""
+    names = list(before)
+    fig, axes = plt.subplots(len(names), 2, figsize=(9, 3.2 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        scale = float(before[name].abs().flatten().float().quantile(0.99)) if before[name].numel() < 2**24 else \
+            float(before[name].abs().max())
+        scale = scale or 1.0
+        for col, (label, w) in enumerate((("before", before[name]), ("after", after[name]))):
+            ax = axes[row][col]
+            image = ax.imshow(w.float().numpy(), cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto",
+                              interpolation="nearest")
+            sparsity = float((w == 0).float().mean())
+            rows, cols = w.shape
+            ax.set_title(f"{name} {label}: {rows}x{cols}, {100 * sparsity:.1f}% zeros",
+                         fontsize=9)
+            ax.set_xlabel("output feature (column)")
+            ax.set_ylabel("input feature (row)")
+        fig.colorbar(image, ax=list(axes[row]), shrink=0.8, label="weight")
+    fig.suptitle(title)
+    return fig
+
+
+def save(fig: Figure, path) -> None:
+    """Write `fig` as PNG through a temporary file, then close it."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
