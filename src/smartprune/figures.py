@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from smartprune.adapters import get_adapter
 
 
-
 def _value(result: dict, metric: str) -> float | None:
     v = result.get(metric)
     return float(v) if isinstance(v, (int, float)) else None
