@@ -179,9 +179,10 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
     return out
 
 
-def summary(sweep: dict) -> str:
+def summary_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a sweep: variant, rate, compression, then each task's headline metric."""
     tasks = sweep["settings"]["tasks"]
-    lines = ["| variant | rate | compression | " + " | ".join(tasks) + " |", "|---|---:|---:|" + "---:|" * len(tasks)]
+    rows = []
     for p in sweep["points"]:
         cells = []
         for t in tasks:
@@ -189,6 +190,11 @@ def summary(sweep: dict) -> str:
             value = r.get("perplexity", r.get("accuracy"))
             cells.append("n/a" if value is None else f"{value:,.4g}")
         label = "dense" if p["rate"] == 0 else p["variant"] or "-"
-        lines.append(f"| {label} | {p['rate']:g} | "
-                     f"{100 * p['compression']:.2f}% | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([label, f"{p['rate']:g}", f"{100 * p['compression']:.2f}%", *cells])
+    return ["variant", "rate", "compression", *tasks], rows
+
+
+def summary(sweep: dict) -> str:
+    header, rows = summary_rows(sweep)
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|" + "---:|" * (len(header) - 3)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])

@@ -159,6 +159,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from smartprune.report import write_report
+
+    out = write_report(args.runs, args.out, block=args.block, overwrite=args.overwrite)
+    _out(f"report: {out / 'index.html'} (Markdown twin: {out / 'report.md'}, figures in {out / 'figures'})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from smartprune.training import TrainConfig, train
 
@@ -314,6 +322,17 @@ def build_parser() -> Parser:
     w.add_argument("--seed", type=int, default=0, help="seed (0)")
     w.add_argument("--json", help="write (and resume from) this JSON file")
     w.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser("report", help="one HTML page (+ Markdown) of tables and figures from measured runs",
+                        description="Build a report from RUNs: JSON files written by eval, classify, compare, bench "
+                        "or sweep (--json), and compress --out folders. Tables in the form of the paper's Tables 3, "
+                        "4, 5, 6 and 8 with the paper's numbers beside them (labelled reported), sweep curves, "
+                        "before/after weight pictures, and the command that regenerates each figure.")
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="a --json file or a compress --out folder")
+    rp.add_argument("--out", required=True, help="folder for index.html, report.md and figures/")
+    rp.add_argument("--block", type=int, default=0, help="block whose weights are drawn (0)")
+    rp.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
+    rp.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train", help="train a small GPT-2 from scratch on a text of the data folder",
                        description="Train a GPT-2 of --config from random weights on the train split of --text "

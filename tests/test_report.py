@@ -1,0 +1,38 @@
+"""The report: every table, every image linked and present, regeneration commands, a Markdown twin."""
+
+import re
+
+from .test_cli import _one_clean_line, run
+
+
+def test_report_holds_every_table_and_links_every_image(model_dirs, use_data, tmp_path, capsys):
+    m = model_dirs["llama"]
+    steps = [
+        ["compress", m, "--recipe", "paper", "--out", tmp_path / "c", "--calib-samples", "4", "--calib-seqlen", "16"],
+        ["eval", m, tmp_path / "c", "--tasks", "wikitext2,sst2", "--seqlen", "32", "--limit", "1",
+         "--json", tmp_path / "e.json"],
+        ["classify", m, "--task", "sst2", "--recipe", "fpp-ff", "--max-train", "8", "--ft-seqlen", "16",
+         "--calib-samples", "4", "--json", tmp_path / "k.json"],
+        ["bench", m, tmp_path / "c", "--repeats", "1", "--lengths", "16", "--new-tokens", "4", "--no-rss",
+         "--json", tmp_path / "b.json"],
+        ["sweep", m, "--method", "irc", "--rates", "0,1", "--variants", "q,k", "--limit", "1", "--seqlen", "32",
+         "--calib-samples", "4", "--calib-seqlen", "16", "--json", tmp_path / "s.json"],
+    ]
+    for argv in steps:
+        code, _, err = run(capsys, *argv)
+        assert code == 0, (argv[0], err)
+    runs = [tmp_path / "c", tmp_path / "e.json", tmp_path / "k.json", tmp_path / "b.json", tmp_path / "s.json"]
+    code, _, err = run(capsys, "report", *runs, "--out", tmp_path / "r")
+    assert code == 0, err
+    page = (tmp_path / "r" / "index.html").read_text()
+    for title in ("Table 3", "Table 4", "Table 5", "Table 6", "Table 8", "Sweep: irc", "Weights before and after"):
+        assert title in page, title
+    assert page.count("Reported in the paper") == 5
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert len(images) == 2 and all((tmp_path / "r" / i).stat().st_size > 1000 for i in images)
+    assert all(not i.startswith("/") for i in images)  # relative links
+    assert "smartprune sweep " in page and "smartprune compress " in page
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.count("![") == 2 and "| sst2 |" not in md.split("Table 6")[0]
+    code, _, err = run(capsys, "report", tmp_path / "nope.json", "--out", tmp_path / "r2")
+    assert code == 2 and "run not found" in _one_clean_line(err) and not (tmp_path / "r2").exists()
