@@ -13,7 +13,7 @@ step ppl-full sp eval smollm2-135m runs/paper-model --tasks wikitext2,wikitext10
 step zero-shot sp eval smollm2-135m runs/paper-model --tasks $TASKS --examples 1000 --json runs/eval/zero-shot.json
 step generation sp generate smollm2-135m runs/paper-model --json runs/eval/generation.json
 step generation-sample sp generate smollm2-135m runs/paper-model --sample --json runs/eval/generation-sample.json
-step finetune sp eval smollm2-135m runs/paper-model --tasks $TASKS --mode finetune --max-train 1000 --epochs 1 \
-  --examples 1000 --json runs/eval/finetune.json
+step finetune sp eval smollm2-135m runs/paper-model --tasks $TASKS --mode finetune --max-train 300 --epochs 1 \
+  --examples 300 --json runs/eval/finetune.json
 step classify-sst2 sp classify smollm2-135m --task sst2 --recipe paper --max-train 1000 --json runs/eval/classify-sst2.json
-step train-gpt2-mini sp train --config gpt2-mini --steps 1000 --minutes 20 --out runs/gpt2-mini --overwrite
+step train-gpt2-mini sp train --config gpt2-mini --steps 1000 --minutes 5 --out runs/gpt2-mini --overwrite
