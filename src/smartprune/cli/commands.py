@@ -1,4 +1,4 @@
-"""The subcommands: each parses nothing itself, turns the parsed flags into plain values and calls one
+"""The subcommands: each turns the parsed flags into plain values and calls one
 library function; heavy modules are imported inside the command that needs them."""
 
 from __future__ import annotations
