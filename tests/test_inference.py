@@ -59,14 +59,18 @@ def test_scores_with_bias_equal_softmax_of_explicit_products():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefill", ["sdpa", "offset"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_structured_model_equals_its_dense_materialization(arch, calib):
+def test_structured_model_equals_its_dense_materialization(arch, prefill, calib):
     model = tiny_model(arch)
     compress(model, None, load_recipe("paper"), calib=calib, progress=False)
     dense = copy.deepcopy(model)
     get_adapter(dense).materialize()
     fast = copy.deepcopy(model)
     counts = use_structure(fast, csr_min_sparsity=0.5)
+    for m in fast.modules():
+        if isinstance(m, IRCAttention):
+            m.prefill = prefill
     assert counts == {"diagonal_v": 2, "irc_attention": 2, "csr_ff": len(get_adapter(model).ff_paths(0)) * 2}
     ids = calib.ids[:3]
     pad = torch.ones(3, 16, dtype=torch.long)
