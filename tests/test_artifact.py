@@ -147,3 +147,18 @@ def test_mismatched_values_and_unknown_dtype_are_refused(compressed, tmp_path):
         load(tmp_path / "v")
     with pytest.raises(OutputError, match="did you mean 'float16'"):
         save(compressed, tmp_path / "w", dtype="float61")
+
+
+def test_version_1_folders_still_load(compressed, calib, tmp_path):
+    """Version 1 wrote no projection records, float32 and bitmasks only; it is read unchanged."""
+    save(compressed, tmp_path / "v1")
+    manifest = tmp_path / "v1" / "smartprune.json"
+    data = json.loads(manifest.read_text())
+    data["version"] = 1
+    data["modules"] = {n: {k: v for k, v in r.items() if k != "bias"} | ({"kind": "masked"} if r["kind"] == "projection"
+                                                                          else {})
+                       for n, r in data["modules"].items() if r["kind"] != "projection" or "shape" in r}
+    manifest.write_text(json.dumps(data))
+    loaded = load(tmp_path / "v1", structured=False)
+    with torch.no_grad():
+        assert torch.allclose(loaded(calib.ids).logits, compressed(calib.ids).logits, atol=1e-5)

@@ -41,6 +41,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 FORMAT = "smartprune"
 VERSION = 2
+READABLE = (1, 2)  # version 1: bitmask only, float32, no resized projections; the loader reads it unchanged
 MANIFEST = "smartprune.json"
 TENSORS = "model.safetensors"
 
@@ -187,9 +188,9 @@ def _read_manifest(path: Path) -> dict:
         raise ArtifactError(f"{path / MANIFEST} is missing or not valid JSON") from None
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a smartprune folder (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE:
         raise ArtifactError(f"{path} has format version {manifest.get('version')!r}; this smartprune reads "
-                            f"version {VERSION}")
+                            f"versions {', '.join(map(str, READABLE))}")
     return manifest
 
 
