@@ -69,7 +69,7 @@ def layer_weights(model: nn.Module, block: int, embedding_rows: int = 256) -> di
 def weight_figure(before: dict[str, Tensor], after: dict[str, Tensor], title: str) -> Figure:
     """Heatmaps: one row per matrix, before | after, one colour scale per row (99th percentile of |W|)."""
     names = list(before)
-    fig, axes = plt.subplots(len(names), 2, figsize=(9, 3.2 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.6 * len(names)), squeeze=False, layout="constrained")
     for row, name in enumerate(names):
         scale = float(before[name].abs().flatten().float().quantile(0.99)) if before[name].numel() < 2**24 else \
             float(before[name].abs().max())
