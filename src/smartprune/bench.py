@@ -172,14 +172,17 @@ def _check_lengths(loaded: LoadedModel, s: BenchSettings) -> None:
 
 
 def peak_rss(spec: str, threads: int, length: int) -> int:
-    """Peak resident memory of a fresh process that loads `spec` and runs one forward of `length` tokens."""
-    code = ("import resource, torch, smartprune\n"
+    """Peak resident memory of a fresh process that loads `spec` and runs one forward of `length` tokens.
+
+    Read from ``VmHWM`` (the high-water mark of the process's own memory), not ``ru_maxrss``: Linux
+    carries ``ru_maxrss`` across fork and exec, so a child of a large parent would report the parent's."""
+    code = ("import torch, smartprune\n"
             f"torch.set_num_threads({threads})\n"
             f"m = smartprune.load_model({spec!r}).model\n"
             f"with torch.no_grad(): m(torch.zeros(1, {length}, dtype=torch.long))\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    return int(out.stdout.split()[-1]) * 1024  # kB
 
 
 def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: bool = True) -> BenchResult:
