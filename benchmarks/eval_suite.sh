@@ -15,5 +15,6 @@ step generation sp generate smollm2-135m runs/paper-model --json runs/eval/gener
 step generation-sample sp generate smollm2-135m runs/paper-model --sample --json runs/eval/generation-sample.json
 step finetune sp eval smollm2-135m runs/paper-model --tasks $TASKS --mode finetune --max-train 300 --epochs 1 \
   --examples 300 --json runs/eval/finetune.json
-step classify-sst2 sp classify smollm2-135m --task sst2 --recipe paper --max-train 1000 --json runs/eval/classify-sst2.json
+step classify-sst2 sp classify smollm2-135m --task sst2 --recipe paper --max-train 300 --examples 300 \
+  --calib-samples 32 --json runs/eval/classify-sst2.json
 step train-gpt2-mini sp train --config gpt2-mini --steps 1000 --minutes 5 --out runs/gpt2-mini --overwrite
