@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
 # docs/results.md for smollm2-135m: every sweep, evaluation and benchmark the report needs, then the
-# report itself. Run from a fresh clone (after ./run setup) as:  benchmarks/results.sh
-# Each step writes its JSON under runs/results/ and is skipped when that file is complete; sweeps
-# resume point by point. Several hours on two CPU cores.
+# report itself. Run from a fresh clone as:  benchmarks/results.sh
+# Steps whose output exists are skipped and sweeps resume point by point, so an interrupted run
+# continues. The evaluations are those of benchmarks/eval_suite.sh (docs/evaluation-results.md);
+# about 6 CPU-hours on two cores in all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sp() { ./run smartprune -q "$@"; }
 R=runs/results
-mkdir -p "$R"
+mkdir -p "$R" runs/bench
 M=smollm2-135m
-SWEEP=(--rates 0,0.25,0.5,0.75,1 --tasks wikitext2 --limit 4)
-[ -f $R/paper/smartprune.json ] || sp compress $M --recipe paper --out $R/paper
-[ -f $R/paper-structured/smartprune.json ] || sp compress $M --recipe paper-structured --out $R/paper-structured
+# Sweeps: 3 compression rates beyond the dense point, perplexity on the first 2 WikiText-2 test
+# windows, 16 calibration windows per point: the budget that fits the curves into a few CPU-hours.
+SWEEP=(--rates 0,0.25,0.5,1 --tasks wikitext2 --limit 2 --calib-samples 16)
 sp sweep $M --method irc --variants q,k,qk "${SWEEP[@]}" --json $R/sweep-irc.json              # Fig. 10
 sp sweep $M --method dwc --variants lower,upper,both "${SWEEP[@]}" --json $R/sweep-dwc.json    # Fig. 11
-sp sweep $M --method irc+dwc --variants ablation "${SWEEP[@]}" --json $R/sweep-ablation.json  # Fig. 13/16
+sp sweep $M --method irc+dwc --variants ablation "${SWEEP[@]}" --json $R/sweep-ablation.json  # Fig. 16
 sp sweep $M --method fpp-emb "${SWEEP[@]}" --json $R/sweep-fpp-emb.json                        # Fig. 14
 sp sweep $M --method fpp-ff "${SWEEP[@]}" --json $R/sweep-fpp-ff.json                          # Fig. 15
-[ -f $R/eval.json ] || sp eval $M $R/paper $R/paper-structured --tasks wikitext2,wikitext103,ptb,sst2,sms \
-  --limit 16 --examples 500 --json $R/eval.json
-[ -f $R/classify.json ] || sp classify $M --task sst2 --recipe paper --max-train 500 --examples 500 --json $R/classify.json
-[ -f $R/bench.json ] || sp bench $M $R/paper $R/paper-structured --repeats 3 --json $R/bench.json
-sp report $R/paper $R/eval.json $R/classify.json $R/bench.json $R/sweep-*.json --out $R/report --overwrite
+benchmarks/eval_suite.sh
+[ -f runs/paper-model-bfloat16/smartprune.json ] || sp compress $M --recipe paper --dtype bfloat16 \
+  --out runs/paper-model-bfloat16
+[ -f runs/paper-structured-model/smartprune.json ] || sp compress $M --recipe paper-structured \
+  --out runs/paper-structured-model
+[ -f runs/bench/bench.json ] || sp bench $M runs/paper-model runs/paper-model-bfloat16 runs/paper-structured-model \
+  --repeats 3 --threads 1 --json runs/bench/bench.json
+E=runs/eval
+sp report runs/paper-model $E/ppl-full.json $E/zero-shot.json $E/finetune.json $E/classify-sst2.json \
+  runs/bench/bench.json $R/sweep-irc.json $R/sweep-dwc.json $R/sweep-ablation.json $R/sweep-fpp-emb.json \
+  $R/sweep-fpp-ff.json --out $R/report --overwrite
 rm -rf docs/results && mkdir -p docs/results
 cp -r $R/report/figures docs/results/figures
 sed 's#](figures/#](results/figures/#g' $R/report/report.md > docs/results.md

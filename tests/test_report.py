@@ -25,7 +25,8 @@ def test_report_holds_every_table_and_links_every_image(model_dirs, use_data, tm
     code, _, err = run(capsys, "report", *runs, "--out", tmp_path / "r")
     assert code == 0, err
     page = (tmp_path / "r" / "index.html").read_text()
-    for title in ("Table 3", "Table 4", "Table 5", "Table 6", "Table 8", "Sweep: irc", "Weights before and after"):
+    for title in ("Table 3", "Table 4", "Table 5", "Table 6", "Table 8", "Sweep: irc", "Weights before and after",
+                  "qualitative claims", "Key is more compressible than Query"):
         assert title in page, title
     assert page.count("Reported in the paper") == 5
     images = re.findall(r"<img src='([^']+)'", page)

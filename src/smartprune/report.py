@@ -196,6 +196,19 @@ def comparison(runs) -> Section | None:
                                                                              *tasks], rows))
 
 
+def claims_section(runs) -> Section | None:
+    from smartprune.claims import check_claims
+
+    sweeps = [data for kind, _, data in runs if kind == "sweep"]
+    if not sweeps:
+        return None
+    rows = [[c.claim, c.verdict, c.evidence, f"Sweep: {c.sweep}"] for c in check_claims(sweeps)]
+    return Section("The paper's qualitative claims, checked on these sweeps",
+                   ours=(["claim", "verdict", "evidence (first task of the sweep)", "figure"], rows),
+                   note="A comparison holds when the favoured variant is better at every rate both were "
+                        "measured at; perplexity lower is better, accuracy higher.")
+
+
 # --------------------------------------------------------------------------------------- figures
 def sweep_figures(runs, fig_dir: Path, out: Path) -> list[Section]:
     from smartprune.figures import curve_figure, save
@@ -304,8 +317,8 @@ def write_report(paths: list[str | Path], out: str | Path, *, block: int = 0, ov
         fig_dir = tmp / "figures"
         fig_dir.mkdir()
         sections = [table3(runs), table4(runs), table5(runs), table6(runs), table8(runs)]
-        extra = comparison(runs)
-        sections += ([extra] if extra else []) + sweep_figures(runs, fig_dir, out) + weight_figures(runs, fig_dir, out,
+        extra = [s for s in (comparison(runs), claims_section(runs)) if s]
+        sections += extra + sweep_figures(runs, fig_dir, out) + weight_figures(runs, fig_dir, out,
                                                                                                      block)
         (tmp / "index.html").write_text(render_html(title, sections, intro))
         (tmp / "report.md").write_text(render_md(title, sections, intro))
