@@ -176,7 +176,8 @@ def table8(runs) -> Section:
             rows.append([m["name"], _f(m["size_bytes"] / 1e6, 1) + " MB", f"{1000 * m['metrics'][lat]:.1f} ms ({lat})",
                          f"{1 / m['ratios'][lat]:.2f}x", _f(m["metrics"]["throughput_seq_per_s"], 2),
                          _f(m["metrics"]["generate_tokens_per_s"], 1)])
-        sec.note = f"Ours: {data['machine'].get('cpu', '')}, {data['machine'].get('threads')} threads (CPU)."
+        threads = data["machine"].get("threads")
+        sec.note = f"Ours: {data['machine'].get('cpu', '')}, {threads} thread{'' if threads == 1 else 's'} (CPU)."
     if rows:
         sec.ours = (["model", "size on disk", "latency (batch 1)", "speed-up", "throughput (seq/s)",
                      "generation tokens/s"], rows)
