@@ -1,14 +1,18 @@
 """Generation quality: seeded greedy or sampled continuations and two measurable failure modes.
 
-Both metrics work on the generated text's *words*: ``re.findall(r"[a-z]+|\\d+", text.lower())``,
-so they do not depend on the tokenizer and two models with different vocabularies compare fairly.
+Both metrics work on the generated text's *units*: lower-cased words, numbers and single
+punctuation or symbol characters (``re.findall(r"[a-z]+|\\d+|[^\\w\\s]", text.lower())``), so they do
+not depend on the tokenizer and two models with different vocabularies compare fairly.
 
-- **repetition@N** (n-gram ``n`` = 4): the share of generated words that lie inside a 4-word
+- **repetition@N** (n-gram ``n`` = 4): the share of generated units that lie inside a 4-unit
   sequence which already occurred earlier in the same generated text. "a b c d a b c d" has its
-  second "a b c d" repeated: 4 of 8 words, 0.5. A text that loops scores near 1, fresh text 0.
+  second "a b c d" repeated: 4 of 8 units, 0.5. A text that loops scores near 1 (a run of commas
+  too), fresh text 0.
 - **meaningless@N**: the share of generated alphabetic words that are absent from a reference
-  English vocabulary, every lower-cased alphabetic word of the WikiText-2 train text.
-  Numbers are not counted. Garbled sub-word salad ("thewrit ingof") scores high.
+  English vocabulary, every lower-cased alphabetic word of the WikiText-2 train text. Numbers and
+  punctuation are not counted, except that a text without a single alphabetic word (only
+  punctuation, symbols or numbers) scores 1: it says nothing. Garbled sub-word salad
+  ("thewrit ingof") scores high.
 
 N is the number of generated tokens the text was cut at (128 and 512 by default): one generation of
 the longest length, whose prefixes give the shorter ones. End-of-text is suppressed, so every model
@@ -27,16 +31,16 @@ from torch import nn
 from smartprune.data import train_text
 
 PROMPTS = ("Once upon a time", "The Industrial Revolution")
-WORD = re.compile(r"[a-z]+|\d+")
+UNIT = re.compile(r"[a-z]+|\d+|[^\w\s]")
 
 
-def words(text: str) -> list[str]:
-    return WORD.findall(text.lower())
+def units(text: str) -> list[str]:
+    return UNIT.findall(text.lower())
 
 
 def repetition(text: str, n: int = 4) -> float:
-    """Share of words inside an n-gram that already occurred earlier in `text` (0 for no words)."""
-    w = words(text)
+    """Share of units inside an n-gram that already occurred earlier in `text` (0 for no units)."""
+    w = units(text)
     if not w:
         return 0.0
     seen: set[tuple[str, ...]] = set()
@@ -56,10 +60,10 @@ def reference_vocabulary(text: str | None = None) -> frozenset[str]:
 
 
 def meaningless(text: str, vocabulary: Iterable[str]) -> float:
-    """Share of alphabetic words of `text` not in `vocabulary` (0 when there are none)."""
-    alpha = [x for x in words(text) if x.isalpha()]
+    """Share of alphabetic words of `text` not in `vocabulary` (1 when there are none)."""
+    alpha = [x for x in units(text) if x.isalpha()]
     if not alpha:
-        return 0.0
+        return 1.0
     vocab = vocabulary if isinstance(vocabulary, (set, frozenset)) else set(vocabulary)
     return sum(x not in vocab for x in alpha) / len(alpha)
 
