@@ -6,14 +6,15 @@ from smartprune.claims import check_claims, compare_variants, moderate_compressi
 def _sweep(method, points, task="wikitext2", metric="perplexity"):
     variants = sorted({v for v, _, _ in points if v})
     return {"settings": {"method": method, "variants": variants, "tasks": [task]},
-            "points": [{"variant": v, "rate": r, "results": {task: {metric: x}}} for v, r, x in points]}
+            "points": [{"variant": v, "rate": r, "results": {task: {metric: x}}, "compression": r / 10}
+                       for v, r, x in points]}
 
 
 def test_compare_variants_counts_rates_where_the_favoured_side_wins():
     s = _sweep("irc", [("", 0, 20.0), ("q", 0.5, 40.0), ("k", 0.5, 30.0), ("q", 1, 90.0), ("k", 1, 95.0)])
     c = compare_variants(s, "k", "q", "K beats Q")
     assert c.verdict == "mixed (1 of 2 rates)"
-    assert "rate 0.5: k 30 vs q 40" in c.evidence and c.sweep == "irc"
+    assert "rate 0.5: k 30 (5.00% removed) vs q 40 (5.00% removed)" in c.evidence and c.sweep == "irc"
     assert compare_variants(None, "k", "q", "x").verdict == "not measured"
 
 

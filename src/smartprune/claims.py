@@ -28,10 +28,16 @@ def _metric(point: dict, task: str) -> tuple[float | None, bool]:
     return r.get("accuracy"), False
 
 
-def _series(sweep: dict, variant: str) -> dict[float, float]:
+def _series(sweep: dict, variant: str) -> dict[float, tuple[float, float | None]]:
+    """rate -> (metric, share of the model's parameters removed) of one variant."""
     task = sweep["settings"]["tasks"][0]
-    return {p["rate"]: _metric(p, task)[0] for p in sweep["points"]
+    return {p["rate"]: (_metric(p, task)[0], p.get("compression")) for p in sweep["points"]
             if p["variant"] == variant and p["rate"] > 0 and _metric(p, task)[0] is not None}
+
+
+def _cell(value: float, compression: float | None) -> str:
+    # Equal rates can remove different amounts (GQA: K is smaller than Q), so show both.
+    return f"{value:,.4g}" + ("" if compression is None else f" ({100 * compression:.2f}% removed)")
 
 
 def _dense(sweep: dict) -> tuple[float | None, bool]:
@@ -60,8 +66,8 @@ def compare_variants(sweep: dict | None, better: str, worse: str, claim: str) ->
     a, b = _series(sweep, better), _series(sweep, worse)
     rates = sorted(set(a) & set(b))
     low = _lower_better(sweep)
-    wins = sum((a[r] < b[r]) if low else (a[r] > b[r]) for r in rates)
-    evidence = "; ".join(f"rate {r:g}: {better} {a[r]:,.4g} vs {worse} {b[r]:,.4g}" for r in rates)
+    wins = sum((a[r][0] < b[r][0]) if low else (a[r][0] > b[r][0]) for r in rates)
+    evidence = "; ".join(f"rate {r:g}: {better} {_cell(*a[r])} vs {worse} {_cell(*b[r])}" for r in rates)
     return Claim(claim, _verdict(wins, len(rates)), evidence or "no shared rates", sweep["settings"]["method"])
 
 
