@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smartprune.sweep import headline_metric
+
 
 @dataclass
 class Claim:
@@ -20,37 +22,31 @@ class Claim:
     sweep: str  # the sweep (method) whose figure shows it
 
 
-def _metric(point: dict, task: str) -> tuple[float | None, bool]:
-    """(value, lower_is_better) of a point's headline metric on `task`."""
+def _task(sweep: dict) -> str:
+    return sweep["settings"]["tasks"][0]
+
+
+def _value(point: dict, task: str) -> float | None:
     r = point["results"].get(task, {})
-    if "perplexity" in r:
-        return r["perplexity"], True
-    return r.get("accuracy"), False
+    return r.get(headline_metric(r))
+
+
+def _lower_better(sweep: dict) -> bool:
+    task = _task(sweep)
+    return next((headline_metric(p["results"][task]) == "perplexity" for p in sweep["points"]
+                 if p["results"].get(task)), True)
 
 
 def _series(sweep: dict, variant: str) -> dict[float, tuple[float, float | None]]:
     """rate -> (metric, share of the model's parameters removed) of one variant."""
-    task = sweep["settings"]["tasks"][0]
-    return {p["rate"]: (_metric(p, task)[0], p.get("compression")) for p in sweep["points"]
-            if p["variant"] == variant and p["rate"] > 0 and _metric(p, task)[0] is not None}
+    task = _task(sweep)
+    values = ((p, _value(p, task)) for p in sweep["points"] if p["variant"] == variant and p["rate"] > 0)
+    return {p["rate"]: (v, p.get("compression")) for p, v in values if v is not None}
 
 
 def _cell(value: float, compression: float | None) -> str:
     # Equal rates can remove different amounts (GQA: K is smaller than Q), so show both.
     return f"{value:,.4g}" + ("" if compression is None else f" ({100 * compression:.2f}% removed)")
-
-
-def _dense(sweep: dict) -> tuple[float | None, bool]:
-    task = sweep["settings"]["tasks"][0]
-    dense = next((p for p in sweep["points"] if p["rate"] == 0), None)
-    if dense is None:
-        return None, True
-    return _metric(dense, task)
-
-
-def _lower_better(sweep: dict) -> bool:
-    task = sweep["settings"]["tasks"][0]
-    return next((_metric(p, task)[1] for p in sweep["points"] if p["results"].get(task)), True)
 
 
 def _verdict(wins: int, total: int) -> str:
@@ -77,11 +73,12 @@ def moderate_compression_helps(sweeps: list[dict], moderate: float = 0.5) -> Cla
     claim = f"quality improves with moderate compression (rate <= {moderate:g})"
     found, wins, total = [], 0, 0
     for sweep in sweeps:
-        dense, low = _dense(sweep)
+        task, low = _task(sweep), _lower_better(sweep)
+        dense = next((_value(p, task) for p in sweep["points"] if p["rate"] == 0), None)
         if dense is None:
             continue
         for p in sweep["points"]:
-            value = _metric(p, sweep["settings"]["tasks"][0])[0]
+            value = _value(p, task)
             if not 0 < p["rate"] <= moderate or value is None:
                 continue
             total += 1

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from smartprune.adapters import get_adapter
+from smartprune.sweep import headline_metric
 
 
 def _value(result: dict, metric: str) -> float | None:
@@ -24,15 +25,11 @@ def _value(result: dict, metric: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def default_metric(result: dict) -> str:
-    return "perplexity" if "perplexity" in result else "accuracy"
-
-
 def curve_figure(sweep: dict, task: str, metric: str | None = None) -> Figure:
     """`metric` of `task` against the rate (in %), one line per variant; the dense model dashed."""
     points = sweep["points"]
     dense = next((p for p in points if p["rate"] == 0), None)
-    metric = metric or default_metric(points[0]["results"][task])
+    metric = metric or headline_metric(points[0]["results"][task])
     method = sweep["settings"]["method"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for variant in sorted({p["variant"] for p in points if p["rate"] > 0}):

@@ -179,6 +179,11 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
     return out
 
 
+def headline_metric(result: dict) -> str:
+    """The metric a sweep point is read by: perplexity for language modelling, else accuracy."""
+    return "perplexity" if "perplexity" in result else "accuracy"
+
+
 def summary_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of a sweep: variant, rate, compression, then each task's headline metric."""
     tasks = sweep["settings"]["tasks"]
@@ -187,7 +192,7 @@ def summary_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
         cells = []
         for t in tasks:
             r = p["results"][t]
-            value = r.get("perplexity", r.get("accuracy"))
+            value = r.get(headline_metric(r))
             cells.append("n/a" if value is None else f"{value:,.4g}")
         label = "dense" if p["rate"] == 0 else p["variant"] or "-"
         rows.append([label, f"{p['rate']:g}", f"{100 * p['compression']:.2f}%", *cells])
