@@ -87,17 +87,25 @@ def weight_figure(before: dict[str, Tensor], after: dict[str, Tensor], title: st
 
 
 def save(fig: Figure, path) -> None:
-    """Write `fig` as PNG through a temporary file, then close it."""
+    """Write `fig` as a 256-colour PNG through a temporary file, then close it.
+
+    Weight heatmaps are noise to a PNG compressor: in full RGB one picture is about 2 MB; a
+    256-colour palette (the colour maps have 256 entries anyway) keeps it well under 1 MB."""
+    import io
     import os
     import tempfile
     from pathlib import Path
+
+    from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        Image.open(buf).convert("RGB").quantize(256).save(tmp, format="PNG", optimize=True)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
