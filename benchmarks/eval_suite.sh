@@ -24,3 +24,5 @@ step finetune sp eval smollm2-135m runs/paper-model --tasks $TASKS --mode finetu
   --examples 300
 step classify-sst2 sp classify smollm2-135m --task sst2 --recipe paper --max-train 300 --examples 300 \
   --calib-samples 32
+[ -f runs/gpt2-mini/config.json ] || sp train --config gpt2-mini --steps 1000 --minutes 5 --out runs/gpt2-mini \
+  --overwrite > runs/eval/train-gpt2-mini.txt
