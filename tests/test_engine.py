@@ -97,3 +97,19 @@ def test_fitting_after_each_increment_beats_direct_compression(objective, patter
     assert results[30][0] < results[0][0]
     if objective == "local":
         assert all(f < d for f, d in zip(results[30][1], results[0][1], strict=True))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_rejected_neuron_increment_is_not_cut(pattern_calib, threshold):
+    """With structure: neuron, the width left after finalize matches the rate reported as kept."""
+    model = trained_tiny_model("llama")
+    k = model.config.intermediate_size
+    recipe = build_recipe({"fpp_ff": {"target_sparsity": 0.5, "p_pos": 0.05, "p_neg": 0.05, "steps": 0,
+                                      "structure": "neuron"},
+                           "strategy": {"threshold": threshold, "metric": "local"}}, "t", "test")
+    result = compress(model, None, recipe, calib=pattern_calib, progress=False)
+    rates = [r["rate"] for r in result.report["layers"] if r["stage"] == "fpp_ff"]
+    widths = [result.adapter.ff_intermediate_size(i) for i in range(2)]
+    assert widths == [k - round(r * k) for r in rates]
+    if threshold == 0.0:
+        assert rates == [0.0, 0.0]  # every increment rejected: nothing cut

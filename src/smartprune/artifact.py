@@ -204,7 +204,7 @@ def load(path: str | os.PathLike, *, structured: bool = True) -> nn.Module:
     """Load a folder written by `save` (``smartprune compress --out``) into a ready model.
 
     ``structured`` (default) swaps in the modules that run the structure instead of its zeros
-    (`smartprune.inference.use_structure`); ``False`` gives the modules compression works on (what
+    (`smartprune.structure.use_structure`); ``False`` gives the modules compression works on (what
     `save`, further compression and `write_dense` need)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -250,7 +250,7 @@ def load(path: str | os.PathLike, *, structured: bool = True) -> nn.Module:
         state[key] = state[target] if target in state else _tensor(tensors, target, path)
     _load_state(model, state, path)
     if structured:
-        from smartprune.inference import use_structure
+        from smartprune.structure import use_structure
 
         use_structure(model)
     return model.eval()

@@ -118,9 +118,42 @@ def random_windows(stream: Tensor, count: int, seqlen: int, generator: torch.Gen
     return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
 
 
-def calibration(tokenizer, text: str, samples: int, seqlen: int, eval_samples: int, seed: int) -> Calibration:
-    """Calibration windows from training text `text` (wikitext2 | ptb), reproducible from `seed`."""
-    stream = tokenize(tokenizer, train_text(text))
+def held_out_windows(stream: Tensor, taken: Tensor, count: int, seqlen: int, generator: torch.Generator) -> Tensor:
+    """`count` windows of `stream` that share no token position with the windows starting at `taken`
+    (nor with each other), drawn in a seeded random order (count, seqlen)."""
+    covered = torch.zeros(stream.numel() + 1, dtype=torch.int64)
+    for s in taken.tolist():
+        covered[s:s + seqlen] = 1
+    starts: list[int] = []
+    for s in torch.randperm(stream.numel() - seqlen, generator=generator).tolist():
+        if len(starts) == count:
+            break
+        if int(covered[s:s + seqlen].sum()) == 0:
+            starts.append(s)
+            covered[s:s + seqlen] = 1
+    if len(starts) < count:
+        raise DataError(f"calibration text has {stream.numel()} tokens, too few for {count} held-out windows of "
+                        f"{seqlen} apart from the calibration windows")
+    return torch.stack([stream[s:s + seqlen] for s in starts])
+
+
+def split_windows(stream: Tensor, samples: int, eval_samples: int, seqlen: int,
+                  seed: int) -> tuple[Tensor, Tensor]:
+    """Calibration windows at seeded random starts, and held-out windows disjoint from them (the
+    recursive strategy's perplexity metric must not score text the fit was run on)."""
     gen = torch.Generator().manual_seed(seed)
-    windows = random_windows(stream, samples + eval_samples, seqlen, gen)
-    return Calibration(ids=windows[:samples], eval_ids=windows[samples:], source=text)
+    if stream.numel() < seqlen + samples:
+        raise DataError(f"calibration text has {stream.numel()} tokens, too few for {samples} windows of {seqlen}")
+    starts = torch.randperm(stream.numel() - seqlen, generator=gen)[:samples]
+    ids = torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+    if eval_samples == 0:
+        return ids, ids[:0]
+    return ids, held_out_windows(stream, starts, eval_samples, seqlen, gen)
+
+
+def calibration(tokenizer, text: str, samples: int, seqlen: int, eval_samples: int, seed: int) -> Calibration:
+    """Calibration windows from training text `text` (wikitext2 | ptb), reproducible from `seed`;
+    the held-out windows never overlap them."""
+    stream = tokenize(tokenizer, train_text(text))
+    ids, eval_ids = split_windows(stream, samples, eval_samples, seqlen, seed)
+    return Calibration(ids=ids, eval_ids=eval_ids, source=text)

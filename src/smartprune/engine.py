@@ -87,7 +87,7 @@ class _Run:
         objective = self.task_objective if cfg.objective == "task" else \
             local_objective(sub.forward, sub.inputs, sub.target)
         rates = stage.schedule(self.recipe.strategy)
-        best, reached, value = (sub.snapshot() if self.check else None), 0.0, None
+        best, reached, value = (stage.snapshot() if self.check else None), 0.0, None
         where = "embedding" if sub.block is None else f"block {sub.block}"
         losses: list[float] = []
         for rate in tqdm(rates, desc=f"{key} {where}", leave=False, disable=not self.progress):
@@ -98,9 +98,9 @@ class _Run:
                 if not ok:
                     log.info("%s %s: rate %.3f is past the threshold (%.4g); keeping %.3f", key, where, rate,
                              value, reached)
-                    sub.restore(best)
+                    stage.restore(best)
                     break
-                best = sub.snapshot()
+                best = stage.snapshot()
             reached = rate
         stage.finalize()
         err = relative_error(sub.forward, sub.inputs, sub.target)

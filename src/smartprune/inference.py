@@ -1,6 +1,6 @@
 """Inference that uses the structure compression created, instead of multiplying by zeros.
 
-`use_structure(model)` swaps, where the structure allows it:
+`smartprune.structure.use_structure(model)` swaps, where the structure allows it:
 
 - **IRC attention**: with every row of ``W_Q`` and ``W_K`` folded, ``Q_i = s_i q`` and ``K_j = s_j k``
   (``s`` the token's feature sum, ``q``/``k`` the shared rows split into heads). Then no Q/K projection
@@ -26,18 +26,50 @@ Each swap is exact up to float rounding (tests compare against the dense materia
 
 from __future__ import annotations
 
-import logging
 import warnings
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smartprune.adapters import get_adapter
 from smartprune.nn import FoldedProjection, Projection
 
-log = logging.getLogger(__name__)
+# Transformers has passed the per-layer KV cache under several keyword names across 5.x releases
+# (`past_key_values` up to 5.23, `cache` from 5.24, `past_key_value` in some 4.x models). The IRC
+# attention accepts any of them; see `_take_cache`.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class CacheNotPassedError(RuntimeError):
+    """The model asked for a KV cache (`use_cache=True`) but handed the attention module none under
+    any name it knows: this transformers version calls attention in a way smartprune does not
+    support, and decoding would silently attend to the current token only."""
+
+
+def _take_cache(kwargs: dict):
+    """The cache object among `kwargs` (removed from them), whatever keyword transformers used; raises
+    `CacheNotPassedError` when a cache was requested but none is recognisable."""
+    from transformers.cache_utils import Cache
+
+    found = None
+    for name in CACHE_KWARGS:
+        value = kwargs.pop(name, None)
+        if value is not None and found is None:
+            found = value
+    if found is None:  # a future keyword name: any Cache instance will do
+        for name, value in list(kwargs.items()):
+            if isinstance(value, Cache):
+                found = kwargs.pop(name)
+                break
+    if found is None and kwargs.get("use_cache"):
+        import transformers
+
+        raise CacheNotPassedError(
+            f"IRC attention: transformers {transformers.__version__} asked for a KV cache but passed none under "
+            f"{', '.join(CACHE_KWARGS)} or as a Cache instance; structured inference does not support this "
+            "version (load with structured=False)")
+    return found
+
 
 # Measured on the development machine (2-core AMD EPYC, torch 2.13 CPU): CSR matmul beats dense
 # from about this sparsity on SmolLM2's feed-forward shapes at 128-1024 tokens.
@@ -66,8 +98,8 @@ class IRCAttention(nn.Module):
 
     def _vectors(self) -> tuple[Tensor, Tensor]:
         groups = self.n_heads // self.n_kv
-        q = self.q_proj.q.view(self.n_heads, self.head_dim)
-        k = self.k_proj.q.view(self.n_kv, self.head_dim).repeat_interleave(groups, 0)
+        q = self.q_proj.q.float().view(self.n_heads, self.head_dim)
+        k = self.k_proj.q.float().view(self.n_kv, self.head_dim).repeat_interleave(groups, 0)
         return q, k
 
     def _offset_table(self, n: int) -> Tensor:
@@ -76,7 +108,7 @@ class IRCAttention(nn.Module):
         half = self.head_dim // 2
         q1, q2, k1, k2 = q[:, :half], q[:, half:], k[:, :half], k[:, half:]
         a, b = q1 * k1 + q2 * k2, q2 * k1 - q1 * k2  # (heads, half)
-        angles = torch.arange(n, dtype=torch.float32)[:, None] * self.rope.inv_freq.float()[None, :]
+        angles = torch.arange(n, dtype=torch.float32, device=q.device)[:, None] * self.rope.inv_freq.float()[None, :]
         scale = float(getattr(self.rope, "attention_scaling", 1.0)) ** 2
         return scale * (torch.cos(angles) @ a.t() - torch.sin(angles) @ b.t())
 
@@ -89,7 +121,7 @@ class IRCAttention(nn.Module):
             c = (q * k).sum(-1)  # (heads,)
             if self.q_proj.bias is None:
                 return outer * c[None, :, None, None]
-            e = (self.q_proj.bias.view_as(q) * k).sum(-1) * self.scaling
+            e = (self.q_proj.bias.float().view_as(q) * k).sum(-1) * self.scaling
             return outer * c[None, :, None, None] + e[None, :, None, None] * s_k[:, None, None, :]
         offsets = (p_q[:, :, None] - p_k[:, None, :]).clamp_min(0)  # (b, Tq, Tk); negative ones are masked
         table = self._offset_table(int(offsets.max()) + 1).t().contiguous()  # (heads, n)
@@ -102,7 +134,7 @@ class IRCAttention(nn.Module):
         q, k = self._vectors()
         if self.rope is None:
             c = (q * k).sum(-1)
-            e = torch.zeros_like(c) if self.q_proj.bias is None else (self.q_proj.bias.view_as(q) * k).sum(-1)
+            e = torch.zeros_like(c) if self.q_proj.bias is None else (self.q_proj.bias.float().view_as(q) * k).sum(-1)
             qt = s_q[:, None, :, None] * c[None, :, None, None] + e[None, :, None, None]
             return qt, s_k[:, None, :, None].expand(-1, self.n_heads, -1, -1)
         half = self.head_dim // 2
@@ -119,32 +151,54 @@ class IRCAttention(nn.Module):
         return qt, kt
 
     def forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask: Tensor | None = None,
-                past_key_values=None, position_ids: Tensor | None = None, **kwargs) -> tuple[Tensor, None]:
+                position_ids: Tensor | None = None, **kwargs) -> tuple[Tensor, None]:
+        cache = _take_cache(kwargs)
         x = hidden_states
         b, t, _ = x.shape
-        s = x.sum(-1)
-        past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        s = x.float().sum(-1)  # the scores are built from sums and positions element-wise, in float32
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         pos = position_ids.expand(b, t) if position_ids is not None else \
             torch.arange(past, past + t, device=x.device).expand(b, t)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        keys = torch.stack([s, pos.to(s.dtype)], -1).unsqueeze(1)  # (b, 1, t, 2): the cache's "key" per token
-        if past_key_values is not None:
-            keys, v = past_key_values.update(keys, v, self.layer_idx)
-        s_k, p_k = keys[:, 0, :, 0], keys[:, 0, :, 1].round().long()
+        if cache is not None:  # the cache's "key" per token: its sum and its position, in the values' dtype
+            keys, v = cache.update(encode_keys(s, pos, v.dtype), v, self.layer_idx)
+            s_k, p_k = decode_keys(keys)
+        else:
+            s_k, p_k = s, pos.long()
         v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         if t == 1 or self.prefill == "offset":  # decoding: a (heads, Tk) gather, no product at all
             scores = _apply_mask(self.scores(s, pos.long(), s_k, p_k), attention_mask, pos.long(), p_k)
-            out = torch.softmax(scores, dim=-1) @ v
+            out = torch.softmax(scores, dim=-1).to(v.dtype) @ v
         else:  # prefill: the fused kernel on the rank-structured vectors (faster on CPU, measured)
             qt, kt = self.rank_vectors(s, pos.float(), s_k, p_k.float())
             causal = attention_mask is None and s_k.shape[1] == t
             mask = attention_mask[..., : s_k.shape[1]] if attention_mask is not None else None
             if attention_mask is None and not causal:
                 mask = (pos[:, :, None] >= p_k[:, None, :]).unsqueeze(1)
-            out = F.scaled_dot_product_attention(qt.contiguous(), kt.contiguous(), v, attn_mask=mask,
-                                                 is_causal=causal, scale=self.scaling)
+            if mask is not None and mask.is_floating_point():
+                mask = mask.to(v.dtype)
+            out = F.scaled_dot_product_attention(qt.to(v.dtype).contiguous(), kt.to(v.dtype).contiguous(), v,
+                                                 attn_mask=mask, is_causal=causal, scale=self.scaling)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out), None
+
+
+# A cached position is stored as base-256 digits: a cache keeps one dtype per tensor, and bfloat16
+# holds integers exactly only up to 256 (float16 up to 2048); three digits cover 16.7M positions.
+_DIGITS = 3
+
+
+def encode_keys(s: Tensor, pos: Tensor, dtype: torch.dtype) -> Tensor:
+    """(b, 1, t, 1 + digits): each token's feature sum and its position's base-256 digits, in `dtype`."""
+    digits = [(pos // 256 ** i) % 256 for i in range(_DIGITS)]
+    return torch.stack([s, *(d.float() for d in digits)], -1).unsqueeze(1).to(dtype)
+
+
+def decode_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """(sums in float32, positions as long) from `encode_keys`' layout."""
+    k = keys[:, 0].float()
+    pos = sum(k[..., 1 + i].round().long() * 256 ** i for i in range(_DIGITS))
+    return k[..., 0], pos
 
 
 def _apply_mask(scores: Tensor, mask: Tensor | None, p_q: Tensor, p_k: Tensor) -> Tensor:
@@ -183,49 +237,43 @@ class DiagonalProjection(nn.Module):
 
 class SparseProjection(Projection):
     """A masked projection run through a CSR kernel in inference (the dense masked weight stays the
-    parameter, so training works as before and is what `state_dict` holds)."""
+    parameter, so training works as before and is what `state_dict` holds).
+
+    The CSR copy is made per (dtype, device) on first use, so ``model.to(torch.bfloat16)`` or
+    ``.cuda()`` just works. Where torch has no CSR kernel for the dtype (CPU half precision in torch
+    2.13: "addmm_out_sparse_csr_impl_mkl not implemented for BFloat16") the dense masked product in
+    that dtype is used instead: same result, no speed-up.
+    """
 
     def __init__(self, p: Projection) -> None:
         super().__init__(p.weight.detach(), p.bias)
         self.set_mask(p.mask)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernel is what we measured
-            warnings.simplefilter("ignore", UserWarning)
-            self._csr = self.weight.detach().t().contiguous().to_sparse_csr()  # (d_out, d_in)
+        self._csr: dict[tuple, Tensor | None] = {}
+
+    def _kernel(self, x: Tensor) -> Tensor | None:
+        key = (x.dtype, x.device, self.weight._version)
+        if key not in self._csr:
+            self._csr.clear()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the kernel is what we measured
+                warnings.simplefilter("ignore", UserWarning)
+                csr = self.weight.detach().to(x.dtype).t().contiguous().to_sparse_csr()  # (d_out, d_in)
+                try:
+                    csr @ x.new_zeros(self.d_in, 1)
+                except (NotImplementedError, RuntimeError):
+                    csr = None
+            self._csr[key] = csr
+        return self._csr[key]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training or torch.is_grad_enabled():
+        csr = None if self.training or torch.is_grad_enabled() else self._kernel(x)
+        if csr is None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])
-        y = (self._csr @ flat.t()).t().reshape(*x.shape[:-1], self.d_out)
+        y = (csr @ flat.t()).t().reshape(*x.shape[:-1], self.d_out)
         return y + self.bias if self.bias is not None else y
 
 
 STRUCTURED_MODULES = (IRCAttention, DiagonalProjection, SparseProjection)
-
-
-def use_structure(model: nn.Module, *, csr_min_sparsity: float = CSR_MIN_SPARSITY) -> dict[str, int]:
-    """Swap in the structured modules wherever they apply; returns how many of each were installed."""
-    adapter = get_adapter(model)
-    counts: Counter[str] = Counter()
-    for i in range(len(adapter.blocks())):
-        paths = adapter.attention_paths(i)
-        v = model.get_submodule(paths["v"])
-        if isinstance(v, Projection) and not isinstance(v, FoldedProjection):
-            diag = DiagonalProjection.of(v)
-            if diag is not None:
-                adapter.replace(paths["v"], diag)
-                counts["diagonal_v"] += 1
-        attn = adapter.structured_attention(i)
-        if attn is not None:
-            adapter.replace(adapter.attention_module_path(i), attn)
-            counts["irc_attention"] += 1
-        for path in adapter.ff_paths(i).values():
-            p = model.get_submodule(path)
-            if type(p) is Projection and p.mask is not None and 1 - p.alive() / p.weight.numel() >= csr_min_sparsity:
-                adapter.replace(path, SparseProjection(p))
-                counts["csr_ff"] += 1
-    log.info("structured inference: %s", dict(counts) or "nothing applies")
-    return dict(counts)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from smartprune.inference import IRCAttention, fully_folded
 from smartprune.nn import FusedProjections, MaskedEmbedding, Projection
 
 
@@ -139,8 +140,6 @@ class Adapter(ABC):
 
     def structured_attention(self, i: int) -> nn.Module | None:
         """An `IRCAttention` for block `i` when its Q and K are fully folded, else None."""
-        from smartprune.inference import IRCAttention, fully_folded
-
         try:
             a = self.attention_projections(i)
         except AttributeError:  # not converted (prepare() not run): nothing is folded

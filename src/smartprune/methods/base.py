@@ -105,6 +105,10 @@ class Sublayer:
 class Stage(ABC):
     """One method applied to one sublayer, in rate increments."""
 
+    # Attributes that, with the sublayer's modules, make up the stage's state: a rejected increment
+    # restores them too (a subclass that keeps more state across increments lists it here).
+    state_attributes: tuple[str, ...] = ("rate",)
+
     def __init__(self, cfg: FitConfig, sub: Sublayer, generator: torch.Generator) -> None:
         self.cfg = cfg
         self.sub = sub
@@ -129,6 +133,16 @@ class Stage(ABC):
     @abstractmethod
     def achieved(self) -> float:
         """The rate actually reached (for the report)."""
+
+    def snapshot(self) -> dict:
+        """The sublayer's modules and this stage's own state, to return to if an increment is rejected."""
+        return {"modules": self.sub.snapshot(),
+                "state": {a: copy.deepcopy(getattr(self, a)) for a in self.state_attributes}}
+
+    def restore(self, snap: dict) -> None:
+        self.sub.restore(snap["modules"])
+        for a, value in snap["state"].items():
+            setattr(self, a, copy.deepcopy(value))
 
     def finalize(self) -> None:
         """Called once the schedule is done (e.g. to cut removed structure out of the matrices)."""

@@ -80,16 +80,21 @@ def cut_neurons(inputs: list[Projection], output: Projection, alive: Tensor) -> 
 
 class FPPStage(Stage):
     cfg: FPPConfig
+    state_attributes = ("rate", "neurons")
 
     def __init__(self, cfg: FPPConfig, sub: Sublayer, generator: torch.Generator) -> None:
         super().__init__(cfg, sub, generator)
-        self.targets: list[Maskable] = [m for m in sub.modules().values() if isinstance(m, Maskable)]
         self.rate = 0.0
         self.neurons: Tensor | None = None  # structure: neuron: alive intermediate neurons
         if cfg.structure == "neuron":
             if sub.scope != "ff":
                 raise RecipeError("FPP structure 'neuron' applies to feed-forward blocks only")
             self.neurons = torch.ones(self.targets[-1].weight.shape[0], dtype=torch.bool)
+
+    @property
+    def targets(self) -> list[Maskable]:
+        """The sublayer's maskable modules, looked up each time (a restore or a cut replaces them)."""
+        return [m for m in self.sub.modules().values() if isinstance(m, Maskable)]
 
     def schedule(self, strategy: StrategyConfig) -> list[float]:
         return fpp_rates(self.cfg)  # FPP is iterative by nature, whatever the strategy
@@ -128,7 +133,6 @@ class FPPStage(Stage):
         new_in, new_out = cut_neurons(inputs, output, self.neurons)
         for role, mod in zip(roles, [*new_in, new_out], strict=True):
             self.sub.replace(role, mod)
-        self.targets = [*new_in, new_out]
 
     def trainable(self) -> list[nn.Parameter]:
         return self.sub.parameters()
