@@ -117,6 +117,9 @@ def data_dir(tmp_path_factory) -> Path:
     text = real.read_text()[:200_000] if real.is_file() else ("the cat sat on the mat .\n" * 5000)
     (root / "wikitext-2").mkdir()
     (root / "wikitext-2" / "wiki.train.tokens").write_text(text)
+    valid = SHARED_DATA / "wikitext-2" / "wiki.valid.tokens"
+    (root / "wikitext-2" / "wiki.valid.tokens").write_text(valid.read_text()[:40_000] if valid.is_file()
+                                                            else text[-40_000:])
     (root / "wikitext-2-raw").mkdir()
     raw = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
     (root / "wikitext-2-raw" / "wiki.test.raw").write_text(raw.read_text()[:40_000] if raw.is_file() else text[:40_000])

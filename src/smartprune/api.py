@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +15,14 @@ import torch
 
 from smartprune.accounting import format_table
 from smartprune.artifact import DTYPES, check_output, save, write_dense, write_json
-from smartprune.data import EVAL_TEXTS, eval_text, train_text_path
+from smartprune.data import EVAL_TEXTS, TRAIN_TEXTS, eval_text, train_text_path
+from smartprune.device import resolve_device
 from smartprune.engine import compress
 from smartprune.errors import DataError, OutputError, did_you_mean
 from smartprune.evaluation.perplexity import check_limit, perplexity
 from smartprune.loading import load_model
 from smartprune.recipes import Recipe, load_recipe
+from smartprune.recipes.schema import RecoverConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +60,25 @@ class CompressRun:
                  format_table(r, _stage_seconds(r)), "", f"compressed model: {self.out}"]
         if self.dense_out:
             lines.append(f"dense Hugging Face folder: {self.dense_out}")
+        if "recovery" in r:
+            rec = r["recovery"]
+            lines.insert(1, f"recovered for {rec['steps']} steps ({rec['tokens']:,} tokens, {rec['seconds']:.0f} s): "
+                         f"held-out perplexity {rec['perplexity_before']:,.2f} -> {rec['perplexity_after']:,.2f}")
         return "\n".join(lines)
 
 
 def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, dense_out: str | Path | None = None,
                    seed: int = 0, overwrite: bool = False, calib_samples: int | None = None,
-                   calib_seqlen: int | None = None, dtype: str = "float32", progress: bool = True) -> CompressRun:
-    """Load MODEL, compress it with `recipe`, write it to `out` (and a dense HF folder to `dense_out`)."""
+                   calib_seqlen: int | None = None, dtype: str = "float32", device: str = "auto",
+                   progress: bool = True) -> CompressRun:
+    """Load MODEL, compress it with `recipe` (then retrain it when the recipe has a ``recover``
+    section), write it to `out` (and a dense HF folder to `dense_out`)."""
+    from smartprune.recovery import recover
+    from smartprune.recovery_run import checkpoint_dir, snapshot_teacher
+
     out = Path(out)
     check_output(out, overwrite)
+    resolve_device(device)
     if dtype not in DTYPES:
         raise OutputError(f"unknown dtype '{dtype}'{did_you_mean(dtype, DTYPES)}; known: {', '.join(DTYPES)}")
     if dense_out is not None:
@@ -74,12 +87,24 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     recipe = with_calibration(recipe, calib_samples, calib_seqlen)
     train_text_path(recipe.calibration.text)  # missing data fails before the model loads
     loaded = load_model(model)
+    teacher = snapshot_teacher(loaded.model, recipe.recover)
     result = compress(loaded.model, loaded.tokenizer, recipe, seed=seed, progress=progress)
     report = {"model": model, "source": loaded.source, **result.report, "environment": environment()}
+    if recipe.recover is not None:
+        report["recovery"] = recover(loaded.model, loaded.tokenizer, recipe.recover, teacher=teacher, device=device,
+                                     seed=seed, checkpoint_dir=checkpoint_dir(out), progress=progress)
+        loaded.model.to("cpu")
     save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite, dtype=dtype)
     if dense_out is not None:
         write_dense(loaded.model, dense_out, tokenizer=loaded.tokenizer, overwrite=overwrite)
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     return CompressRun(report, out, Path(dense_out) if dense_out else None)
+
+
+# Recovery in the demo when the recipe has none of its own: a budget that fits the demo's time on two CPU
+# cores (README: measured numbers), distillation from the dense model.
+DEMO_RECOVERY = {"full": {"steps": 240, "seqlen": 256, "batch_size": 4, "lr": 5e-4, "eval_every": 40},
+                 "quick": {"steps": 40, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 20}}
 
 
 @dataclass
@@ -89,63 +114,87 @@ class DemoRun:
     dense: dict
     compressed: dict
     report: dict
+    recovered: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def summary(self) -> str:
-        d, c = self.dense, self.compressed
-        ratio = c["perplexity"] / d["perplexity"]
+        d, c, r = self.dense, self.compressed, self.recovered
         s = self.seconds
-        return "\n".join([
-            f"{self.model}, recipe '{self.recipe}'",
-            "",
-            f"WikiText-2 test perplexity, first {d['windows']} windows of {d['seqlen']} tokens "
-            f"({d['tokens']:,} scored tokens):",
-            "",
-            "| model | perplexity |",
-            "|---|---:|",
-            f"| dense | {d['perplexity']:.2f} |",
-            f"| compressed | {c['perplexity']:.2f} ({ratio:.2f}x dense) |",
-            "",
-            format_table(self.report, _stage_seconds(self.report)),
-            "",
-            f"time: load {s['load']:.0f} s, dense eval {s['dense_eval']:.0f} s, compress {s['compress']:.0f} s, "
-            f"compressed eval {s['compressed_eval']:.0f} s, total {s['total']:.0f} s",
-        ])
+        rows = [("dense", d), ("compressed", c)] + ([("compressed + recovered", r)] if r else [])
+        lines = [f"{self.model}, recipe '{self.recipe}'", "",
+                 f"WikiText-2 test perplexity, first {d['windows']} windows of {d['seqlen']} tokens "
+                 f"({d['tokens']:,} scored tokens):", "", "| model | perplexity |", "|---|---:|"]
+        for name, res in rows:
+            ratio = "" if res is d else f" ({res['perplexity'] / d['perplexity']:,.2f}x dense)"
+            lines.append(f"| {name} | {res['perplexity']:,.2f}{ratio} |")
+        lines += ["", format_table(self.report, _stage_seconds(self.report)), ""]
+        if r:
+            rec = self.report["recovery"]
+            lines += [f"recovery: {rec['steps']} steps of {rec['config']['batch_size']} x {rec['config']['seqlen']} "
+                      f"tokens ({rec['tokens']:,} tokens of {rec['text']} train, teacher: the dense model), "
+                      f"structure kept: {'yes' if rec['structure']['kept'] else 'NO'}", ""]
+        times = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in s.items())
+        return "\n".join([*lines, f"time: {times}"])
 
 
 def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick: bool = False,
-             limit: int | None = None, seed: int = 0, seqlen: int = 1024, json_path: str | Path | None = None,
-             progress: bool = True) -> DemoRun:
-    """The main job: perplexity of MODEL before and after compressing it with `recipe`.
+             limit: int | None = None, seed: int = 0, seqlen: int = 1024, recover_steps: int | None = None,
+             device: str = "auto", json_path: str | Path | None = None, progress: bool = True) -> DemoRun:
+    """The main job: perplexity of MODEL before and after compressing it with `recipe`, and after
+    retraining the compressed model (distillation from the dense one; ``recover_steps=0`` skips it).
 
     Default subset: the first 16 windows of 1024 tokens of the WikiText-2 test text. ``quick``
-    uses 4 evaluation windows and 8 calibration windows of 64 tokens (a few minutes on two cores).
+    uses 4 evaluation windows, 8 calibration windows of 64 tokens and a shorter recovery.
     """
+    from smartprune.recovery import recover
+    from smartprune.recovery_run import snapshot_teacher
+
     check_limit(limit)
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     rec = load_recipe(recipe)
     if quick:
         rec = with_calibration(rec, samples=8, seqlen=64)
+    recovery_cfg = rec.recover or RecoverConfig(**DEMO_RECOVERY["quick" if quick else "full"])
+    if recover_steps is not None:
+        recovery_cfg = None if recover_steps == 0 else dataclasses.replace(recovery_cfg, steps=recover_steps,
+                                                                           tokens=None, minutes=None)
     limit = limit or (4 if quick else 16)
     train_text_path(rec.calibration.text)
-    eval_text("wikitext2")  # both data files are checked before the model loads
+    eval_text("wikitext2")  # the data files are checked before the model loads
+    if recovery_cfg is not None and recovery_cfg.text in TRAIN_TEXTS:
+        train_text_path(recovery_cfg.text)
     loaded = load_model(model)
     seconds = {"load": time.perf_counter() - t0}
-    t = time.perf_counter()
-    dense = perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=seqlen, limit=limit, progress=progress)
-    seconds["dense_eval"] = time.perf_counter() - t
+
+    def evaluate(name: str) -> dict:
+        t = time.perf_counter()
+        loaded.model.to(dev)
+        result = perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=seqlen, limit=limit,
+                            progress=progress).to_dict()
+        seconds[f"{name} eval"] = time.perf_counter() - t
+        return result
+
+    dense = evaluate("dense")
+    loaded.model.to("cpu")
+    teacher = snapshot_teacher(loaded.model, recovery_cfg)
     t = time.perf_counter()
     result = compress(loaded.model, loaded.tokenizer, rec, seed=seed, progress=progress)
     seconds["compress"] = time.perf_counter() - t
-    t = time.perf_counter()
-    after = perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=seqlen, limit=limit, progress=progress)
-    seconds["compressed_eval"] = time.perf_counter() - t
+    after = evaluate("compressed")
+    report = {**result.report, "environment": environment()}
+    recovered = None
+    if recovery_cfg is not None:
+        t = time.perf_counter()
+        report["recovery"] = recover(loaded.model, loaded.tokenizer, recovery_cfg, teacher=teacher, device=dev,
+                                     seed=seed, progress=progress)
+        seconds["recover"] = time.perf_counter() - t
+        recovered = evaluate("recovered")
     seconds["total"] = time.perf_counter() - t0
-    run = DemoRun(model, rec.name, dense.to_dict(), after.to_dict(),
-                  {**result.report, "environment": environment()}, seconds)
+    run = DemoRun(model, rec.name, dense, after, report, recovered, seconds)
     if json_path:
         write_json(Path(json_path), run.to_dict())
     return run

@@ -157,3 +157,31 @@ def calibration(tokenizer, text: str, samples: int, seqlen: int, eval_samples: i
     stream = tokenize(tokenizer, train_text(text))
     ids, eval_ids = split_windows(stream, samples, eval_samples, seqlen, seed)
     return Calibration(ids=ids, eval_ids=eval_ids, source=text)
+
+
+# Held-out texts for recovery: the validation split of each training text (never its test split).
+VALID_TEXTS = {
+    "wikitext2": ("wikitext-2", "wiki.valid.tokens"),
+    "ptb": ("ptb", "ptb.valid.txt"),
+}
+
+
+def recovery_streams(tokenizer, text: str, seqlen: int, eval_windows: int) -> tuple[Tensor, Tensor]:
+    """(training tokens, held-out tokens) for recovery: a named text's train and validation splits,
+    or a text file whose last ``eval_windows * seqlen`` tokens (at least 5%) are held out."""
+    if text in TRAIN_TEXTS:
+        return tokenize(tokenizer, train_text(text)), tokenize(tokenizer, data_file(*VALID_TEXTS[text])
+                                                               .read_text(encoding="utf-8"))
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise DataError(f"training text '{text}' is neither {' nor '.join(TRAIN_TEXTS)} nor a file"
+                        f"{did_you_mean(text, TRAIN_TEXTS)}")
+    try:
+        stream = tokenize(tokenizer, path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"training text {path} is not UTF-8 text") from None
+    held = max(eval_windows * seqlen, stream.numel() // 20)
+    if stream.numel() - held < 2 * seqlen:
+        raise DataError(f"training text {path} has {stream.numel()} tokens: too few for training windows of "
+                        f"{seqlen} plus {eval_windows} held-out windows")
+    return stream[:-held], stream[-held:]

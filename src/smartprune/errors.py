@@ -41,3 +41,7 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix when `word` is close to one of `options`, else ''."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class DeviceError(SmartpruneError):
+    """A device or compute precision was asked for that this machine cannot provide."""

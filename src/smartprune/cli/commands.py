@@ -15,14 +15,14 @@ def _out(text: str = "") -> None:
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     from smartprune.recipes import builtin_recipes
-    from smartprune.recipes.schema import SECTION_TYPES, STAGE_TYPES, field_docs
+    from smartprune.recipes.schema import OPTIONAL_SECTIONS, SECTION_TYPES, STAGE_TYPES, field_docs
 
     recipes = builtin_recipes()
     width = max(map(len, recipes))
     for name, recipe in recipes.items():
         _out(f"{name:<{width}}  {recipe.description}")
     if args.fields:
-        for key, cls in {**STAGE_TYPES, **SECTION_TYPES}.items():
+        for key, cls in {**STAGE_TYPES, **SECTION_TYPES, **OPTIONAL_SECTIONS}.items():
             _out(f"\n{key}:")
             for field, default, doc in field_docs(cls):
                 _out(f"  {field:<16} default {default!s:<11} {doc}")
@@ -34,7 +34,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     result = compress_model(args.model, args.recipe, out=args.out, dense_out=args.dense_out, seed=args.seed,
                             overwrite=args.overwrite, calib_samples=args.calib_samples,
-                            calib_seqlen=args.calib_seqlen, dtype=args.dtype, progress=not args.quiet)
+                            calib_seqlen=args.calib_seqlen, dtype=args.dtype, device=args.device,
+                            progress=not args.quiet)
     _out(result.summary())
     return 0
 
@@ -42,8 +43,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from smartprune.api import run_demo
 
+    if args.recover_steps is not None and args.recover_steps < 0:
+        raise DataError(f"--recover-steps must be 0 or more, got {args.recover_steps}")
     result = run_demo(model=args.model, recipe=args.recipe, quick=args.quick, limit=args.limit, seed=args.seed,
-                      json_path=args.json, progress=not args.quiet)
+                      recover_steps=args.recover_steps, device=args.device, json_path=args.json,
+                      progress=not args.quiet)
     _out(result.summary())
     return 0
 
@@ -98,6 +102,31 @@ def cmd_classify(args: argparse.Namespace) -> int:
                                  calib_samples=args.calib_samples, seed=args.seed, json_path=args.json,
                                  progress=not args.quiet)
     _out(result.summary())
+    return 0
+
+
+# recover flags -> RecoverConfig fields (validated by the recipe schema, so ranges and NaN are checked once)
+RECOVER_FLAGS = ("text", "steps", "tokens", "minutes", "seqlen", "batch_size", "lr", "weight_decay", "temperature",
+                 "kl_weight", "ce_weight", "hidden_weight", "eval_every", "eval_windows", "checkpoint_minutes",
+                 "compute_dtype")
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from smartprune.artifact import write_json
+    from smartprune.recipes.schema import RecoverConfig, build_section
+    from smartprune.recovery_run import recover_model
+
+    given = {k: getattr(args, k) for k in RECOVER_FLAGS if getattr(args, k) is not None}
+    given["teacher"] = "none" if args.teacher == "none" else "dense"
+    cfg = build_section(RecoverConfig, given, "recover")
+    run = recover_model(args.compressed, teacher=args.teacher, out=args.out, cfg=cfg, dense_out=args.dense_out,
+                        device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                        nproc=args.nproc, progress=not args.quiet)
+    if args.json:
+        write_json(Path(args.json), run.to_dict())
+    _out(run.summary())
     return 0
 
 

@@ -21,6 +21,7 @@ from smartprune.cli.commands import (
     cmd_eval,
     cmd_generate,
     cmd_recipes,
+    cmd_recover,
     cmd_report,
     cmd_sweep,
     cmd_train,
@@ -79,21 +80,65 @@ def build_parser() -> Parser:
     c.add_argument("--calib-seqlen", type=_positive, help="override the recipe's calibration window length")
     c.add_argument("--dtype", default="float32", help="stored value precision in --out: float32 (default), float16 "
                    "or bfloat16 (loaded back as float32)")
+    c.add_argument("--device", default="auto", help="where a recipe's recover section runs: auto (a GPU when torch "
+                   "sees one), cpu, cuda or cuda:N")
     c.add_argument("--overwrite", action="store_true", help="replace output folders that are not empty")
     c.set_defaults(func=cmd_compress)
 
-    d = sub.add_parser("demo", help="the main job: compress smollm2-135m and show before/after numbers",
-                       description="Compress a model (default smollm2-135m, recipe paper) and print WikiText-2 "
-                       "perplexity before and after (1024-token windows, the first --limit windows), the "
-                       "parameter accounting and the time taken.")
+    d = sub.add_parser("demo", help="the main job: compress smollm2-135m, retrain it, show before/after numbers",
+                       description="Compress a model (default smollm2-135m, recipe paper), retrain the compressed "
+                       "model by distillation from the dense one (structure kept), and print WikiText-2 perplexity "
+                       "of the dense, compressed and recovered model (1024-token windows, the first --limit "
+                       "windows), the parameter accounting and the time taken.")
     d.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     d.add_argument("--recipe", default="paper", help="recipe name or file (paper)")
     d.add_argument("--quick", action="store_true",
                    help="8 calibration windows of 64 tokens, 4 evaluation windows: a few minutes")
     d.add_argument("--limit", type=_positive, help="evaluation windows (16; --quick: 4)")
     d.add_argument("--seed", type=int, default=0, help="seed (0)")
+    d.add_argument("--recover-steps", type=int, help="recovery steps after compression (240; --quick: 40; "
+                   "0 skips recovery; a recipe with its own recover section sets its own)")
+    d.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     d.add_argument("--json", help="also write the results to this JSON file")
     d.set_defaults(func=cmd_demo)
+
+    rc = sub.add_parser("recover", help="retrain a compressed model (distillation from the dense one) so it is usable",
+                        description="Retrain COMPRESSED (a `compress --out` folder, or any MODEL for the dense "
+                        "fine-tuned reference) on --text: KL to --teacher's logits plus next-token cross-entropy "
+                        "(--teacher none: plain fine-tuning, the paper's retraining), AdamW with warm-up and cosine, "
+                        "gradient clipping. Pruned entries stay zero, folded rows one vector, diagonals diagonal "
+                        "(checked and reported). Progress bar with tokens/s, loss and ETA; held-out perplexity every "
+                        "--eval-every steps; a checkpoint every few minutes beside --out, and on Ctrl-C; --resume "
+                        "continues bit for bit. Several processes: --nproc N here, or "
+                        "`torchrun --nproc-per-node N -m smartprune recover ...` (gloo on CPU, NCCL on GPU).")
+    rc.add_argument("compressed", metavar="COMPRESSED", help="the model to retrain: " + MODEL_HELP)
+    rc.add_argument("--teacher", required=True, help="the dense model to distil from (" + MODEL_HELP + "), or none")
+    rc.add_argument("--out", required=True, help="folder for the recovered model (same format as COMPRESSED)")
+    rc.add_argument("--dense-out", help="also write a plain Hugging Face folder of the recovered weights")
+    rc.add_argument("--text", help="training text: wikitext2 (default), ptb, or a UTF-8 text file")
+    budget = rc.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=_positive, help="optimizer steps (default 200)")
+    budget.add_argument("--tokens", type=_positive, help="training tokens")
+    budget.add_argument("--minutes", type=float, help="wall-time budget (steps sized from the first steps)")
+    rc.add_argument("--seqlen", type=_positive, help="tokens per window (256)")
+    rc.add_argument("--batch-size", type=_positive, help="windows per step, over all processes (8)")
+    rc.add_argument("--lr", type=float, help="peak learning rate (2e-4)")
+    rc.add_argument("--weight-decay", type=float, help="AdamW weight decay (0)")
+    rc.add_argument("--temperature", type=float, help="distillation temperature (1)")
+    rc.add_argument("--kl-weight", type=float, help="weight of the KL term (1)")
+    rc.add_argument("--ce-weight", type=float, help="weight of the next-token cross-entropy (1)")
+    rc.add_argument("--hidden-weight", type=float, help="weight of last-hidden-state matching (0)")
+    rc.add_argument("--eval-every", type=_positive, help="steps between held-out perplexity checks (50)")
+    rc.add_argument("--eval-windows", type=_positive, help="held-out windows of the text's validation split (4)")
+    rc.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (5)")
+    rc.add_argument("--compute-dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    rc.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
+    rc.add_argument("--nproc", type=_positive, default=1, help="data-parallel processes on this machine (1)")
+    rc.add_argument("--resume", action="store_true", help="continue the interrupted run that writes --out")
+    rc.add_argument("--seed", type=int, default=0, help="seed for the training windows (0)")
+    rc.add_argument("--overwrite", action="store_true", help="replace output folders that are not empty")
+    rc.add_argument("--json", help="also write the recovery results to this JSON file")
+    rc.set_defaults(func=cmd_recover)
 
     k = sub.add_parser("compare", help="the paper's method beside magnitude, Wanda and SparseGPT",
                        description="Run each method on the same model, calibration windows and seed, evaluate "

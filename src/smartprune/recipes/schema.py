@@ -8,6 +8,7 @@ choices or numeric range, so one validator checks every section and names the of
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +162,51 @@ class CalibrationConfig:
                              lo=1, hi=1_000_000)
 
 
+@dataclass(frozen=True)
+class RecoverConfig:
+    """Retraining after compression (the paper's "retrained using the updated compressed weights"):
+    distillation from the dense model, or plain fine-tuning with ``teacher: none``. The structure
+    is kept exactly: pruned entries stay zero, folded rows one shared vector, diagonals diagonal."""
+
+    text: str = _opt("wikitext2", "training text: wikitext2 | ptb (their train splits) or a text file's path")
+    steps: int | None = _opt(None, "optimizer steps (the budget: give steps, tokens or minutes; default 200 steps)",
+                             lo=1, hi=1e9)
+    tokens: int | None = _opt(None, "training tokens (budget; steps = tokens / (batch_size * seqlen))", lo=1, hi=1e13)
+    minutes: float | None = _opt(None, "wall-time budget in minutes (steps sized from the first steps' speed)",
+                                 lo=1e-3, hi=1e6)
+    seqlen: int = _opt(256, "tokens per training window", lo=2, hi=1_000_000)
+    batch_size: int = _opt(8, "windows per optimizer step (the global batch, split across processes)",
+                           lo=1, hi=1_000_000)
+    lr: float = _opt(2e-4, "AdamW peak learning rate (warm-up, then cosine to a tenth)", lo=0.0, hi=1.0)
+    weight_decay: float = _opt(0.0, "AdamW weight decay (the paper: 0.01)", lo=0.0, hi=10.0)
+    warmup: float = _opt(0.05, "share of the steps spent warming up the learning rate", lo=0.0, hi=1.0)
+    clip: float = _opt(1.0, "gradient-norm clipping (0 = off)", lo=0.0, hi=1e6)
+    teacher: str = _opt("dense", "dense (the model before compression) | none (plain fine-tuning)",
+                        choices=("dense", "none"))
+    kl_weight: float = _opt(1.0, "weight of KL(teacher || student) on the logits", lo=0.0, hi=1e6)
+    temperature: float = _opt(1.0, "distillation temperature (the KL term is scaled by its square)", lo=1e-3,
+                              hi=100.0)
+    ce_weight: float = _opt(1.0, "weight of the next-token cross-entropy", lo=0.0, hi=1e6)
+    hidden_weight: float = _opt(0.0, "weight of matching the last hidden states (mean squared error)", lo=0.0,
+                                hi=1e6)
+    eval_every: int = _opt(50, "steps between held-out perplexity checks", lo=1, hi=1e9)
+    eval_windows: int = _opt(4, "held-out windows (of seqlen, from the text's validation split)", lo=1, hi=1e6)
+    checkpoint_minutes: float = _opt(5.0, "minutes between checkpoints (a checkpoint also at the end and on Ctrl-C)",
+                                     lo=0.0, hi=1e6)
+    compute_dtype: str = _opt("auto", "forward precision: auto (bfloat16 on a GPU, float32 on a CPU) | float32 | "
+                              "bfloat16 | float16", choices=("auto", "float32", "bfloat16", "float16"))
+
+    def __post_init__(self) -> None:
+        if self.teacher == "none" and self.ce_weight == 0:
+            raise ValueError("ce_weight: without a teacher the cross-entropy is the only loss; it must be above 0")
+        if self.teacher == "dense" and self.kl_weight == self.ce_weight == self.hidden_weight == 0:
+            raise ValueError("kl_weight: every loss weight is 0")
+
+    def budget(self) -> str:
+        given = [k for k in ("steps", "tokens", "minutes") if getattr(self, k) is not None]
+        return ", ".join(f"{k} {getattr(self, k)}" for k in given) or "steps 200"
+
+
 # Stage key -> config class. The order is the order stages run within their scope.
 STAGE_TYPES: dict[str, type[FitConfig]] = {
     "fpp_emb": FPPConfig,
@@ -172,6 +218,8 @@ STAGE_TYPES: dict[str, type[FitConfig]] = {
     "sparsegpt": SparseGPTConfig,
 }
 SECTION_TYPES: dict[str, type] = {"strategy": StrategyConfig, "calibration": CalibrationConfig}
+# Sections that are absent (None) unless the recipe names them.
+OPTIONAL_SECTIONS: dict[str, type] = {"recover": RecoverConfig}
 
 
 @dataclass(frozen=True)
@@ -182,12 +230,15 @@ class Recipe:
     stages: dict[str, FitConfig]
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    recover: RecoverConfig | None = None  # retraining after the compression stages
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: dataclasses.asdict(v) for k, v in self.stages.items()}
         out["strategy"] = dataclasses.asdict(self.strategy)
         out["calibration"] = dataclasses.asdict(self.calibration)
+        if self.recover is not None:
+            out["recover"] = dataclasses.asdict(self.recover)
         return out
 
     def replace(self, **sections: Any) -> Recipe:
@@ -217,6 +268,8 @@ def _check_value(where: str, f: dataclasses.Field, value: Any, hint: Any) -> Any
     if base in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range comparison
+            raise RecipeError(f"{where}: expected a finite number, got {value!r}")
         if base is int and float(value) != int(value):
             raise RecipeError(f"{where}: expected a whole number, got {value!r}")
         value = base(value)
@@ -261,14 +314,16 @@ def build_recipe(data: Any, name: str, source: str) -> Recipe:
     description = data.pop("description", "")
     if not isinstance(description, str):
         raise RecipeError(f"recipe {source}: description must be text")
-    known = [*STAGE_TYPES, *SECTION_TYPES, "description"]
+    known = [*STAGE_TYPES, *SECTION_TYPES, *OPTIONAL_SECTIONS, "description"]
     for key in data:
-        if key not in STAGE_TYPES and key not in SECTION_TYPES:
+        if key not in known:
             raise RecipeError(f"recipe {source}: unknown key '{key}'{did_you_mean(str(key), known)}")
     stages = {k: build_section(cls, data[k], f"recipe {source}: {k}") for k, cls in STAGE_TYPES.items() if k in data}
     if not stages:
         raise RecipeError(f"recipe {source}: no stage given (expected one of {', '.join(STAGE_TYPES)})")
     sections = {k: build_section(cls, data.get(k), f"recipe {source}: {k}") for k, cls in SECTION_TYPES.items()}
+    sections.update({k: build_section(cls, data[k], f"recipe {source}: {k}") for k, cls in OPTIONAL_SECTIONS.items()
+                     if k in data})
     if getattr(stages.get("fpp_emb"), "structure", "weight") != "weight":
         raise RecipeError(f"recipe {source}: fpp_emb.structure: an embedding has no neurons; 'neuron' applies to "
                           "fpp_ff only")

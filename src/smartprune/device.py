@@ -1,0 +1,56 @@
+"""Where a model runs and in what precision: ``--device auto|cpu|cuda|cuda:N`` and
+``--compute-dtype auto|float32|bfloat16|float16``.
+
+``auto`` picks the first GPU when torch sees one, else the CPU; the compute dtype ``auto`` is
+bfloat16 on a GPU and float32 on the CPU (half-precision matmuls are slow on CPUs). Statistics and
+losses are accumulated in float32 by their callers whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from smartprune.errors import DeviceError, did_you_mean
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """The torch device for `spec`; a GPU asked for on a machine without one is a `DeviceError`."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = spec.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise DeviceError(f"device '{spec}': expected cuda or cuda:N with N a GPU number")
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{spec}' asked for, but torch sees no GPU here (use --device cpu or auto)")
+        if int(index) >= torch.cuda.device_count():
+            raise DeviceError(f"device '{spec}': this machine has {torch.cuda.device_count()} GPU(s), "
+                              f"numbered from 0")
+        return torch.device(f"cuda:{index}")
+    raise DeviceError(f"unknown device '{spec}'{did_you_mean(spec, ['auto', 'cpu', 'cuda'])}; "
+                      "expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_compute_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """The dtype forward passes run in: `spec`, or for ``auto`` bfloat16 on a GPU and float32 on a CPU."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if spec not in COMPUTE_DTYPES:
+        raise DeviceError(f"unknown compute dtype '{spec}'{did_you_mean(spec, COMPUTE_DTYPES)}; "
+                          f"expected auto, {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[spec]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for forward passes in `dtype` (weights stay float32); a no-op for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

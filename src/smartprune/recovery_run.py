@@ -1,0 +1,185 @@
+"""`smartprune recover`: load a compressed model and its teacher, retrain, write the result; on one
+process, on ``nproc`` local processes, or under ``torchrun`` (one process per GPU or CPU slot)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from smartprune.artifact import MANIFEST, atomic_dir, check_output, save, write_dense, write_json
+from smartprune.device import resolve_device
+from smartprune.errors import DataError, ModelError
+from smartprune.recipes.schema import RecoverConfig
+from smartprune.recovery import recover, world
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoverRun:
+    compressed: str
+    teacher: str
+    out: Path
+    recovery: dict
+
+    def to_dict(self) -> dict:
+        return {"compressed": self.compressed, "teacher": self.teacher, "out": str(self.out),
+                "recovery": self.recovery}
+
+    def summary(self) -> str:
+        r = self.recovery
+        s = r["structure"]
+        return "\n".join([
+            f"recovered {self.compressed} (teacher: {self.teacher}) in {r['seconds']:.0f} s: {r['steps']} steps, "
+            f"{r['tokens']:,} tokens, {r['world_size']} process(es) on {r['device']} ({r['compute_dtype']})",
+            "",
+            f"| held-out perplexity ({r['held_out_text']}) | value |",
+            "|---|---:|",
+            f"| before | {r['perplexity_before']:,.2f} |",
+            f"| after | {r['perplexity_after']:,.2f} |",
+            "",
+            f"structure kept: {'yes' if s['kept'] else 'NO'} ({s['masked_modules']} masked and "
+            f"{s['folded_projections']} folded modules, {s['pruned_entries_nonzero']} pruned entries non-zero)",
+            f"recovered model: {self.out}",
+        ])
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Checkpoints of a run that writes `out` live beside it (never inside a folder of the user's)."""
+    return out.parent / f".{out.name}.recover-checkpoint"
+
+
+def _load_student(spec: str):
+    """The model to retrain, with editable (not structured-inference) modules, and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from smartprune.artifact import load
+    from smartprune.loading import load_model
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+        report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
+        return load(path, structured=False), tokenizer, report, True
+    loaded = load_model(spec)  # a dense model: plain fine-tuning or distillation (the "dense fine-tuned" row)
+    return loaded.model, loaded.tokenizer, {}, False
+
+
+def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg: RecoverConfig,
+                  dense_out: str | Path | None = None, device: str = "auto", seed: int = 0, resume: bool = False,
+                  overwrite: bool = False, nproc: int = 1, progress: bool = True) -> RecoverRun:
+    """Retrain COMPRESSED (a `compress --out` folder or any model) distilling from TEACHER (a MODEL
+    spec, or None/"none" for plain fine-tuning) and write the result to `out`."""
+    out = Path(out)
+    teacher = None if teacher in (None, "none") else teacher
+    cfg = dataclasses.replace(cfg, teacher="dense" if teacher else "none")
+    if not dist.is_initialized():  # every check before any work (in the launching process)
+        check_output(out, overwrite)
+        if dense_out is not None:
+            check_output(Path(dense_out), overwrite)
+        resolve_device(device)
+        if not Path(compressed).expanduser().exists() and "/" in compressed:
+            raise ModelError(f"model path not found: {compressed}")
+        if resume and not (checkpoint_dir(out) / "recover-checkpoint.pt").is_file():
+            raise DataError(f"nothing to resume: no checkpoint at {checkpoint_dir(out)}")
+        if nproc > 1:
+            return _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, overwrite, nproc, progress)
+    _init_from_env(device)
+    rank, size = world()
+    student, tokenizer, report, is_compact = _load_student(compressed)
+    ref = None
+    if teacher is not None:
+        from smartprune.loading import load_model
+
+        loaded = load_model(teacher)
+        ref, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    if tokenizer is None:
+        raise DataError(f"neither {compressed} nor the teacher has tokenizer files; recovery needs one")
+    dev = _rank_device(device)
+    recovery = recover(student, tokenizer, cfg, teacher=ref, device=dev, seed=seed,
+                       checkpoint_dir=checkpoint_dir(out), resume=resume, progress=progress)
+    recovery.update({"teacher": teacher or "none", "compressed": str(compressed)})
+    if rank == 0:
+        student.to("cpu")
+        report = {**report, "recovery": recovery}
+        _write(student, tokenizer, report, out, is_compact, overwrite)
+        if dense_out is not None:
+            write_dense(student, dense_out, tokenizer=tokenizer, overwrite=overwrite)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    if size > 1:
+        dist.barrier()
+    return RecoverRun(str(compressed), teacher or "none", out, recovery)
+
+
+def _write(model, tokenizer, report: dict, out: Path, is_compact: bool, overwrite: bool) -> None:
+    if is_compact:
+        save(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite)
+        return
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "report.json", report)
+
+
+def snapshot_teacher(model, cfg: RecoverConfig | None):
+    """A frozen copy of the dense model to distil from, taken before compression (None if not needed)."""
+    if cfg is None or cfg.teacher == "none":
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+# ---- processes ---------------------------------------------------------------------------------------
+def _rank_device(device: str) -> torch.device:
+    """Each process's device: under torch.distributed with GPUs, the GPU of its local rank."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dist.is_initialized():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', dist.get_rank()))}")
+    return dev
+
+
+def _init_from_env(device: str) -> None:
+    """Join the process group `torchrun` (or `_launch`) describes in the environment, once: NCCL when
+    the processes run on GPUs, gloo on CPUs."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    dist.init_process_group(backend="nccl" if resolve_device(device).type == "cuda" else "gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, size: int, port: int, kwargs: dict) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    try:
+        recover_model(**kwargs, nproc=1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, overwrite, nproc, progress) -> RecoverRun:
+    """Run `recover_model` on `nproc` local processes (gloo on CPU, NCCL on GPU); rank 0 writes."""
+    import torch.multiprocessing as mp
+
+    if cfg.batch_size % nproc:
+        raise DataError(f"batch_size {cfg.batch_size} does not split evenly over {nproc} processes")
+    kwargs = {"compressed": compressed, "teacher": teacher, "out": out, "cfg": cfg, "dense_out": dense_out,
+              "device": device, "seed": seed, "resume": resume, "overwrite": overwrite, "progress": progress}
+    mp.spawn(_worker, args=(nproc, _free_port(), kwargs), nprocs=nproc, join=True)
+    report = json.loads((Path(out) / "report.json").read_text())
+    return RecoverRun(str(compressed), teacher or "none", Path(out), report["recovery"])

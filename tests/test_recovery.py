@@ -1,0 +1,203 @@
+"""Recovery: the loss falls, the structure survives, resume is bit for bit, two gloo processes
+equal one, and the command line refuses bad input in one line."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from smartprune.artifact import load, save
+from smartprune.cli.main import main
+from smartprune.data import Calibration
+from smartprune.engine import compress
+from smartprune.nn import FoldedProjection, Maskable
+from smartprune.recipes import load_recipe
+from smartprune.recipes.schema import RecoverConfig
+from smartprune.recovery import lr_at, recover, structure_report
+
+from .conftest import VOCAB, tiny_model
+
+SMALL = {"seqlen": 32, "batch_size": 4, "eval_every": 5, "eval_windows": 2, "lr": 3e-3}
+
+
+@pytest.fixture
+def compressed(kind):
+    """A tiny model of `kind` (GPT-2 vocabulary) compressed with `paper`, and its dense teacher."""
+    model = tiny_model(kind, VOCAB)
+    teacher = copy.deepcopy(model)
+    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(0))
+    compress(model, None, load_recipe("paper"), calib=Calibration(ids, ids[:3], "synthetic"), progress=False)
+    return model, teacher
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_recovery_lowers_the_loss_and_keeps_the_structure(compressed, gpt2_tokenizer, use_data):
+    model, teacher = compressed
+    folded_before = {n: m.q.detach().clone() for n, m in model.named_modules() if isinstance(m, FoldedProjection)}
+    masks = {n: m.mask.clone() for n, m in model.named_modules() if isinstance(m, Maskable) and m.mask is not None}
+    r = recover(model, gpt2_tokenizer, RecoverConfig(steps=20, **SMALL), teacher=teacher, progress=False)
+    assert len(r["loss"]) == r["steps"] == 20 and r["tokens"] == 20 * 4 * 32
+    assert sum(r["loss"][-5:]) < sum(r["loss"][:5])
+    assert r["perplexity_after"] < r["perplexity_before"]
+    assert [h["step"] for h in r["held_out"]] == [0, 5, 10, 15, 20]
+    assert r["structure"] == {"pruned_entries_nonzero": 0, "masked_modules": len(masks),
+                              "folded_projections": len(folded_before), "kept": True}
+    for name, m in model.named_modules():
+        if name in masks:
+            assert torch.equal(m.mask, masks[name]) and not m.weight[~m.mask].any()
+        if name in folded_before:  # still one shared vector (trained), no free rows
+            assert isinstance(m, FoldedProjection) and m.free_rows.numel() == 0
+            assert not torch.equal(m.q, folded_before[name])
+
+
+def test_plain_fine_tuning_without_teacher(compressed, gpt2_tokenizer, use_data):
+    model, _ = compressed
+    r = recover(model, gpt2_tokenizer, RecoverConfig(steps=10, teacher="none", **SMALL), progress=False)
+    assert r["loss"][-1] < r["loss"][0] and r["structure"]["kept"]
+
+
+@pytest.mark.parametrize("kind", ["llama"])
+def test_resume_after_interrupt_continues_bit_for_bit(compressed, gpt2_tokenizer, use_data, tmp_path):
+    model, teacher = compressed
+    start = copy.deepcopy(model)
+    cfg = RecoverConfig(steps=6, checkpoint_minutes=0.0, **SMALL)
+    whole = copy.deepcopy(start)
+    straight = recover(whole, gpt2_tokenizer, cfg, teacher=teacher, progress=False)
+
+    def interrupt(state):
+        if state.step == 3:
+            raise KeyboardInterrupt
+
+    first = copy.deepcopy(start)
+    with pytest.raises(KeyboardInterrupt):
+        recover(first, gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path, on_step=interrupt,
+                progress=False)
+    resumed = copy.deepcopy(start)  # a fresh process would load the compressed folder again
+    r = recover(resumed, gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert r["loss"] == straight["loss"]
+    a, b = _weights(whole), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    cfg = RecoverConfig(steps=100, lr=1.0, warmup=0.1)
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(100, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, 100, cfg) == pytest.approx(0.55)  # halfway through the cosine: (1 + 0.1) / 2
+
+
+def test_structure_report_finds_a_revived_entry(compressed):
+    model, _ = compressed
+    m = next(m for m in model.modules() if isinstance(m, Maskable) and m.mask is not None)
+    with torch.no_grad():
+        m.weight[~m.mask] = 1.0
+    report = structure_report(model)
+    assert not report["kept"] and report["pruned_entries_nonzero"] == int((~m.mask).sum())
+
+
+@pytest.mark.parametrize("kind", ["llama"])
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(compressed, model_dirs, use_data, tmp_path,
+                                                                  gpt2_tokenizer):
+    from smartprune.recovery_run import recover_model
+
+    model, _ = compressed
+    save(model, tmp_path / "c", tokenizer=gpt2_tokenizer)
+    cfg = RecoverConfig(steps=4, **SMALL)
+    runs = {}
+    for n in (1, 2):
+        run = recover_model(str(tmp_path / "c"), teacher=str(model_dirs["llama"]), out=tmp_path / f"out{n}", cfg=cfg,
+                            device="cpu", nproc=n, progress=False)
+        runs[n] = run.recovery
+        assert run.recovery["world_size"] == n and run.recovery["structure"]["kept"]
+    assert runs[1]["loss"] == pytest.approx(runs[2]["loss"], rel=1e-4)
+    one, two = load(tmp_path / "out1", structured=False), load(tmp_path / "out2", structured=False)
+    a, b = one.state_dict(), two.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def _cli(capsys, *argv):
+    code = main(["-q", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("kind", ["gpt2"])
+def test_recover_command_writes_a_loadable_model_and_report(compressed, model_dirs, use_data, tmp_path, capsys,
+                                                            gpt2_tokenizer):
+    model, _ = compressed
+    save(model, tmp_path / "c", tokenizer=gpt2_tokenizer, report={"recipe": "paper"})
+    code, out, err = _cli(capsys, "recover", tmp_path / "c", "--teacher", model_dirs["gpt2"], "--out", tmp_path / "r",
+                          "--steps", 3, "--seqlen", 32, "--batch-size", 2, "--eval-windows", 1,
+                          "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert "structure kept: yes" in out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["recipe"] == "paper"  # the compression report is kept, recovery added
+    rec = report["recovery"]
+    assert rec["steps"] == 3 and len(rec["loss"]) == 3 and rec["world_size"] == 1
+    assert {"tokens", "seconds", "perplexity_before", "perplexity_after", "text", "budget"} <= set(rec)
+    assert load(tmp_path / "r") is not None
+    assert not (tmp_path / ".r.recover-checkpoint").exists()  # removed once the model is written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "no GPU"),
+    (["--device", "tpu"], "unknown device"),
+    (["--lr", "nan"], "finite"),
+    (["--steps", "3", "--resume"], "nothing to resume"),
+    (["--text", "no/such/file.txt"], "neither"),
+])
+def test_recover_command_bad_input_is_one_line(argv, message, model_dirs, use_data, tmp_path, capsys):
+    if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = _cli(capsys, "recover", model_dirs["llama"], "--teacher", "none", "--out", tmp_path / "r",
+                          "--seqlen", 16, "--batch-size", 2, "--steps", 1, *argv)
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_recipe_recover_section_is_validated():
+    from smartprune.errors import RecipeError
+    from smartprune.recipes.schema import build_recipe
+
+    r = build_recipe({"irc": {"rate": 1.0}, "recover": {"steps": 5, "teacher": "none"}}, "x", "test")
+    assert r.recover.steps == 5 and r.to_dict()["recover"]["teacher"] == "none"
+    assert build_recipe({"irc": {}}, "x", "test").recover is None
+    with pytest.raises(RecipeError, match=r"recover\.lr: expected a finite number"):
+        build_recipe({"irc": {}, "recover": {"lr": float("nan")}}, "x", "test")
+    with pytest.raises(RecipeError, match="ce_weight"):
+        build_recipe({"irc": {}, "recover": {"teacher": "none", "ce_weight": 0}}, "x", "test")
+
+
+def test_demo_prints_dense_compressed_and_recovered(model_dirs, use_data, tmp_path):
+    from smartprune.api import run_demo
+
+    run = run_demo(str(model_dirs["llama"]), "paper", quick=True, seqlen=64, recover_steps=4, progress=False,
+                   json_path=tmp_path / "demo.json")
+    data = json.loads((tmp_path / "demo.json").read_text())
+    assert {"dense", "compressed", "recovered"} <= set(data)
+    assert data["recovered"]["windows"] == data["dense"]["windows"] == 4
+    assert data["report"]["recovery"]["steps"] == 4 and data["report"]["recovery"]["structure"]["kept"]
+    assert "| compressed + recovered |" in run.summary()
+
+
+def test_compress_with_a_recover_section_retrains(model_dirs, use_data, tmp_path):
+    code = main(["-q", "compress", str(model_dirs["gpt2"]), "--recipe", str(_recipe_file(tmp_path)), "--out",
+                 str(tmp_path / "c"), "--calib-samples", "4", "--calib-seqlen", "16"])
+    assert code == 0
+    rec = json.loads((tmp_path / "c" / "report.json").read_text())["recovery"]
+    assert rec["steps"] == 3 and rec["structure"]["kept"] and rec["perplexity_after"] > 0
+    assert load(tmp_path / "c") is not None
+
+
+def _recipe_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("fpp_ff: {target_sparsity: 0.5, steps: 0}\n"
+                    "recover: {steps: 3, seqlen: 32, batch_size: 2, eval_windows: 1}\n")
+    return path
