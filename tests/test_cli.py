@@ -122,6 +122,21 @@ def test_compare_runs_every_method_on_equal_terms(model_dirs, use_data, tmp_path
     assert "Reported in the paper (not measured here)" in (tmp_path / "c.md").read_text()
 
 
+def test_compare_with_equal_recovery_adds_recovered_columns_and_a_dense_fine_tuned_row(model_dirs, use_data,
+                                                                                      tmp_path, capsys):
+    code, out, err = run(capsys, "compare", model_dirs["llama"], "--methods", "dense,wanda", "--tasks", "wikitext2",
+                         "--sparsity", "0.5", "--limit", "1", "--seqlen", "32", "--calib-samples", "4",
+                         "--calib-seqlen", "16", "--recover-tokens", "256", "--json", tmp_path / "c.json")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "dense fine-tuned", "wanda"]
+    assert "recovered" not in rows[0]
+    for r in rows[1:]:
+        assert r["recovered"]["tokens"] == 256 and r["recovered"]["structure_kept"]
+        assert r["recovered"]["perplexity"]["wikitext2"] > 1
+    assert "wikitext2 ppl recovered" in out
+
+
 def test_compare_rejects_unknown_methods_and_bad_sparsities(model_dirs, use_data, capsys):
     code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "wand")
     assert code == 2 and "did you mean 'wanda'" in _one_clean_line(err)

@@ -282,3 +282,27 @@ def test_cached_positions_survive_the_cache_dtype(dtype):
     sums, back = decode_keys(encode_keys(s, pos, dtype))
     assert torch.equal(back, pos)
     assert torch.allclose(sums, s, rtol=1e-2)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_column_folded_irc_runs_structured_and_round_trips(arch, calib, tmp_path):
+    """The other reading of IRC (W = q 1^T): the same IRC attention, with x . q as each token's scalar
+    and a vector of ones per head, equals the dense materialization; the folder round-trips."""
+    from smartprune.artifact import load, save
+    from smartprune.nn import ColumnFoldedProjection
+    from smartprune.recipes.schema import build_recipe
+
+    model = tiny_model(arch)
+    recipe = build_recipe({"irc": {"rate": 1.0, "orientation": "output"}, "dwc": {}}, "t", "test")
+    compress(model, None, recipe, calib=calib, progress=False)
+    assert isinstance(get_adapter(model).attention_projections(0).q, ColumnFoldedProjection)
+    dense = copy.deepcopy(model)
+    get_adapter(dense).materialize()
+    save(model, tmp_path / "c")
+    fast = load(tmp_path / "c")
+    assert sum(isinstance(m, IRCAttention) for m in fast.modules()) == 2
+    with torch.no_grad():
+        ref, got = dense(calib.ids[:3]).logits, fast(calib.ids[:3]).logits
+    assert ((got - ref).abs().max() / ref.abs().max()) <= 1e-4
+    kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(fast.generate(calib.ids[:1, :4], **kw), dense.generate(calib.ids[:1, :4], **kw))

@@ -94,3 +94,35 @@ def test_fit_init_reduces_output_error_below_random_row():
         with torch.no_grad():
             errors[init] = (sub.forward(sub.inputs) - sub.target).pow(2).mean().item()
     assert errors["fit"] < errors["random-row"]
+
+
+def test_column_fold_makes_every_output_the_same_combination():
+    from smartprune.nn import ColumnFoldedProjection
+
+    q = torch.tensor([1.0, 0.0, -1.0, 2.0])  # a shared column of length d_in
+    proj = ColumnFoldedProjection(W, torch.tensor([0.5, 0.0, -0.5]), torch.ones(3, dtype=torch.bool), q)
+    assert torch.equal(proj.dense_weight(), q[:, None].expand(4, 3))
+    x = torch.tensor([[1.0, 2.0, 0.0, -1.0]])  # x . q = 1 - 2 = -1
+    assert torch.allclose(proj(x), torch.tensor([[-0.5, -1.0, -1.5]]))
+    assert proj.alive() == 4 and proj.fully_folded()
+    partial = ColumnFoldedProjection(W, None, torch.tensor([False, True, False]), q)
+    expected = torch.stack([W[:, 0], q, W[:, 2]], 1)
+    assert torch.equal(partial.dense_weight(), expected)
+    xs = torch.randn(2, 5, 4)
+    assert torch.allclose(partial(xs), xs @ expected, atol=1e-6)
+    assert partial.alive() == 2 * 4 + 4 and not partial.fully_folded()
+
+
+def test_output_orientation_folds_columns_of_q_and_k(calib):
+    from smartprune.engine import compress
+    from smartprune.nn import ColumnFoldedProjection
+    from smartprune.recipes.schema import build_recipe
+
+    model = tiny_model("llama")
+    recipe = build_recipe({"irc": {"rate": 0.5, "orientation": "output", "steps": 1}}, "t", "test")
+    compress(model, None, recipe, calib=calib, progress=False)
+    att = get_adapter(model).attention_projections(0)
+    for p, d_out in ((att.q, 32), (att.k, 16)):
+        assert isinstance(p, ColumnFoldedProjection) and p.n_folded == round(0.5 * d_out)
+        w = p.dense_weight()
+        assert all(torch.equal(w[:, j], p.q.detach()) for j in p.folded_cols.tolist())

@@ -143,6 +143,10 @@ def test_recover_command_writes_a_loadable_model_and_report(compressed, model_di
     assert {"tokens", "seconds", "perplexity_before", "perplexity_after", "text", "budget"} <= set(rec)
     assert load(tmp_path / "r") is not None
     assert not (tmp_path / ".r.recover-checkpoint").exists()  # removed once the model is written
+    code, _, err = _cli(capsys, "report", tmp_path / "r", "--out", tmp_path / "rep")
+    assert code == 0, err
+    page = (tmp_path / "rep" / "report.md").read_text()
+    assert "Retraining after compression (recover)" in page and "docs/recovery-results.md" in page
 
 
 @pytest.mark.parametrize("argv, message", [

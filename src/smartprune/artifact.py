@@ -7,7 +7,8 @@ A compressed-model folder holds:
 - ``model.safetensors``: the tensors. A masked matrix is stored as its surviving values (row-major)
   plus either its mask packed 8 entries to a byte (``bitmask``) or CSR column indices and row
   pointers (``csr``), whichever takes fewer bytes at its sparsity (CSR wins only above ~94%
-  sparsity with 16-bit indices); a folded (IRC) matrix as its shared vector and its unfolded rows;
+  sparsity with 16-bit indices); a folded (IRC) matrix as its shared vector and its unfolded rows
+  (kind ``folded``; ``folded_columns`` for the column reading: the shared column and unfolded columns);
   a projection made smaller by structured pruning (whole neurons removed) as its smaller dense
   matrix; everything else as is. Floating-point tensors are stored in the chosen ``dtype``
   (float32, float16 or bfloat16) and loaded as float32. Tied tensors are stored once;
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from smartprune.adapters import get_adapter
 from smartprune.errors import ArtifactError, OutputError, did_you_mean
-from smartprune.nn import FoldedProjection, Maskable, Projection
+from smartprune.nn import ColumnFoldedProjection, FoldedProjection, Maskable, Projection
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -131,6 +132,8 @@ def _encode(model: nn.Module, dtype: torch.dtype = torch.float32
     for name, mod in model.named_modules():
         if isinstance(mod, FoldedProjection):
             modules[name] = {"kind": "folded", "d_in": mod.d_in, "d_out": mod.d_out}
+        elif isinstance(mod, ColumnFoldedProjection):
+            modules[name] = {"kind": "folded_columns", "d_in": mod.d_in, "d_out": mod.d_out}
         elif isinstance(mod, Projection):  # its shape may differ from the config's (whole neurons removed)
             modules[name] = {"kind": "projection", "d_in": mod.d_in, "d_out": mod.d_out, "bias": mod.bias is not None}
         if isinstance(mod, Maskable) and mod.mask is not None:
@@ -229,6 +232,13 @@ def load(path: str | os.PathLike, *, structured: bool = True) -> nn.Module:
             bias = tensors.get(f"{name}.bias")
             adapter.replace(name, FoldedProjection(torch.zeros(rec["d_in"], rec["d_out"]),
                                                    None if bias is None else bias.float(), folded, q))
+        elif rec["kind"] == "folded_columns":
+            folded = torch.zeros(rec["d_out"], dtype=torch.bool)
+            folded[_tensor(tensors, f"{name}.folded_cols", path).long()] = True
+            bias = tensors.get(f"{name}.bias")
+            adapter.replace(name, ColumnFoldedProjection(torch.zeros(rec["d_in"], rec["d_out"]),
+                                                         None if bias is None else bias.float(), folded,
+                                                         _tensor(tensors, f"{name}.q", path).float()))
         elif rec["kind"] == "projection":
             adapter.replace(name, Projection(torch.zeros(rec["d_in"], rec["d_out"]),
                                              torch.zeros(rec["d_out"]) if rec["bias"] else None))

@@ -10,6 +10,7 @@ so the methods are compared at equal size.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -19,13 +20,15 @@ from pathlib import Path
 from smartprune.accounting import block_linear_weights
 from smartprune.adapters import get_adapter
 from smartprune.data import calibration, eval_text, tokenize, train_text_path
+from smartprune.device import resolve_device
 from smartprune.engine import compress
 from smartprune.errors import RecipeError, did_you_mean
 from smartprune.evaluation.perplexity import check_limit, perplexity_of_ids
 from smartprune.loading import load_model
 from smartprune.methods import METHODS
 from smartprune.recipes import Recipe, load_recipe
-from smartprune.recipes.schema import build_recipe, parse_pattern
+from smartprune.recipes.schema import RecoverConfig, build_recipe, parse_pattern
+from smartprune.recovery import recover
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,8 @@ class CompareSettings:
     calib_samples: int = 32
     calib_seqlen: int = 128
     seed: int = 0
+    recover_tokens: int | None = None  # equal recovery for every row (and a dense fine-tuned row)
+    device: str = "auto"
 
 
 @dataclass
@@ -110,12 +115,22 @@ class Comparison:
 
     def table(self) -> str:
         tasks = self.settings["tasks"]
-        lines = ["| method | sparsity | compression | " + " | ".join(f"{t} ppl" for t in tasks) +
-                 " | compress s | peak RSS GiB |", "|---|---|---:|" + "---:|" * len(tasks) + "---:|---:|"]
+        recovered = any("recovered" in r for r in self.rows)
+        extra = [f"{t} ppl recovered" for t in tasks] if recovered else []
+        head = " | ".join([*(f"{t} ppl" for t in tasks), *extra])
+        lines = [f"| method | sparsity | compression | {head} | compress s | peak RSS GiB |",
+                 "|---|---|---:|" + "---:|" * (len(tasks) + len(extra)) + "---:|---:|"]
         for r in self.rows:
-            ppl = " | ".join(f"{r['perplexity'][t]:.2f}" for t in tasks)
-            lines.append(f"| {r['method']} | {r['sparsity']} | {100 * r['compression']:.2f}% | {ppl} | "
+            cells = [f"{r['perplexity'][t]:,.2f}" for t in tasks]
+            if recovered:
+                cells += [f"{r['recovered']['perplexity'][t]:,.2f}" if "recovered" in r else "" for t in tasks]
+            lines.append(f"| {r['method']} | {r['sparsity']} | {100 * r['compression']:.2f}% | {' | '.join(cells)} | "
                          f"{r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+        if recovered:
+            lines += ["", f"recovered: every model retrained with the same budget ({self.settings['recover_tokens']:,} "
+                      "tokens of WikiText-2 train, distillation from the dense model); 'dense fine-tuned' is the "
+                      "dense model retrained the same way: a compressed model that beats the untouched dense model "
+                      "may only be beating it because it trained on the task's text"]
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -157,6 +172,9 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
     methods = _resolve_methods(settings.methods)
     sparsities = [parse_sparsity(t) for t in settings.sparsities]
     check_limit(settings.limit)
+    dev = resolve_device(settings.device)
+    recover_cfg = None if settings.recover_tokens is None else \
+        RecoverConfig(tokens=settings.recover_tokens, seqlen=min(256, settings.seqlen))
     train_text_path("wikitext2")
     texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
     loaded = load_model(settings.model)
@@ -166,12 +184,25 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
     removed_by: dict[str, int] = {}
     rows: list[dict] = []
 
-    def evaluate(model, method: str, sparsity: str, compression: float, seconds: float, peak: int) -> None:
-        ppl = {t: perplexity_of_ids(model, ids, settings.seqlen, limit=settings.limit, task=t,
-                                    progress=progress).perplexity for t, ids in eval_ids.items()}
-        rows.append({"method": method, "sparsity": sparsity, "compression": compression, "perplexity": ppl,
-                     "seconds": seconds, "peak_rss_bytes": peak})
+    def scores(model) -> dict[str, float]:
+        model.to(dev)
+        return {t: perplexity_of_ids(model, ids.to(dev), settings.seqlen, limit=settings.limit, task=t,
+                                     progress=progress).perplexity for t, ids in eval_ids.items()}
+
+    def evaluate(model, method: str, sparsity: str, compression: float, seconds: float, peak: int,
+                 retrain: bool = True) -> None:
+        ppl = scores(model)
+        row = {"method": method, "sparsity": sparsity, "compression": compression, "perplexity": ppl,
+               "seconds": seconds, "peak_rss_bytes": peak}
         log.info("%s %s: %s", method, sparsity, ", ".join(f"{t} {v:.2f}" for t, v in ppl.items()))
+        if recover_cfg is not None and retrain:
+            rec = recover(model, tok, recover_cfg, teacher=loaded.model, device=dev, seed=settings.seed,
+                          progress=progress)
+            row["recovered"] = {"perplexity": scores(model), "tokens": rec["tokens"], "steps": rec["steps"],
+                                "seconds": rec["seconds"], "structure_kept": rec["structure"]["kept"]}
+            log.info("%s %s recovered: %s", method, sparsity,
+                     ", ".join(f"{t} {v:.2f}" for t, v in row["recovered"]["perplexity"].items()))
+        rows.append(row)
 
     def run(method: str, label: str, recipe: Recipe) -> dict:
         fresh = load_model(settings.model).model
@@ -187,7 +218,9 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
         if recipe is not None:
             removed_by[name] = _removed(run(name, "recipe", recipe))
         elif name == "dense":
-            evaluate(loaded.model, "dense", "0", 0.0, 0.0, PeakRSS._rss())
+            evaluate(loaded.model, "dense", "0", 0.0, 0.0, PeakRSS._rss(), retrain=False)
+            if recover_cfg is not None:  # the reference for equal retraining: the dense model retrained too
+                evaluate(copy.deepcopy(loaded.model), "dense fine-tuned", "0", 0.0, 0.0, PeakRSS._rss())
         else:
             for label, fraction, pattern in sparsities:
                 if label.startswith("match:"):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smartprune.nn import FoldedProjection, Projection
+from smartprune.nn import FOLDED, Projection
 
 # Transformers has passed the per-layer KV cache under several keyword names across 5.x releases
 # (`past_key_values` up to 5.23, `cache` from 5.24, `past_key_value` in some 4.x models). The IRC
@@ -77,13 +77,14 @@ CSR_MIN_SPARSITY = 0.95
 
 
 def fully_folded(p: nn.Module) -> bool:
-    return isinstance(p, FoldedProjection) and p.free_rows.numel() == 0
+    """Every row (or, in the other reading, every column) of the projection is the shared vector."""
+    return isinstance(p, FOLDED) and p.fully_folded()
 
 
 class IRCAttention(nn.Module):
     """Causal self-attention of a block whose Q and K are fully folded (see the module docstring)."""
 
-    def __init__(self, q: FoldedProjection, k: FoldedProjection, v: nn.Module, o: nn.Module, *, n_heads: int,
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module, *, n_heads: int,
                  n_kv: int, head_dim: int, layer_idx: int, rope: nn.Module | None, prefill: str = "sdpa") -> None:
         super().__init__()
         if prefill not in ("sdpa", "offset"):
@@ -98,8 +99,8 @@ class IRCAttention(nn.Module):
 
     def _vectors(self) -> tuple[Tensor, Tensor]:
         groups = self.n_heads // self.n_kv
-        q = self.q_proj.q.float().view(self.n_heads, self.head_dim)
-        k = self.k_proj.q.float().view(self.n_kv, self.head_dim).repeat_interleave(groups, 0)
+        q = self.q_proj.head_vector().float().view(self.n_heads, self.head_dim)
+        k = self.k_proj.head_vector().float().view(self.n_kv, self.head_dim).repeat_interleave(groups, 0)
         return q, k
 
     def _offset_table(self, n: int) -> Tensor:
@@ -155,7 +156,9 @@ class IRCAttention(nn.Module):
         cache = _take_cache(kwargs)
         x = hidden_states
         b, t, _ = x.shape
-        s = x.float().sum(-1)  # the scores are built from sums and positions element-wise, in float32
+        # Each token's scalar (its feature sum; x . q in the column reading) for the query and the key
+        # side, in float32: the scores are built from them and the positions element-wise.
+        s_q, s = self.q_proj.token_scalar(x.float()), self.k_proj.token_scalar(x.float())
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         pos = position_ids.expand(b, t) if position_ids is not None else \
             torch.arange(past, past + t, device=x.device).expand(b, t)
@@ -167,10 +170,10 @@ class IRCAttention(nn.Module):
             s_k, p_k = s, pos.long()
         v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         if t == 1 or self.prefill == "offset":  # decoding: a (heads, Tk) gather, no product at all
-            scores = _apply_mask(self.scores(s, pos.long(), s_k, p_k), attention_mask, pos.long(), p_k)
+            scores = _apply_mask(self.scores(s_q, pos.long(), s_k, p_k), attention_mask, pos.long(), p_k)
             out = torch.softmax(scores, dim=-1).to(v.dtype) @ v
         else:  # prefill: the fused kernel on the rank-structured vectors (faster on CPU, measured)
-            qt, kt = self.rank_vectors(s, pos.float(), s_k, p_k.float())
+            qt, kt = self.rank_vectors(s_q, pos.float(), s_k, p_k.float())
             causal = attention_mask is None and s_k.shape[1] == t
             mask = attention_mask[..., : s_k.shape[1]] if attention_mask is not None else None
             if attention_mask is None and not causal:

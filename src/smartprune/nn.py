@@ -100,6 +100,21 @@ class FoldedProjection(Projection):
                 y = y + x.index_select(-1, self.folded_rows).sum(-1, keepdim=True) * self.q
         return y + self.bias if self.bias is not None else y
 
+    @property
+    def n_folded(self) -> int:
+        return self.folded_rows.numel()
+
+    def fully_folded(self) -> bool:
+        return self.free_rows.numel() == 0
+
+    def token_scalar(self, x: Tensor) -> Tensor:
+        """Each token's feature sum ``s`` (what the shared row multiplies when every row is folded)."""
+        return x.sum(-1)
+
+    def head_vector(self) -> Tensor:
+        """The shared row ``q`` (length d_out), split into heads by the attention."""
+        return self.q
+
     def alive(self) -> int:
         return super().alive() + (self.q.numel() if self.folded_rows.numel() else 0)
 
@@ -108,6 +123,66 @@ class FoldedProjection(Projection):
         w[self.free_rows] = self.weight.detach()
         w[self.folded_rows] = self.q.detach()
         return w
+
+
+class ColumnFoldedProjection(Projection):
+    """IRC, the other reading of the paper: the folded *columns* of ``W`` (output features) all equal
+    one shared column ``q`` of length ``d_in``, so every folded output is the same combination
+    ``x . q``; with every column folded ``W = q 1^T`` and the projection is one dot product per token,
+    broadcast to every output feature. The free columns are stored as a dense block."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, folded: Tensor, q: Tensor) -> None:
+        folded = folded.to(torch.bool)
+        free_cols = (~folded).nonzero().flatten()
+        super().__init__(weight[:, free_cols], bias)
+        self.register_buffer("free_cols", free_cols)
+        self.register_buffer("folded_cols", folded.nonzero().flatten())
+        self.q = nn.Parameter(q.detach().clone())
+        self._d_out = folded.numel()
+
+    @property
+    def d_in(self) -> int:
+        return self.q.numel()
+
+    @property
+    def d_out(self) -> int:
+        return self._d_out
+
+    @property
+    def n_folded(self) -> int:
+        return self.folded_cols.numel()
+
+    def fully_folded(self) -> bool:
+        return self.free_cols.numel() == 0
+
+    def token_scalar(self, x: Tensor) -> Tensor:
+        """Each token's shared output ``x . q`` (the folded outputs' common value, bias excluded)."""
+        return x @ self.q.to(x.dtype)
+
+    def head_vector(self) -> Tensor:
+        """The output pattern the token scalar multiplies: ones (every folded output is equal)."""
+        return torch.ones(self._d_out, dtype=self.q.dtype, device=self.q.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shared = self.token_scalar(x)[..., None].expand(*x.shape[:-1], self.folded_cols.numel())
+        if self.free_cols.numel() == 0:
+            y = shared
+        else:
+            y = x.new_zeros(*x.shape[:-1], self._d_out).index_copy(-1, self.free_cols, x @ self.weight)
+            y = y.index_copy(-1, self.folded_cols, shared)
+        return y + self.bias if self.bias is not None else y.contiguous()
+
+    def alive(self) -> int:
+        return super().alive() + (self.q.numel() if self.folded_cols.numel() else 0)
+
+    def dense_weight(self) -> Tensor:
+        w = torch.empty(self.d_in, self._d_out, dtype=self.q.dtype, device=self.q.device)
+        w[:, self.free_cols] = self.weight.detach()
+        w[:, self.folded_cols] = self.q.detach()[:, None]
+        return w
+
+
+FOLDED = (FoldedProjection, ColumnFoldedProjection)  # the two readings of IRC
 
 
 class MaskedEmbedding(nn.Embedding, Maskable):

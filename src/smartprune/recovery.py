@@ -32,7 +32,7 @@ from smartprune.data import recovery_streams
 from smartprune.device import autocast, resolve_compute_dtype, resolve_device
 from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import perplexity_of_ids
-from smartprune.nn import FoldedProjection, Maskable
+from smartprune.nn import FOLDED, Maskable
 from smartprune.recipes.schema import RecoverConfig
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def structure_report(model: nn.Module) -> dict:
     masked and folded modules counted."""
     revived, masked, folded = 0, 0, 0
     for m in model.modules():
-        if isinstance(m, FoldedProjection) and m.folded_rows.numel():
+        if isinstance(m, FOLDED) and m.n_folded:
             folded += 1
         if isinstance(m, Maskable) and m.mask is not None:
             masked += 1
@@ -194,6 +194,9 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
         teacher = None
     elif teacher is None:
         raise DataError("recovery with teacher 'dense' needs the dense model (or set teacher: none)")
+    max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if max_len is not None and cfg.seqlen > max_len:
+        raise DataError(f"recovery seqlen {cfg.seqlen} is longer than the model allows ({max_len})")
     train, held = recovery_streams(tokenizer, cfg.text, cfg.seqlen, cfg.eval_windows)
     if train.numel() < cfg.seqlen + cfg.batch_size:
         raise DataError(f"training text '{cfg.text}' has {train.numel()} tokens, too few for windows of {cfg.seqlen}")

@@ -51,6 +51,8 @@ def _kind(data: dict) -> str:
         return "compare"
     if "groups" in data and "overall" in data:
         return "compress"
+    if "recovery" in data:  # a retrained model without a compression report (e.g. the dense fine-tuned one)
+        return "recover"
     return "unknown"
 
 
@@ -67,7 +69,8 @@ def load_runs(paths: list[str | Path]) -> list[tuple[str, Path, dict]]:
             raise DataError(f"{file} is not valid JSON") from None
         kind = _kind(data)
         if kind == "unknown":
-            raise DataError(f"{file} is not a smartprune run (eval, classify, compare, bench, sweep or compress)")
+            raise DataError(f"{file} is not a smartprune run (eval, classify, compare, bench, sweep, compress or "
+                            "recover)")
         runs.append((kind, p, data))
     return runs
 
@@ -197,6 +200,33 @@ def comparison(runs) -> Section | None:
                                                                              *tasks], rows))
 
 
+RECOVERY_NOTE = ("Retraining after compression: every number above is before retraining unless marked "
+                 "recovered. Budgets, the GPU table and perplexity against tokens seen: docs/recovery-results.md.")
+
+
+def recovery_section(runs) -> Section | None:
+    """Compressed folders that were retrained (report.json with a recovery section), and compare rows
+    retrained with an equal budget."""
+    rows = []
+    for _, path, data in (r for r in runs if r[0] in ("compress", "recover") and "recovery" in r[2]):
+        rec = data["recovery"]
+        rows.append([str(path), rec["text"], f"{rec['tokens']:,}", f"{rec['seconds']:.0f}",
+                     _f(rec["perplexity_before"]), _f(rec["perplexity_after"]), "yes" if rec["structure"]["kept"]
+                     else "NO"])
+    for _, _, data in (r for r in runs if r[0] == "compare"):
+        for r in (r for r in data["rows"] if "recovered" in r):
+            rec = r["recovered"]
+            before = "; ".join(f"{t} {_f(v)}" for t, v in r["perplexity"].items())
+            after = "; ".join(f"{t} {_f(v)}" for t, v in rec["perplexity"].items())
+            rows.append([f"{r['method']} {r['sparsity']}", "wikitext2", f"{rec['tokens']:,}", f"{rec['seconds']:.0f}",
+                         before, after, "yes" if rec["structure_kept"] else "NO"])
+    if not rows:
+        return None
+    return Section("Retraining after compression (recover)", ours=(
+        ["model", "text", "tokens", "seconds", "perplexity before", "perplexity after", "structure kept"], rows),
+        note=RECOVERY_NOTE)
+
+
 def claims_section(runs) -> Section | None:
     from smartprune.claims import check_claims
 
@@ -318,7 +348,7 @@ def write_report(paths: list[str | Path], out: str | Path, *, block: int = 0, ov
         fig_dir = tmp / "figures"
         fig_dir.mkdir()
         sections = [table3(runs), table4(runs), table5(runs), table6(runs), table8(runs)]
-        extra = [s for s in (comparison(runs), claims_section(runs)) if s]
+        extra = [s for s in (comparison(runs), recovery_section(runs), claims_section(runs)) if s]
         sections += extra + sweep_figures(runs, fig_dir, out) + weight_figures(runs, fig_dir, out,
                                                                                                      block)
         (tmp / "index.html").write_text(render_html(title, sections, intro))

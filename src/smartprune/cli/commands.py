@@ -184,7 +184,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     settings = CompareSettings(model=args.model, methods=args.methods.split(","), sparsities=args.sparsity.split(","),
                                tasks=args.tasks.split(","), limit=args.limit, seqlen=args.seqlen,
-                               calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed)
+                               calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+                               recover_tokens=args.recover_tokens, device=args.device)
     result = run_compare(settings)
     if args.json:
         write_outputs(result, Path(args.json))

@@ -96,7 +96,7 @@ def build_parser() -> Parser:
                    help="8 calibration windows of 64 tokens, 4 evaluation windows: a few minutes")
     d.add_argument("--limit", type=_positive, help="evaluation windows (16; --quick: 4)")
     d.add_argument("--seed", type=int, default=0, help="seed (0)")
-    d.add_argument("--recover-steps", type=int, help="recovery steps after compression (240; --quick: 40; "
+    d.add_argument("--recover-steps", type=int, help="recovery steps after compression (120; --quick: 20; "
                    "0 skips recovery; a recipe with its own recover section sets its own)")
     d.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     d.add_argument("--json", help="also write the results to this JSON file")
@@ -155,6 +155,10 @@ def build_parser() -> Parser:
     k.add_argument("--calib-samples", type=_positive, default=32, help="calibration windows (32)")
     k.add_argument("--calib-seqlen", type=_positive, default=128, help="tokens per calibration window (128)")
     k.add_argument("--seed", type=int, default=0, help="seed (0)")
+    k.add_argument("--recover-tokens", type=_positive, help="also retrain every model with this many WikiText-2 "
+                   "train tokens (distillation from the dense model) and add a dense fine-tuned row: the ranking "
+                   "at equal size and equal retraining")
+    k.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     k.add_argument("--json", help="write rows to this JSON file, and a Markdown twin beside it")
     k.set_defaults(func=cmd_compare)
 

@@ -3,6 +3,12 @@
 A fraction ``rate`` of the ``d_in`` rows of ``W`` (input features, paper orientation) is replaced by
 one shared vector ``q``; at ``rate = 1`` the projection is ``s q^T`` with ``s`` each token's feature
 sum. Rows are folded in a seeded random order, so a higher rate folds a superset of rows.
+
+``orientation: output`` is the other reading of the paper's damaged equations ("a unit vector of size
+one by d"; "the product ... is simply the scalar"): the *columns* are folded, every folded output
+feature is the same combination ``x . q`` (``W = q 1^T`` at rate 1). Its least-squares shared column
+is the mean of the folded columns whatever the inputs (each column's error ``X (q - w_j)`` is minimised
+in sum by the mean), so ``init: fit`` and ``mean-row`` coincide there.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
-from smartprune.nn import FoldedProjection
+from smartprune.nn import FOLDED, ColumnFoldedProjection, FoldedProjection
 from smartprune.recipes import IRCConfig, StrategyConfig
 
 
@@ -24,47 +30,55 @@ def least_squares_row(gram: Tensor, weight: Tensor, folded: Tensor) -> Tensor:
     return (num / den).to(weight.dtype)
 
 
+# orientation -> (module class, axis of W that is folded: 0 = rows / input features, 1 = columns / outputs)
+ORIENTATIONS = {"input": (FoldedProjection, 0), "output": (ColumnFoldedProjection, 1)}
+
+
 class IRCStage(Stage):
     cfg: IRCConfig
 
     def __init__(self, cfg: IRCConfig, sub: Sublayer, generator: torch.Generator) -> None:
         super().__init__(cfg, sub, generator)
+        self.fold_class, self.axis = ORIENTATIONS[cfg.orientation]
         self.roles = list(cfg.variant)  # "qk" -> ["q", "k"]
         self.original = {r: sub.module(r).dense_weight().clone() for r in self.roles}
-        self.order = {r: torch.randperm(w.shape[0], generator=generator) for r, w in self.original.items()}
-        self.chosen = {r: int(torch.randint(w.shape[0], (1,), generator=generator)) for r, w in self.original.items()}
+        self.order = {r: torch.randperm(w.shape[self.axis], generator=generator) for r, w in self.original.items()}
+        self.chosen = {r: int(torch.randint(w.shape[self.axis], (1,), generator=generator))
+                       for r, w in self.original.items()}
         self.rate = 0.0
 
     def schedule(self, strategy: StrategyConfig) -> list[float]:
         return recursive_rates(self.cfg.rate, strategy)
 
     def _shared_row(self, role: str, current: nn.Module, folded: Tensor) -> Tensor:
-        if self.cfg.init == "fit":
-            return least_squares_row(self.sub.input_stats().gram, self.original[role], folded)
-        if isinstance(current, FoldedProjection) and current.folded_rows.numel():
-            return current.q.detach()  # keep the (already optimized) shared row as more rows join
+        w = self.original[role] if self.axis == 0 else self.original[role].t()  # the foldable vectors as rows
+        if self.cfg.init == "fit":  # least squares; in the column reading that is the mean (module docstring)
+            return least_squares_row(self.sub.input_stats().gram, w, folded) if self.axis == 0 else w[folded].mean(0)
+        if isinstance(current, self.fold_class) and current.n_folded:
+            return current.q.detach()  # keep the (already optimized) shared vector as more join
         if self.cfg.init == "mean-row":
-            return self.original[role][folded].mean(0)
-        return self.original[role][self.chosen[role]]
+            return w[folded].mean(0)
+        return w[self.chosen[role]]
 
     def compress_to(self, rate: float) -> None:
         for role in self.roles:
             current = self.sub.module(role)
-            d_in = self.original[role].shape[0]
-            n = round(rate * d_in)
+            n_axis = self.original[role].shape[self.axis]
+            n = round(rate * n_axis)
             if n == 0:
                 continue
-            folded = torch.zeros(d_in, dtype=torch.bool)
+            folded = torch.zeros(n_axis, dtype=torch.bool)
             folded[self.order[role][:n]] = True
             q = self._shared_row(role, current, folded)
             bias = None if current.bias is None else current.bias.detach()
-            self.sub.replace(role, FoldedProjection(current.dense_weight(), bias, folded, q))
+            self.sub.replace(role, self.fold_class(current.dense_weight(), bias, folded, q))
         self.rate = rate
 
     def trainable(self) -> list[nn.Parameter]:
         if self.cfg.train_rest:
             return self.sub.parameters()
-        return [self.sub.module(r).q for r in self.roles if isinstance(self.sub.module(r), FoldedProjection)]
+        return [self.sub.module(r).q for r in self.roles if isinstance(self.sub.module(r), FOLDED)]
 
     def achieved(self) -> float:
         return self.rate
+

@@ -47,6 +47,9 @@ class IRCConfig(FitConfig):
     rate: float = _opt(1.0, "fraction of rows replaced by the shared row (1 = full IRC)", lo=0.0, hi=1.0)
     init: str = _opt("random-row", "shared row: random-row | mean-row | fit (least squares)",
                      choices=("random-row", "mean-row", "fit"))
+    orientation: str = _opt("input", "which reading of IRC: input (rows folded, W = 1 q^T: each token's feature "
+                            "sum times q) | output (columns folded, W = q 1^T: every output is x . q)",
+                            choices=("input", "output"))
     train_rest: bool = _opt(True, "also optimize the attention's other weights after the fold")
 
 
