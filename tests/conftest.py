@@ -154,3 +154,12 @@ def _write_classification_data(root: Path) -> None:
 def use_data(monkeypatch, data_dir) -> Path:
     monkeypatch.setenv("SMARTPRUNE_DATA", str(data_dir))
     return data_dir
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Device-generic tests run on the CPU everywhere and on the GPU too where torch sees one."""
+    return request.param

@@ -101,3 +101,18 @@ def test_train_from_scratch_saves_a_loadable_gpt2(use_data, tmp_path, capsys):
     assert loaded.model.config.model_type == "gpt2" and loaded.tokenizer is not None
     code, _, err = run(capsys, "train", "--config", "gpt2-mega", "--out", tmp_path / "x")
     assert code == 2 and "did you mean" in _one_clean_line(err) and not (tmp_path / "x").exists()
+
+
+def test_eval_on_a_device_in_a_compute_dtype(model_dirs, use_data, tmp_path, capsys, device):
+    """Device-generic evaluation (CPU, and GPU where torch sees one), bfloat16 autocast."""
+    import torch
+
+    code, _, err = run(capsys, "eval", model_dirs["llama"], "--tasks", "wikitext2", "--seqlen", "32", "--limit", "2",
+                       "--device", device, "--compute-dtype", "bfloat16", "--json", tmp_path / "e.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["settings"]["compute_dtype"] == "bfloat16" and data["settings"]["device"].startswith(device)
+    assert data["results"]["wikitext2"]["perplexity"] > 1
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "eval", model_dirs["llama"], "--device", "cuda:0")
+        assert code == 2 and "no GPU" in err and len(err.strip().splitlines()) == 1

@@ -35,11 +35,14 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_recovery_lowers_the_loss_and_keeps_the_structure(compressed, gpt2_tokenizer, use_data):
+def test_recovery_lowers_the_loss_and_keeps_the_structure(compressed, gpt2_tokenizer, use_data, device):
     model, teacher = compressed
     folded_before = {n: m.q.detach().clone() for n, m in model.named_modules() if isinstance(m, FoldedProjection)}
     masks = {n: m.mask.clone() for n, m in model.named_modules() if isinstance(m, Maskable) and m.mask is not None}
-    r = recover(model, gpt2_tokenizer, RecoverConfig(steps=20, **SMALL), teacher=teacher, progress=False)
+    r = recover(model, gpt2_tokenizer, RecoverConfig(steps=20, **SMALL), teacher=teacher, device=device,
+                progress=False)
+    assert r["device"].startswith(device)
+    model.cpu()
     assert len(r["loss"]) == r["steps"] == 20 and r["tokens"] == 20 * 4 * 32
     assert sum(r["loss"][-5:]) < sum(r["loss"][:5])
     assert r["perplexity_after"] < r["perplexity_before"]
@@ -81,6 +84,25 @@ def test_resume_after_interrupt_continues_bit_for_bit(compressed, gpt2_tokenizer
     assert r["loss"] == straight["loss"]
     a, b = _weights(whole), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_minutes_budget_sizes_the_run_from_the_first_steps(compressed, gpt2_tokenizer, use_data, monkeypatch):
+    import smartprune.recovery as rec
+
+    clock = iter(float(t) for t in range(1000))  # every perf_counter call advances one "second"
+    monkeypatch.setattr(rec.time, "perf_counter", lambda: next(clock))
+    model, teacher = compressed
+    r = recover(model, gpt2_tokenizer, RecoverConfig(minutes=0.5, **SMALL), teacher=teacher, progress=False)
+    # two steps took 2 "seconds" (one perf_counter call per step after the start): 30 s allows 30 steps
+    assert r["steps"] == 30
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(compressed, gpt2_tokenizer, use_data):
+    from smartprune.errors import DataError
+
+    model, _ = compressed
+    with pytest.raises(DataError, match="vocabulary"):
+        recover(model, gpt2_tokenizer, RecoverConfig(steps=1, **SMALL), teacher=tiny_model("llama"), progress=False)
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():

@@ -84,3 +84,12 @@ def test_sweep_cli_and_bad_variants(model_dirs, use_data, tmp_path, capsys):
     assert "| lower | 0.5 |" in out and "| upper | 1 |" in out
     code, _, err = run(capsys, "sweep", model_dirs["gpt2"], "--method", "dwc", "--variants", "uper")
     assert code == 2 and "did you mean 'upper'" in _one_clean_line(err)
+
+
+def test_sweep_with_equal_recovery_retrains_every_point(model_dirs, use_data, tmp_path):
+    out = run_sweep(_settings(model_dirs["llama"], recover_tokens=512), tmp_path / "s.json", progress=False)
+    assert [p["rate"] for p in out["points"]] == [0.0, 0.3, 0.6]
+    for p in out["points"]:
+        assert p["recovery"]["tokens"] == 512 and p["recovery"]["steps"] == 1  # 8 windows of 64
+        assert p["results_before_recovery"]["wikitext2"]["windows"] == p["results"]["wikitext2"]["windows"] == 2
+    assert out["settings_key"]["recover_tokens"] == 512

@@ -239,10 +239,14 @@ class EvalTable:
 
 
 def evaluate_models(models: list[str], *, tasks: list[str], settings=None, json_path: str | Path | None = None,
-                    progress: bool = True) -> EvalTable:
-    """Every task on every model (loaded one at a time), side by side with the first model."""
+                    device: str = "auto", compute_dtype: str = "auto", progress: bool = True) -> EvalTable:
+    """Every task on every model (loaded one at a time), side by side with the first model, on
+    `device` with forward passes in `compute_dtype` (``auto``: bfloat16 on a GPU, float32 on a CPU)."""
+    from smartprune.device import autocast, resolve_compute_dtype
     from smartprune.evaluation.suite import EvalSettings, check_tasks, evaluate
 
+    dev = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, dev)
     settings = settings or EvalSettings()
     tasks = check_tasks(tasks)
     for t in tasks:  # missing perplexity texts fail before any model loads
@@ -253,10 +257,13 @@ def evaluate_models(models: list[str], *, tasks: list[str], settings=None, json_
         loaded = load_model(spec)
         if loaded.tokenizer is None:
             raise DataError(f"model {spec} has no tokenizer files; evaluation needs one")
-        log.info("evaluating %s on %s", spec, ", ".join(tasks))
-        results[spec] = evaluate(loaded, tasks, settings, progress=progress)
+        log.info("evaluating %s on %s (%s, %s)", spec, ", ".join(tasks), dev, str(dtype).removeprefix("torch."))
+        loaded.model.to(dev)
+        with autocast(dev, dtype):
+            results[spec] = evaluate(loaded, tasks, settings, progress=progress)
         del loaded
-    table = EvalTable(list(models), results, dataclasses.asdict(settings))
+    table = EvalTable(list(models), results,
+                      {**dataclasses.asdict(settings), "device": str(dev), "compute_dtype": str(dtype)[6:]})
     if json_path:
         write_json(Path(json_path), table.to_dict())
     return table

@@ -54,3 +54,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters live on (inputs are moved there)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

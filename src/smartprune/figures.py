@@ -111,3 +111,18 @@ def save(fig: Figure, path) -> None:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def recovery_figure(runs: dict[str, list[dict]], title: str) -> Figure:
+    """Held-out perplexity against training tokens seen, one line per recovery run (log scale):
+    `runs` maps a label to a recovery report's ``held_out`` list of {tokens, perplexity}."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    for label, points in runs.items():
+        ax.plot([p["tokens"] for p in points], [p["perplexity"] for p in points], marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig

@@ -194,6 +194,9 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
         teacher = None
     elif teacher is None:
         raise DataError("recovery with teacher 'dense' needs the dense model (or set teacher: none)")
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        raise DataError(f"the teacher's vocabulary ({teacher.config.vocab_size} tokens) differs from the compressed "
+                        f"model's ({model.config.vocab_size}); distillation needs the model it was compressed from")
     max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_len is not None and cfg.seqlen > max_len:
         raise DataError(f"recovery seqlen {cfg.seqlen} is longer than the model allows ({max_len})")

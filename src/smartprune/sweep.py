@@ -83,6 +83,7 @@ class SweepSettings:
     calib_samples: int | None = None
     calib_seqlen: int | None = None
     seed: int = 0
+    recover_tokens: int | None = None  # retrain every point (rate 0 too) with this budget before evaluating
 
     def __post_init__(self) -> None:
         stages_of(self.method)
@@ -101,8 +102,9 @@ class SweepSettings:
     def key(self) -> dict:
         """What must match for a saved point to be reused."""
         d = dataclasses.asdict(self)
-        return {k: d[k] for k in ("model", "method", "tasks", "base", "limit", "examples", "seqlen", "calib_samples",
-                                  "calib_seqlen", "seed")}
+        keys = ["model", "method", "tasks", "base", "limit", "examples", "seqlen", "calib_samples", "calib_seqlen",
+                "seed"] + (["recover_tokens"] if self.recover_tokens else [])  # older sweep files stay resumable
+        return {k: d[k] for k in keys}
 
 
 def point_recipe(base: Recipe, method: str, variant: str, rate: float) -> Recipe:
@@ -139,6 +141,8 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
     """Evaluate the dense model and every (variant, rate) point; returns (and writes) the sweep."""
     from smartprune.evaluation.suite import EvalSettings, check_tasks, evaluate
     from smartprune.loading import load_model
+    from smartprune.recipes.schema import RecoverConfig
+    from smartprune.recovery import recover
 
     path = Path(json_path) if json_path else None
     check_tasks(settings.tasks)
@@ -155,6 +159,8 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
     if done:
         log.info("resuming: %d points already in %s, %d to go", len(done), path, len(todo))
     recipes = {(v, r): point_recipe(base, settings.method, v, r) for v, r in todo if r > 0}
+    recover_cfg = None if settings.recover_tokens is None else \
+        RecoverConfig(tokens=settings.recover_tokens, seqlen=min(256, settings.seqlen))
     loaded = load_model(settings.model)
     dense_state = copy.deepcopy(loaded.model)
     out = {"settings": dataclasses.asdict(settings), "settings_key": settings.key(), "points": points}
@@ -167,10 +173,17 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
                               progress=False).report
         compress_s = time.perf_counter() - start
         results = evaluate(loaded, settings.tasks, eval_settings, progress=False)
-        points.append({"variant": variant, "rate": rate,
-                       "compression": report["overall"]["compression"] if report else 0.0,
-                       "groups": report["groups"] if report else {}, "results": results,
-                       "compress_seconds": compress_s, "seconds": time.perf_counter() - start})
+        point = {"variant": variant, "rate": rate, "compression": report["overall"]["compression"] if report else 0.0,
+                 "groups": report["groups"] if report else {}, "results": results, "compress_seconds": compress_s}
+        if recover_cfg is not None:  # equal retraining for every point; the curves show the retrained model
+            rec = recover(loaded.model, loaded.tokenizer, recover_cfg, teacher=dense_state, seed=settings.seed,
+                          progress=False)
+            point["results_before_recovery"] = results
+            point["results"] = evaluate(loaded, settings.tasks, eval_settings, progress=False)
+            point["recovery"] = {k: rec[k] for k in ("tokens", "steps", "seconds", "perplexity_before",
+                                                     "perplexity_after")}
+            loaded.model.to("cpu")
+        points.append({**point, "seconds": time.perf_counter() - start})
         if path:
             write_json(path, out)  # after every point: an interrupted sweep resumes from here
     points.sort(key=lambda p: (p["variant"], p["rate"]))

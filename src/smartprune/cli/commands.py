@@ -77,7 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from smartprune.api import evaluate_models
 
     result = evaluate_models(args.models, tasks=args.tasks.split(","), settings=_eval_settings(args),
-                             json_path=args.json, progress=not args.quiet)
+                             json_path=args.json, device=args.device, compute_dtype=args.compute_dtype,
+                             progress=not args.quiet)
     _out(result.summary())
     return 0
 
@@ -86,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from smartprune.api import evaluate_models
 
     result = evaluate_models(args.models, tasks=["generation"], settings=_eval_settings(args), json_path=args.json,
-                             progress=not args.quiet)
+                             device=args.device, compute_dtype=args.compute_dtype, progress=not args.quiet)
     for model, res in result.results.items():
         for prompt, text in res["generation"]["texts"].items():
             _out(f"--- {model} | {res['generation']['decoding']} | {prompt!r}\n{prompt}{text}\n")
@@ -151,7 +152,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              variants=args.variants.split(",") if args.variants else [""],
                              tasks=args.tasks.split(","), base=args.base, limit=args.limit, examples=args.examples,
                              seqlen=args.seqlen, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                             seed=args.seed)
+                             seed=args.seed, recover_tokens=args.recover_tokens)
     _out(summary(run_sweep(settings, args.json, progress=not args.quiet)))
     return 0
 

@@ -171,14 +171,14 @@ def build_parser() -> Parser:
                        "and generation (repetition and meaningless-word rates, see docs/evaluation.md).")
     e.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
     e.add_argument("--tasks", default="wikitext2", help="comma-separated task names (wikitext2)")
-    _eval_options(e, "perplexity", "classification", "mode", "finetune", "generation")
+    _eval_options(e, "perplexity", "classification", "mode", "finetune", "generation", "device")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text and measure repetition and meaningless words",
                        description="Continue each prompt with each MODEL (greedy by default, or seeded sampling), "
                        "print the texts, and measure repetition@N and meaningless@N at each --lengths N.")
     g.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
-    _eval_options(g, "generation")
+    _eval_options(g, "generation", "device")
     g.set_defaults(func=cmd_generate)
 
     f = sub.add_parser("classify", help="fine-tune a classifier, compress it, score it before and after",
@@ -227,6 +227,8 @@ def build_parser() -> Parser:
     w.add_argument("--calib-samples", type=_positive, help="override the calibration window count")
     w.add_argument("--calib-seqlen", type=_positive, help="override the calibration window length")
     w.add_argument("--seed", type=int, default=0, help="seed (0)")
+    w.add_argument("--recover-tokens", type=_positive, help="retrain every point (the dense one too) with this many "
+                   "WikiText-2 train tokens before evaluating: curves at equal retraining")
     w.add_argument("--json", help="write (and resume from) this JSON file")
     w.set_defaults(func=cmd_sweep)
 
@@ -282,6 +284,10 @@ def _eval_options(p: argparse.ArgumentParser, *groups: str) -> None:
         p.add_argument("--lengths", type=_positive, nargs="+", default=[128, 512],
                        help="generation: token counts the metrics are taken at (128 512)")
         p.add_argument("--sample", action="store_true", help="generation: seeded nucleus sampling, not greedy")
+    if "device" in groups:
+        p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
+        p.add_argument("--compute-dtype", default="auto", help="forward precision: auto (default: bfloat16 on a GPU, "
+                       "float32 on a CPU), float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0, help="seed (0)")
     p.add_argument("--json", help="write the results to this JSON file")
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from smartprune.data import Calibration
+from smartprune.device import model_device
 from smartprune.evaluation.metrics import classification_metrics
 from smartprune.evaluation.tasks import Example, Task
 from smartprune.methods.fit import Objective
@@ -69,7 +70,8 @@ def label_scores(model: nn.Module, tokenizer, prompts: list[str], verbalizers: t
     for s in tqdm(range(0, len(items), step), desc="zero-shot", disable=not progress, leave=False):
         chunk = items[s:s + step]
         ids, mask = pad_batch([ctx + c for _, _, ctx, c in chunk])
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        dev = model_device(model)
+        logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1).cpu()
         for row, (e, k, ctx, c) in enumerate(chunk):
             pos = torch.arange(len(ctx) - 1, len(ctx) + len(c) - 1)
             scores[e, k] = logp[row, pos, torch.tensor(c)].sum()
@@ -122,15 +124,19 @@ class SequenceClassifier(nn.Module):
         self.lm = lm
         hidden = lm.config.hidden_size
         gen = torch.Generator().manual_seed(seed)
-        self.head = nn.Linear(hidden, n_labels)
+        self.head = nn.Linear(hidden, n_labels).to(model_device(lm))
         with torch.no_grad():
-            self.head.weight.copy_(torch.randn(n_labels, hidden, generator=gen) * 0.02)
+            self.head.weight.copy_(torch.randn(n_labels, hidden, generator=gen).to(self.head.weight.device) * 0.02)
             self.head.bias.zero_()
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        dev = model_device(self.lm)
+        ids, mask = ids.to(dev), mask.to(dev)
         h = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         last = mask.sum(1) - 1
-        return self.head(h[torch.arange(h.shape[0]), last].float())
+        # Logits come back on the CPU (a few numbers per example), where the labels are: callers stay
+        # device-agnostic, and gradients still flow back to the device.
+        return self.head(h[torch.arange(h.shape[0], device=h.device), last].float()).cpu()
 
 
 def encode_examples(tokenizer, task: Task, examples: list[Example], seqlen: int) -> list[list[int]]:

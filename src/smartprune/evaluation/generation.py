@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from smartprune.data import train_text
+from smartprune.device import model_device
 
 PROMPTS = ("Once upon a time", "The Industrial Revolution")
 UNIT = re.compile(r"[a-z]+|\d+|[^\w\s]")
@@ -88,7 +89,7 @@ class GenerationConfig:
 def generate(model: nn.Module, tokenizer, prompt: str, new_tokens: int, *, greedy: bool = True,
              temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> list[int]:
     """`new_tokens` generated token ids after `prompt` (KV cache; end-of-text suppressed)."""
-    ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids
+    ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids.to(model_device(model))
     torch.manual_seed(seed)
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,

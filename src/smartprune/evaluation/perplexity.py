@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from smartprune.data import eval_text, tokenize
+from smartprune.device import model_device
 from smartprune.errors import DataError
 
 
@@ -72,9 +73,10 @@ def perplexity_of_ids(model: nn.Module, ids: Tensor, seqlen: int, *, stride: int
     if not spans:
         raise DataError(f"text of {ids.numel()} tokens is shorter than one window of {seqlen}")
     model.eval()
+    device = model_device(model)
     total, count = 0.0, 0
     for begin, end, first in tqdm(spans, desc=f"perplexity {task}", disable=not progress, leave=False):
-        window = ids[begin:end].unsqueeze(0)
+        window = ids[begin:end].unsqueeze(0).to(device)
         logits = model(window).logits[0, first - 1:-1].float()
         nll = F.cross_entropy(logits, window[0, first:], reduction="sum")
         total += nll.item()
