@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from smartprune.accounting import format_table
-from smartprune.artifact import DTYPES, check_output, save, write_dense, write_json
+from smartprune.artifact import DTYPES, check_output, check_outputs_apart, save, write_dense, write_json
 from smartprune.data import EVAL_TEXTS, TRAIN_TEXTS, eval_text, train_text_path
 from smartprune.device import resolve_device
 from smartprune.engine import compress
@@ -78,6 +78,8 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
 
     out = Path(out)
     check_output(out, overwrite)
+    local = Path(model).expanduser()
+    check_outputs_apart(out, dense_out, local if local.exists() else None)
     resolve_device(device)
     if dtype not in DTYPES:
         raise OutputError(f"unknown dtype '{dtype}'{did_you_mean(dtype, DTYPES)}; known: {', '.join(DTYPES)}")

@@ -48,26 +48,53 @@ TENSORS = "model.safetensors"
 
 
 def check_output(path: Path, overwrite: bool) -> None:
-    """Refuse an output location that already holds something, unless `overwrite`."""
+    """Refuse an output location that already holds something, unless `overwrite`; refuse always a
+    location whose replacement would delete what is not ours: the file-system root, the home folder,
+    the current folder or one of its ancestors (``.``, ``..``)."""
+    path = Path(path)
+    resolved, cwd = path.expanduser().resolve(), Path.cwd().resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or cwd.is_relative_to(resolved):
+        raise OutputError(f"refusing output folder {path}: it is the root, the home folder, or the current "
+                          "folder or one of its parents; name a new folder")
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise OutputError(f"output folder {path} is not empty (use --overwrite to replace it)")
 
 
+def check_outputs_apart(*paths: Path | str | None) -> None:
+    """Refuse two locations of one run (outputs, the input model) that are equal or nested."""
+    named = [Path(p).expanduser().resolve() for p in paths if p is not None]
+    for i, a in enumerate(named):
+        for b in named[i + 1:]:
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                raise OutputError(f"{a} and {b} overlap: an output may not be, contain or lie inside the other "
+                                  "output or the input model")
+
+
 @contextmanager
 def atomic_dir(target: Path, overwrite: bool):
-    """Yield a temporary folder beside `target`; move it into place only if the block succeeds."""
+    """Yield a temporary folder beside `target`; move it into place only if the block succeeds. An
+    existing `target` is moved aside first and deleted only once the new one is in place, so no
+    failure loses both."""
     check_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
     try:
         yield tmp
         if target.exists():
-            shutil.rmtree(target)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
         os.replace(tmp, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.replace(old / target.name, target)  # put the previous output back
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -161,7 +161,7 @@ class Checkpointer:
              cfg: RecoverConfig) -> RecoveryState:
         if self.path is None or not self.path.is_file():
             raise DataError(f"nothing to resume: no checkpoint at {self.path}")
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)  # plain tensors and containers
         if ckpt["config"] != asdict(cfg):
             changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != asdict(cfg).get(k))
             raise DataError(f"checkpoint {self.path} was made with other recovery settings ({', '.join(changed)}); "

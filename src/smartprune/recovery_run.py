@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smartprune.artifact import MANIFEST, atomic_dir, check_output, save, write_dense, write_json
+from smartprune.artifact import MANIFEST, atomic_dir, check_output, check_outputs_apart, save, write_dense, write_json
 from smartprune.device import resolve_device
 from smartprune.errors import DataError, ModelError
 from smartprune.recipes.schema import RecoverConfig
@@ -87,6 +87,8 @@ def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg:
         check_output(out, overwrite)
         if dense_out is not None:
             check_output(Path(dense_out), overwrite)
+        local = Path(compressed).expanduser()
+        check_outputs_apart(out, dense_out, local if local.exists() else None)
         resolve_device(device)
         if not Path(compressed).expanduser().exists() and "/" in compressed:
             raise ModelError(f"model path not found: {compressed}")
