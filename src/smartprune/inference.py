@@ -15,6 +15,12 @@
   SDPA kernel (0.58x at 512 tokens, 0.25x at 1024), so by default the same scores are handed to
   SDPA as rank-structured vectors built element-wise from ``s`` and the rotation tables (rank 1
   without RoPE; ``q~`` shared by all heads with it); ``prefill="offset"`` keeps the pure path.
+  The other reading of IRC (columns folded, ``W = q 1^T``) has the same form with ``s_i = x_i . q``
+  per projection and a vector of ones per head, so the same module runs it. The cache keeps ``s`` and
+  the position (as base-256 digits, exact in any dtype) in the values' dtype; the cache reaches the
+  module under whatever keyword the installed transformers uses (`_take_cache`).
+- Every module computes in its input's dtype (float32, bfloat16, float16); the scores are built in
+  float32 and cast, as the dense attention's softmax is.
 - **DWC values**: a V whose mask keeps one input per output (the (generalized) diagonal) becomes an
   element-wise product ``x[:, idx] * w``.
 - **Sparse feed-forward**: a masked matrix at or above the CSR crossover sparsity runs through a
