@@ -31,6 +31,7 @@ class RecoverRun:
     teacher: str
     out: Path
     recovery: dict
+    rank: int = 0  # under torch.distributed only rank 0 prints and writes
 
     def to_dict(self) -> dict:
         return {"compressed": self.compressed, "teacher": self.teacher, "out": str(self.out),
@@ -96,7 +97,7 @@ def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg:
             raise DataError(f"nothing to resume: no checkpoint at {checkpoint_dir(out)}")
         if nproc > 1:
             return _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, overwrite, nproc, progress)
-    _init_from_env(device)
+    joined = _init_from_env(device)
     rank, size = world()
     student, tokenizer, report, is_compact = _load_student(compressed)
     ref = None
@@ -120,7 +121,9 @@ def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg:
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     if size > 1:
         dist.barrier()
-    return RecoverRun(str(compressed), teacher or "none", out, recovery)
+    if joined:
+        dist.destroy_process_group()
+    return RecoverRun(str(compressed), teacher or "none", out, recovery, rank)
 
 
 def _write(model, tokenizer, report: dict, out: Path, is_compact: bool, overwrite: bool) -> None:
@@ -149,12 +152,13 @@ def _rank_device(device: str) -> torch.device:
     return dev
 
 
-def _init_from_env(device: str) -> None:
+def _init_from_env(device: str) -> bool:
     """Join the process group `torchrun` (or `_launch`) describes in the environment, once: NCCL when
-    the processes run on GPUs, gloo on CPUs."""
+    the processes run on GPUs, gloo on CPUs. True when this call created it."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
+        return False
     dist.init_process_group(backend="nccl" if resolve_device(device).type == "cuda" else "gloo")
+    return True
 
 
 def _free_port() -> int:

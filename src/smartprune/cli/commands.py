@@ -125,6 +125,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     run = recover_model(args.compressed, teacher=args.teacher, out=args.out, cfg=cfg, dense_out=args.dense_out,
                         device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
                         nproc=args.nproc, progress=not args.quiet)
+    if run.rank != 0:
+        return 0
     if args.json:
         write_json(Path(args.json), run.to_dict())
     _out(run.summary())
