@@ -66,3 +66,42 @@ def test_replacing_keeps_the_old_output_until_the_new_one_is_in_place(tmp_path, 
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     with pytest.raises(OutputError, match="not empty"), atomic_dir(target, overwrite=False):
         pass
+
+
+def test_a_folder_missing_a_tensor_is_refused_not_filled_with_random_weights(model_dirs, use_data, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dirs["llama"], broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    dropped = next(k for k in tensors if "mlp.down_proj" in k)
+    del tensors[dropped]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run(capsys, "eval", broken, "--seqlen", "32", "--limit", "1")
+    assert code == 2 and "missing keys" in _one_clean_line(err) and dropped in err
+
+
+def test_a_compressed_folder_without_its_manifest_is_refused(model_dirs, use_data, tmp_path, capsys):
+    code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "fpp-ff", "--out", tmp_path / "c",
+                       "--calib-samples", "4", "--calib-seqlen", "16")
+    assert code == 0, err
+    (tmp_path / "c" / "smartprune.json").unlink()
+    code, _, err = run(capsys, "eval", tmp_path / "c", "--seqlen", "32", "--limit", "1")
+    assert code == 2 and "smartprune.json is missing" in _one_clean_line(err)
+
+
+def test_non_finite_weights_are_reported(caplog):
+    import logging
+
+    import torch
+
+    from smartprune.nn import report_non_finite
+
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0, 1] = float("nan")
+    with caplog.at_level(logging.WARNING):
+        assert report_non_finite(model, "m") == 1
+    assert "non-finite" in caplog.text and "weight" in caplog.text

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from smartprune.adapters import get_adapter
 from smartprune.errors import ArtifactError, OutputError, did_you_mean
-from smartprune.nn import ColumnFoldedProjection, FoldedProjection, Maskable, Projection
+from smartprune.nn import ColumnFoldedProjection, FoldedProjection, Maskable, Projection, report_non_finite
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -286,6 +286,7 @@ def load(path: str | os.PathLike, *, structured: bool = True) -> nn.Module:
     for key, target in manifest.get("aliases", {}).items():
         state[key] = state[target] if target in state else _tensor(tensors, target, path)
     _load_state(model, state, path)
+    report_non_finite(model, str(path))
     if structured:
         from smartprune.structure import use_structure
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from smartprune.adapters import adapter_class
 from smartprune.errors import ModelError, did_you_mean
+from smartprune.nn import report_non_finite
 from smartprune.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,39 @@ def _from_folder(path: Path):
 
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a model folder (no config.json)")
+    _refuse_compressed_without_manifest(path)
     config = AutoConfig.from_pretrained(path)
     _check_architecture(config, str(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    # transformers fills missing tensors with random values and only logs it (muted here): refuse.
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise ModelError(f"{path}: {kind.replace('_', ' ')} in the weights ({shown}); the folder is incomplete "
+                             "or of another model")
+    report_non_finite(model, str(path))
     tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
     return model, tokenizer
+
+
+def _refuse_compressed_without_manifest(path: Path) -> None:
+    """A folder whose weights were written by `smartprune compress` but whose manifest is gone would
+    load as a plain model with its compressed layers left random."""
+    from safetensors import safe_open
+
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return
+    try:
+        with safe_open(str(weights), "pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception:  # unreadable weights: from_pretrained reports them
+        return
+    if fmt == "smartprune":
+        raise ModelError(f"{path} holds smartprune-compressed weights but its smartprune.json is missing; "
+                         "the folder is incomplete")
+
 
 
 def _has_tokenizer(path: Path) -> bool:

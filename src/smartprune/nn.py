@@ -10,6 +10,8 @@ the fit loop multiplies gradients by the mask, so they stay zero through every o
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
@@ -227,3 +229,14 @@ def mask_gradients(model: nn.Module) -> None:
 def iter_maskable(module: nn.Module):
     """(qualified name, module) of every Maskable below `module`."""
     return ((n, m) for n, m in module.named_modules() if isinstance(m, Maskable))
+
+
+def report_non_finite(model: nn.Module, where: str) -> int:
+    """Count NaN / infinite weights and log a warning naming the first tensor that has them."""
+    bad = {name: int((~torch.isfinite(p)).sum()) for name, p in model.named_parameters()
+           if p.is_floating_point() and not bool(torch.isfinite(p).all())}
+    if bad:
+        first = next(iter(bad))
+        logging.getLogger(__name__).warning("%s: %d non-finite weight values in %d tensors (first: %s)", where,
+                                            sum(bad.values()), len(bad), first)
+    return sum(bad.values())
