@@ -227,3 +227,33 @@ def _recipe_file(tmp_path):
     path.write_text("fpp_ff: {target_sparsity: 0.5, steps: 0}\n"
                     "recover: {steps: 3, seqlen: 32, batch_size: 2, eval_windows: 1}\n")
     return path
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_during_recovery_leaves_a_usable_checkpoint(sig, code, model_dirs, use_data, tmp_path):
+    """What a user sees when a long run is stopped: the exit code, no temporary folders, and a
+    checkpoint that --resume continues from."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r"
+    argv = [sys.executable, "-m", "smartprune", "-q", "recover", str(model_dirs["llama"]), "--teacher", "none",
+            "--out", str(out), "--steps", "100000", "--seqlen", "16", "--batch-size", "2", "--eval-windows", "1",
+            "--checkpoint-minutes", "0"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ckpt = tmp_path / ".r.recover-checkpoint" / "recover-checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.is_file(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(getattr(signal, sig))
+    assert proc.wait(timeout=60) == code
+    assert "resume" in proc.stderr.read()
+    import torch
+
+    state = torch.load(ckpt, weights_only=True)["state"]
+    assert state["step"] >= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r.recover-checkpoint"]  # nothing half-written

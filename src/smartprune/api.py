@@ -106,7 +106,7 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
 # Recovery in the demo when the recipe has none of its own: a budget that fits the demo's time on two CPU
 # cores (README: measured numbers), distillation from the dense model.
 DEMO_RECOVERY = {"full": {"steps": 120, "seqlen": 256, "batch_size": 4, "lr": 1e-3, "eval_every": 40},
-                 "quick": {"steps": 20, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 20}}
+                 "quick": {"steps": 16, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 8}}
 
 
 @dataclass

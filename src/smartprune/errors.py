@@ -45,3 +45,8 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
 
 class DeviceError(SmartpruneError):
     """A device or compute precision was asked for that this machine cannot provide."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up runs (temporary folders removed, a recovery
+    checkpoint written); the command line exits 143 instead of 130."""

@@ -26,7 +26,7 @@ from smartprune.cli.commands import (
     cmd_sweep,
     cmd_train,
 )
-from smartprune.errors import SmartpruneError, did_you_mean
+from smartprune.errors import SmartpruneError, Terminated, did_you_mean
 
 log = logging.getLogger("smartprune")
 
@@ -96,7 +96,7 @@ def build_parser() -> Parser:
                    help="8 calibration windows of 64 tokens, 4 evaluation windows: a few minutes")
     d.add_argument("--limit", type=_positive, help="evaluation windows (16; --quick: 4)")
     d.add_argument("--seed", type=int, default=0, help="seed (0)")
-    d.add_argument("--recover-steps", type=int, help="recovery steps after compression (120; --quick: 20; "
+    d.add_argument("--recover-steps", type=int, help="recovery steps after compression (120; --quick: 16; "
                    "0 skips recovery; a recipe with its own recover section sets its own)")
     d.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     d.add_argument("--json", help="also write the results to this JSON file")
@@ -301,14 +301,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"
     _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
+    previous = _terminate_like_interrupt()
     try:
         return func(args)
     except SmartpruneError as exc:
         sys.stderr.write(f"smartprune: error: {exc}\n")
         return exc.exit_code
+    except Terminated:
+        sys.stderr.write("smartprune: terminated\n")
+        return 143
     except KeyboardInterrupt:
         sys.stderr.write("smartprune: interrupted\n")
         return 130
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_like_interrupt():
+    """SIGTERM unwinds like Ctrl-C (finally blocks clean up) while a command runs; returns the
+    handler to restore (None where no handler can be set: not the main thread)."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _configure_logging(quiet: bool) -> None:
