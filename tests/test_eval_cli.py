@@ -116,3 +116,21 @@ def test_eval_on_a_device_in_a_compute_dtype(model_dirs, use_data, tmp_path, cap
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "eval", model_dirs["llama"], "--device", "cuda:0")
         assert code == 2 and "no GPU" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", "gpt2-tiny", "--steps", "1", "--out", "OUT"],
+    ["sweep", "MODEL", "--method", "irc", "--rates", "0,1", "--json", "OUT.json"],
+    ["compare", "MODEL", "--methods", "dense"],
+    ["demo", "--model", "MODEL", "--quick"],
+])
+def test_asking_for_a_gpu_without_one_is_one_line_before_any_work(argv, model_dirs, use_data, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = [str(model_dirs["llama"]) if a == "MODEL" else str(tmp_path / "o") + a[3:] if a.startswith("OUT") else a
+            for a in argv]
+    code, _, err = run(capsys, *argv, "--device", "cuda")
+    assert code == 2 and "no GPU" in _one_clean_line(err)
+    assert not any(tmp_path.iterdir())

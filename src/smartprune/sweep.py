@@ -84,6 +84,7 @@ class SweepSettings:
     calib_seqlen: int | None = None
     seed: int = 0
     recover_tokens: int | None = None  # retrain every point (rate 0 too) with this budget before evaluating
+    device: str = "auto"  # where points are evaluated and retrained (compression itself runs on the CPU)
 
     def __post_init__(self) -> None:
         stages_of(self.method)
@@ -139,6 +140,7 @@ def _load_points(path: Path | None, settings: SweepSettings) -> list[dict]:
 
 def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, progress: bool = True) -> dict:
     """Evaluate the dense model and every (variant, rate) point; returns (and writes) the sweep."""
+    from smartprune.device import resolve_device
     from smartprune.evaluation.suite import EvalSettings, check_tasks, evaluate
     from smartprune.loading import load_model
     from smartprune.recipes.schema import RecoverConfig
@@ -159,6 +161,7 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
     if done:
         log.info("resuming: %d points already in %s, %d to go", len(done), path, len(todo))
     recipes = {(v, r): point_recipe(base, settings.method, v, r) for v, r in todo if r > 0}
+    dev = resolve_device(settings.device)
     recover_cfg = None if settings.recover_tokens is None else \
         RecoverConfig(tokens=settings.recover_tokens, seqlen=min(256, settings.seqlen))
     loaded = load_model(settings.model)
@@ -172,17 +175,19 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
             report = compress(loaded.model, loaded.tokenizer, recipes[(variant, rate)], seed=settings.seed,
                               progress=False).report
         compress_s = time.perf_counter() - start
+        loaded.model.to(dev)
         results = evaluate(loaded, settings.tasks, eval_settings, progress=False)
         point = {"variant": variant, "rate": rate, "compression": report["overall"]["compression"] if report else 0.0,
                  "groups": report["groups"] if report else {}, "results": results, "compress_seconds": compress_s}
         if recover_cfg is not None:  # equal retraining for every point; the curves show the retrained model
-            rec = recover(loaded.model, loaded.tokenizer, recover_cfg, teacher=dense_state, seed=settings.seed,
-                          progress=False)
+            rec = recover(loaded.model, loaded.tokenizer, recover_cfg, teacher=dense_state, device=dev,
+                          seed=settings.seed, progress=False)
             point["results_before_recovery"] = results
             point["results"] = evaluate(loaded, settings.tasks, eval_settings, progress=False)
             point["recovery"] = {k: rec[k] for k in ("tokens", "steps", "seconds", "perplexity_before",
                                                      "perplexity_after")}
-            loaded.model.to("cpu")
+            dense_state.to("cpu")
+        loaded.model.to("cpu")
         points.append({**point, "seconds": time.perf_counter() - start})
         if path:
             write_json(path, out)  # after every point: an interrupted sweep resumes from here

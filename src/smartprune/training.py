@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from smartprune.artifact import atomic_dir, check_output
 from smartprune.data import eval_text, random_windows, tokenize, train_text
+from smartprune.device import resolve_device
 from smartprune.errors import DataError, did_you_mean
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.paths import data_dir
@@ -83,14 +84,16 @@ def _lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
 
 
-def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, device: str = "auto",
+          progress: bool = True) -> dict:
     """Train `cfg.config` from random weights on `cfg.text` and save it (with tokenizer and train.json)."""
     out = Path(out)
     check_output(out, overwrite)  # before the work, not after it
+    dev = resolve_device(device)
     tokenizer = gpt2_tokenizer()
     stream = tokenize(tokenizer, train_text(cfg.text))
     test_ids = tokenize(tokenizer, eval_text(cfg.text))
-    model = new_model(cfg.config, len(tokenizer), cfg.seed)
+    model = new_model(cfg.config, len(tokenizer), cfg.seed).to(dev)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
@@ -102,7 +105,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, progres
             break
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
-        ids = random_windows(stream, cfg.batch_size, cfg.seqlen, gen)
+        ids = random_windows(stream, cfg.batch_size, cfg.seqlen, gen).to(dev)
         loss = model(ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,6 +118,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, progres
     model.eval()
     seconds = time.perf_counter() - start
     ppl = perplexity_of_ids(model, test_ids, cfg.seqlen, limit=cfg.eval_windows, task=cfg.text, progress=False)
+    model.to("cpu")
     k = max(1, len(losses) // 20)
     summary = {"config": asdict(cfg), "model": CONFIGS[cfg.config], "parameters": sum(p.numel() for p in
                                                                                        model.parameters()),

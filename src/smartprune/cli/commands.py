@@ -154,7 +154,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                              variants=args.variants.split(",") if args.variants else [""],
                              tasks=args.tasks.split(","), base=args.base, limit=args.limit, examples=args.examples,
                              seqlen=args.seqlen, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                             seed=args.seed, recover_tokens=args.recover_tokens)
+                             seed=args.seed, recover_tokens=args.recover_tokens, device=args.device)
     _out(summary(run_sweep(settings, args.json, progress=not args.quiet)))
     return 0
 
@@ -172,7 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(config=args.config, text=args.text, steps=args.steps, minutes=args.minutes,
                       batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr, seed=args.seed)
-    summary = train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    summary = train(cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     t = summary["test"]
     _out(f"trained {cfg.config} ({summary['parameters']:,} parameters) on {cfg.text} for {summary['steps_done']} "
          f"steps in {summary['seconds']:.0f} s: loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "

@@ -229,6 +229,8 @@ def build_parser() -> Parser:
     w.add_argument("--seed", type=int, default=0, help="seed (0)")
     w.add_argument("--recover-tokens", type=_positive, help="retrain every point (the dense one too) with this many "
                    "WikiText-2 train tokens before evaluating: curves at equal retraining")
+    w.add_argument("--device", default="auto", help="where points are evaluated and retrained: auto (a GPU when "
+                   "torch sees one), cpu, cuda or cuda:N (compression itself runs on the CPU)")
     w.add_argument("--json", help="write (and resume from) this JSON file")
     w.set_defaults(func=cmd_sweep)
 
@@ -256,6 +258,7 @@ def build_parser() -> Parser:
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed (0)")
     t.add_argument("--out", required=True, help="folder to save the trained model to")
+    t.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     t.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
     t.set_defaults(func=cmd_train)
     return p
