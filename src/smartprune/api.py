@@ -99,7 +99,8 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite, dtype=dtype)
     if dense_out is not None:
         write_dense(loaded.model, dense_out, tokenizer=loaded.tokenizer, overwrite=overwrite)
-    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    if recipe.recover is not None:  # the model is written: its recovery checkpoint is no longer needed
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     return CompressRun(report, out, Path(dense_out) if dense_out else None)
 
 

@@ -186,7 +186,7 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
 
     def scores(model) -> dict[str, float]:
         model.to(dev)
-        return {t: perplexity_of_ids(model, ids.to(dev), settings.seqlen, limit=settings.limit, task=t,
+        return {t: perplexity_of_ids(model, ids, settings.seqlen, limit=settings.limit, task=t,
                                      progress=progress).perplexity for t, ids in eval_ids.items()}
 
     def evaluate(model, method: str, sparsity: str, compression: float, seconds: float, peak: int,

@@ -110,12 +110,17 @@ class Calibration:
     source: str
 
 
+def windows_at(stream: Tensor, starts: list[int], seqlen: int) -> Tensor:
+    """The windows of `seqlen` tokens of `stream` beginning at `starts` (len(starts), seqlen)."""
+    return torch.stack([stream[s:s + seqlen] for s in starts])
+
+
 def random_windows(stream: Tensor, count: int, seqlen: int, generator: torch.Generator) -> Tensor:
     """`count` windows of `seqlen` tokens at distinct random starts of `stream` (count, seqlen)."""
     if stream.numel() < seqlen + count:
         raise DataError(f"calibration text has {stream.numel()} tokens, too few for {count} windows of {seqlen}")
     starts = torch.randperm(stream.numel() - seqlen, generator=generator)[:count]
-    return torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+    return windows_at(stream, starts.tolist(), seqlen)
 
 
 def held_out_windows(stream: Tensor, taken: Tensor, count: int, seqlen: int, generator: torch.Generator) -> Tensor:
@@ -134,7 +139,7 @@ def held_out_windows(stream: Tensor, taken: Tensor, count: int, seqlen: int, gen
     if len(starts) < count:
         raise DataError(f"calibration text has {stream.numel()} tokens, too few for {count} held-out windows of "
                         f"{seqlen} apart from the calibration windows")
-    return torch.stack([stream[s:s + seqlen] for s in starts])
+    return windows_at(stream, starts, seqlen)
 
 
 def split_windows(stream: Tensor, samples: int, eval_samples: int, seqlen: int,
@@ -145,7 +150,7 @@ def split_windows(stream: Tensor, samples: int, eval_samples: int, seqlen: int,
     if stream.numel() < seqlen + samples:
         raise DataError(f"calibration text has {stream.numel()} tokens, too few for {samples} windows of {seqlen}")
     starts = torch.randperm(stream.numel() - seqlen, generator=gen)[:samples]
-    ids = torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+    ids = windows_at(stream, starts.tolist(), seqlen)
     if eval_samples == 0:
         return ids, ids[:0]
     return ids, held_out_windows(stream, starts, eval_samples, seqlen, gen)

@@ -118,7 +118,7 @@ def _from_folder(path: Path):
             raise ModelError(f"{path}: {kind.replace('_', ' ')} in the weights ({shown}); the folder is incomplete "
                              "or of another model")
     report_non_finite(model, str(path))
-    tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
     return model, tokenizer
 
 
@@ -141,7 +141,8 @@ def _refuse_compressed_without_manifest(path: Path) -> None:
 
 
 
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
+    """Whether a model folder holds tokenizer files."""
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
 
@@ -193,7 +194,7 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
             from smartprune.artifact import load
 
             model = load(path)
-            tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+            tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
         elif path.is_dir():
             model, tokenizer = _from_folder(path)
         else:

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from smartprune.data import recovery_streams
+from smartprune.data import recovery_streams, windows_at
 from smartprune.device import autocast, resolve_compute_dtype, resolve_device
 from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import perplexity_of_ids
-from smartprune.nn import FOLDED, Maskable
+from smartprune.nn import FOLDED, Maskable, mask_gradients
 from smartprune.recipes.schema import RecoverConfig
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,12 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def check_batch_split(batch_size: int, processes: int) -> None:
+    """The global batch must split evenly over the processes (each takes an equal slice)."""
+    if batch_size % processes:
+        raise DataError(f"batch_size {batch_size} does not split evenly over {processes} processes")
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -175,7 +181,7 @@ class Checkpointer:
 def _held_out_ppl(model: nn.Module, stream: Tensor, cfg: RecoverConfig, device: torch.device,
                   dtype: torch.dtype) -> float:
     with autocast(device, dtype):
-        return perplexity_of_ids(model, stream.to(device), cfg.seqlen, limit=cfg.eval_windows, task="held-out",
+        return perplexity_of_ids(model, stream, cfg.seqlen, limit=cfg.eval_windows, task="held-out",
                                  progress=False).perplexity
 
 
@@ -186,8 +192,7 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
     """Retrain compressed `model` in place with `cfg` (distilling from `teacher` unless ``cfg.teacher``
     is ``none``); returns the ``recovery`` section of report.json."""
     rank, size = world()
-    if cfg.batch_size % size:
-        raise DataError(f"batch_size {cfg.batch_size} does not split evenly over {size} processes")
+    check_batch_split(cfg.batch_size, size)
     dev = resolve_device(device)
     dtype = resolve_compute_dtype(cfg.compute_dtype, dev)
     if cfg.teacher == "none":
@@ -216,9 +221,9 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
     per_step = cfg.batch_size * cfg.seqlen
     if not state.total_steps:
         state.total_steps = cfg.steps or (math.ceil(cfg.tokens / per_step) if cfg.tokens else None) or DEFAULT_STEPS
-    before = _held_out_ppl(model, held, cfg, dev, dtype) if not state.held_out else state.held_out[0]["perplexity"]
-    if not state.held_out:
-        state.held_out.append({"step": 0, "tokens": 0, "perplexity": before})
+    if not state.held_out:  # a resumed run has its starting perplexity already
+        state.held_out.append({"step": 0, "tokens": 0, "perplexity": _held_out_ppl(model, held, cfg, dev, dtype)})
+    before = state.held_out[0]["perplexity"]
     log.info("recovering for %d steps of %d x %d tokens on %s (%s, %d process(es))", state.total_steps,
              cfg.batch_size, cfg.seqlen, dev, str(dtype).removeprefix("torch."), size)
     bar = tqdm(total=state.total_steps, initial=state.step, desc="recover", unit="step",
@@ -235,9 +240,7 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
             loss.backward()
             grads = [p.grad for p in params if p.grad is not None]
             _all_reduce_mean(grads, size)
-            for m in model.modules():
-                if isinstance(m, Maskable) and m.mask is not None and m.weight.grad is not None:
-                    m.weight.grad.mul_(m.mask)
+            mask_gradients(model)
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
@@ -284,4 +287,4 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
 def _batch(stream: Tensor, cfg: RecoverConfig, gen: torch.Generator) -> Tensor:
     """`batch_size` windows at seeded random starts (the same on every process)."""
     starts = torch.randint(0, stream.numel() - cfg.seqlen, (cfg.batch_size,), generator=gen)
-    return torch.stack([stream[s:s + cfg.seqlen] for s in starts.tolist()])
+    return windows_at(stream, starts.tolist(), cfg.seqlen)

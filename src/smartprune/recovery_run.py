@@ -20,7 +20,7 @@ from smartprune.artifact import MANIFEST, atomic_dir, check_output, check_output
 from smartprune.device import resolve_device
 from smartprune.errors import DataError, ModelError
 from smartprune.recipes.schema import RecoverConfig
-from smartprune.recovery import recover, world
+from smartprune.recovery import CHECKPOINT, check_batch_split, recover, world
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,11 @@ def _load_student(spec: str):
     from transformers import AutoTokenizer
 
     from smartprune.artifact import load
-    from smartprune.loading import load_model
+    from smartprune.loading import has_tokenizer, load_model
 
     path = Path(spec).expanduser()
     if path.is_dir() and (path / MANIFEST).is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+        tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
         report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
         return load(path, structured=False), tokenizer, report, True
     loaded = load_model(spec)  # a dense model: plain fine-tuning or distillation (the "dense fine-tuned" row)
@@ -91,9 +91,9 @@ def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg:
         local = Path(compressed).expanduser()
         check_outputs_apart(out, dense_out, local if local.exists() else None)
         resolve_device(device)
-        if not Path(compressed).expanduser().exists() and "/" in compressed:
+        if not local.exists() and "/" in compressed:
             raise ModelError(f"model path not found: {compressed}")
-        if resume and not (checkpoint_dir(out) / "recover-checkpoint.pt").is_file():
+        if resume and not (checkpoint_dir(out) / CHECKPOINT).is_file():
             raise DataError(f"nothing to resume: no checkpoint at {checkpoint_dir(out)}")
         if nproc > 1:
             return _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, overwrite, nproc, progress)
@@ -182,8 +182,7 @@ def _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, over
     """Run `recover_model` on `nproc` local processes (gloo on CPU, NCCL on GPU); rank 0 writes."""
     import torch.multiprocessing as mp
 
-    if cfg.batch_size % nproc:
-        raise DataError(f"batch_size {cfg.batch_size} does not split evenly over {nproc} processes")
+    check_batch_split(cfg.batch_size, nproc)  # before spawning, not in every process
     kwargs = {"compressed": compressed, "teacher": teacher, "out": out, "cfg": cfg, "dense_out": dense_out,
               "device": device, "seed": seed, "resume": resume, "overwrite": overwrite, "progress": progress}
     mp.spawn(_worker, args=(nproc, _free_port(), kwargs), nprocs=nproc, join=True)

@@ -67,10 +67,10 @@ def label_scores(model: nn.Module, tokenizer, prompts: list[str], verbalizers: t
         items += [(e, k, ctx, c) for k, c in enumerate(conts)]
     scores = torch.empty(len(prompts), len(verbalizers))
     step = batch_size * len(verbalizers)
+    dev = model_device(model)
     for s in tqdm(range(0, len(items), step), desc="zero-shot", disable=not progress, leave=False):
         chunk = items[s:s + step]
         ids, mask = pad_batch([ctx + c for _, _, ctx, c in chunk])
-        dev = model_device(model)
         logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1).cpu()
         for row, (e, k, ctx, c) in enumerate(chunk):
             pos = torch.arange(len(ctx) - 1, len(ctx) + len(c) - 1)
