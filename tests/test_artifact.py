@@ -58,14 +58,95 @@ def test_bad_artifacts_are_refused_with_one_clear_error(compressed, tmp_path):
     tensors = tmp_path / "a" / "model.safetensors"
     blob = tensors.read_bytes()
     tensors.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ArtifactError, match="truncated or corrupt"):
+    with pytest.raises(ArtifactError, match="does not match the checksum"):
         load(tmp_path / "a")
+    with pytest.raises(ArtifactError, match="truncated or corrupt"):
+        load(tmp_path / "a", verify=False)
     tensors.write_bytes(blob)
     name = next(iter(data["modules"]))
     data["modules"][name + "_missing"] = data["modules"][name]
     manifest.write_text(json.dumps(data))
-    with pytest.raises(ArtifactError, match="lacks tensor"):
+    with pytest.raises(ArtifactError, match="names module .*_missing"):
         load(tmp_path / "a")
+    data["modules"].pop(name + "_missing")
+    data["modules"][name] = {**data["modules"][name], "kind": "projection", "d_in": 2, "d_out": 2, "bias": False}
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="has shape"):
+        load(tmp_path / "a")
+
+
+def test_a_flipped_byte_in_the_stored_values_is_refused(compressed, tmp_path):
+    save(compressed, tmp_path / "a")
+    tensors = tmp_path / "a" / "model.safetensors"
+    blob = bytearray(tensors.read_bytes())
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    key = next(k for k in header if k.endswith(".weight.values"))
+    blob[8 + size + header[key]["data_offsets"][0] + 2] ^= 0x01  # one bit of one stored value
+    tensors.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="does not match the checksum"):
+        load(tmp_path / "a")
+    assert isinstance(load(tmp_path / "a", verify=False), torch.nn.Module)  # read anyway when asked
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: [m], "holds a JSON list, expected an object"),
+    (lambda m: {k: v for k, v in m.items() if k != "modules"}, "'modules' is missing"),
+    (lambda m: _first_masked(m).update(shape="32x32") or m, "is not a list of one or two positive"),
+    (lambda m: _first_masked(m).update(shape=[0, 3]) or m, "is not a list of one or two positive"),
+    (lambda m: _first_masked(m).update(encoding="rle") or m, "unknown encoding 'rle'"),
+    (lambda m: _first_masked(m).update(kind="magic") or m, "has no known kind"),
+    (lambda m: {**m, "aliases": ["a"]}, "'aliases' is not an object"),
+])
+def test_a_damaged_manifest_is_one_clear_error(damage, message, compressed, tmp_path):
+    save(compressed, tmp_path / "a")
+    manifest = tmp_path / "a" / "smartprune.json"
+    manifest.write_text(json.dumps(damage(json.loads(manifest.read_text()))))
+    with pytest.raises(ArtifactError, match=message):
+        load(tmp_path / "a")
+
+
+def _first_masked(manifest: dict) -> dict:
+    return next(r for r in manifest["modules"].values() if "shape" in r)
+
+
+def test_folded_rows_outside_the_matrix_are_refused(compressed, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save(compressed, tmp_path / "a")
+    file = tmp_path / "a" / "model.safetensors"
+    tensors = load_file(str(file))
+    key = next(k for k in tensors if k.endswith(".folded_rows"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] = 10_000
+    save_file(tensors, str(file), metadata={"format": "smartprune"})
+    with pytest.raises(ArtifactError, match="positions outside"):
+        load(tmp_path / "a", verify=False)  # the checksum would refuse it first
+
+
+def test_the_same_model_is_stored_byte_identically(kind, calib, tmp_path):
+    blobs = set()
+    for i in range(4):  # safetensors wrote metadata keys in hash order: two saves differed about half the time
+        model = tiny_model(kind)
+        compress(model, None, load_recipe("paper-30"), calib=calib, seed=0, progress=False)
+        save(model, tmp_path / str(i))
+        blobs.add((tmp_path / str(i) / "model.safetensors").read_bytes())
+        assert json.loads((tmp_path / str(i) / "smartprune.json").read_text())["sha256"]["model.safetensors"]
+    assert len(blobs) == 1
+
+
+@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_outputs_get_the_permissions_of_the_umask(mask, file_mode, dir_mode, compressed, tmp_path):
+    import os
+
+    previous = os.umask(mask)
+    try:
+        save(compressed, tmp_path / "a", report={"x": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == dir_mode
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
+    assert modes and set(modes.values()) == {file_mode}, modes
 
 
 def test_output_folder_that_holds_something_is_refused(compressed, tmp_path):

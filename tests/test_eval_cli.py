@@ -41,7 +41,7 @@ def test_eval_finetune_mode_reports_missing_train_splits(model_dirs, use_data, t
     (["--tasks", "sst-2"], "did you mean 'sst2'"),
     (["--limit", "0"], "limit must be a positive number"),
     (["--limit", "-3"], "limit must be a positive number"),
-    (["--seqlen", "4096"], "longer than the model allows (128)"),
+    (["--seqlen", "4096"], "longer than the model's 128 positions"),
     (["--mode", "fine-tune"], "did you mean 'finetune'"),
     (["--examples", "0"], "examples must be a positive count"),
     (["--tasks", "wikitext103"], "wiki.test.tokens"),

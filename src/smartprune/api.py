@@ -15,12 +15,12 @@ import torch
 
 from smartprune.accounting import format_table
 from smartprune.artifact import DTYPES, check_output, check_outputs_apart, save, write_dense, write_json
-from smartprune.data import EVAL_TEXTS, TRAIN_TEXTS, eval_text, train_text_path
+from smartprune.data import EVAL_TEXTS, TRAIN_TEXTS, check_positions, eval_text, train_text_path
 from smartprune.device import resolve_device
 from smartprune.engine import compress
 from smartprune.errors import DataError, OutputError, did_you_mean
 from smartprune.evaluation.perplexity import check_limit, perplexity
-from smartprune.loading import load_model
+from smartprune.loading import check_model, load_model, model_reference
 from smartprune.recipes import Recipe, load_recipe
 from smartprune.recipes.schema import RecoverConfig
 
@@ -41,6 +41,15 @@ def with_calibration(recipe: Recipe, samples: int | None = None, seqlen: int | N
     if not changes:
         return recipe
     return recipe.replace(calibration=dataclasses.replace(recipe.calibration, **changes))
+
+
+def _check_windows(model, calib_seqlen: int, recover: RecoverConfig | None, eval_seqlen: int | None = None) -> None:
+    """Every window length of a run within the model's positions, before any of the run's work."""
+    check_positions(model, calib_seqlen, "calibration window length (calib-seqlen)")
+    if recover is not None:
+        check_positions(model, recover.seqlen, "recovery seqlen")
+    if eval_seqlen is not None:
+        check_positions(model, eval_seqlen, "evaluation seqlen")
 
 
 def _stage_seconds(report: dict) -> dict[str, float]:
@@ -89,9 +98,10 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     recipe = with_calibration(recipe, calib_samples, calib_seqlen)
     train_text_path(recipe.calibration.text)  # missing data fails before the model loads
     loaded = load_model(model)
+    _check_windows(loaded.model, recipe.calibration.seqlen, recipe.recover)
     teacher = snapshot_teacher(loaded.model, recipe.recover)
     result = compress(loaded.model, loaded.tokenizer, recipe, seed=seed, progress=progress)
-    report = {"model": model, "source": loaded.source, **result.report, "environment": environment()}
+    report = {"model": model_reference(model), "source": loaded.source, **result.report, "environment": environment()}
     if recipe.recover is not None:
         report["recovery"] = recover(loaded.model, loaded.tokenizer, recipe.recover, teacher=teacher, device=device,
                                      seed=seed, checkpoint_dir=checkpoint_dir(out), progress=progress)
@@ -171,6 +181,7 @@ def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick
     if recovery_cfg is not None and recovery_cfg.text in TRAIN_TEXTS:
         train_text_path(recovery_cfg.text)
     loaded = load_model(model)
+    _check_windows(loaded.model, rec.calibration.seqlen, recovery_cfg, seqlen)
     seconds = {"load": time.perf_counter() - t0}
 
     def evaluate(name: str) -> dict:
@@ -255,6 +266,8 @@ def evaluate_models(models: list[str], *, tasks: list[str], settings=None, json_
     for t in tasks:  # missing perplexity texts fail before any model loads
         if t in EVAL_TEXTS:
             eval_text(t)
+    for spec in models:  # and so does a bad second model
+        check_model(spec)
     results: dict[str, dict[str, dict]] = {}
     for spec in models:
         loaded = load_model(spec)

@@ -14,6 +14,10 @@ A compressed-model folder holds:
   (float32, float16 or bfloat16) and loaded as float32. Tied tensors are stored once;
 - the tokenizer files, when the model has a tokenizer, and ``report.json`` from the run.
 
+``smartprune.json`` also records the SHA-256 of ``model.safetensors``; `load` verifies it, so flipped
+bytes are refused rather than evaluated. The same model and seed give a byte-identical
+``model.safetensors``, and output files get the permissions the user's umask gives.
+
 `write_dense` instead writes a plain Hugging Face folder with every compressed weight materialized.
 Every folder is written under a temporary name beside its target and moved into place at the end.
 """
@@ -21,6 +25,7 @@ Every folder is written under a temporary name beside its target and moved into 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +42,7 @@ from torch import Tensor, nn
 from smartprune.adapters import get_adapter
 from smartprune.errors import ArtifactError, OutputError, did_you_mean
 from smartprune.nn import ColumnFoldedProjection, FoldedProjection, Maskable, Projection, report_non_finite
+from smartprune.paths import apply_umask, read_json, umask
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,6 +51,8 @@ VERSION = 2
 READABLE = (1, 2)  # version 1: bitmask only, float32, no resized projections; the loader reads it unchanged
 MANIFEST = "smartprune.json"
 TENSORS = "model.safetensors"
+KINDS = ("masked", "folded", "folded_columns", "projection")
+ENCODINGS = ("bitmask", "csr")
 
 
 def check_output(path: Path, overwrite: bool) -> None:
@@ -60,6 +68,11 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise OutputError(f"output {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise OutputError(f"output folder {path} is not empty (use --overwrite to replace it)")
+    parent = resolved.parent
+    while not parent.exists():  # the folders still to be made go into the nearest existing one
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write output folder {path}: {parent} is not a writable folder")
 
 
 def check_outputs_apart(*paths: Path | str | None) -> None:
@@ -86,6 +99,7 @@ def atomic_dir(target: Path, overwrite: bool):
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
+        apply_umask(tmp)
         os.replace(tmp, target)
     except BaseException:
         if old is not None and not target.exists():
@@ -102,12 +116,21 @@ def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the user's umask decides
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -194,7 +217,9 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, report: di
                 "modules": modules, "aliases": aliases}
     with atomic_dir(out, overwrite) as tmp:
         model.config.save_pretrained(tmp)
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT, "version": str(VERSION)})
+        # One metadata key: safetensors writes metadata in hash order, so two keys vary between runs.
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        manifest["sha256"] = {TENSORS: sha256(tmp / TENSORS)}
         write_json(tmp / MANIFEST, manifest)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -211,17 +236,69 @@ def _check_not_structured(model: nn.Module) -> None:
                           "(or load it with structured=False) instead")
 
 
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise ArtifactError(f"{path / MANIFEST} is missing or not valid JSON") from None
+def read_manifest(path: Path) -> dict:
+    """The manifest, checked field by field so a damaged one is one line, not a traceback later."""
+    file = path / MANIFEST
+    manifest = read_json(file, "manifest", ArtifactError)
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a smartprune folder (format {manifest.get('format')!r})")
     if manifest.get("version") not in READABLE:
         raise ArtifactError(f"{path} has format version {manifest.get('version')!r}; this smartprune reads "
                             f"versions {', '.join(map(str, READABLE))}")
+    modules = manifest.get("modules")
+    if not isinstance(modules, dict):
+        raise ArtifactError(f"{file}: 'modules' is missing or not an object")
+    for name, rec in modules.items():
+        _check_record(file, name, rec)
+    aliases = manifest.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ArtifactError(f"{file}: 'aliases' is not an object of tensor names")
     return manifest
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_record(file: Path, name: str, rec) -> None:
+    where = f"{file}: module '{name}'"
+    if not isinstance(rec, dict) or rec.get("kind") not in KINDS:
+        raise ArtifactError(f"{where} has no known kind ({', '.join(KINDS)})")
+    if rec["kind"] != "masked" and not (_positive_int(rec.get("d_in")) and _positive_int(rec.get("d_out"))):
+        raise ArtifactError(f"{where}: d_in and d_out must be positive whole numbers")
+    if rec["kind"] == "masked" and "shape" not in rec:
+        raise ArtifactError(f"{where}: a masked module needs a shape")
+    if "shape" in rec:
+        shape = rec["shape"]
+        if not isinstance(shape, list) or len(shape) not in (1, 2) or not all(map(_positive_int, shape)):
+            raise ArtifactError(f"{where}: shape {shape!r} is not a list of one or two positive whole numbers")
+        if rec.get("encoding", "bitmask") not in ENCODINGS or (rec.get("encoding") == "csr" and len(shape) != 2):
+            raise ArtifactError(f"{where}: unknown encoding {rec.get('encoding')!r}")
+
+
+def _verify(path: Path, manifest: dict) -> None:
+    """Compare the stored SHA-256 (folders written before checksums were recorded have none)."""
+    expected = manifest.get("sha256", {}).get(TENSORS) if isinstance(manifest.get("sha256"), dict) else None
+    if expected is None:
+        return
+    if sha256(path / TENSORS) != expected:
+        raise ArtifactError(f"{path / TENSORS} does not match the checksum in {MANIFEST}: the file was changed "
+                            "or damaged after it was written (load with verify=False to read it anyway)")
+
+
+def _indices(tensors: dict[str, Tensor], key: str, size: int, path: Path) -> Tensor:
+    """Stored positions (folded rows or columns), each within [0, size)."""
+    idx = _tensor(tensors, key, path).long()
+    if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size)):
+        raise ArtifactError(f"tensor '{key}' holds positions outside [0, {size})")
+    return idx
+
+
+def _vector(tensors: dict[str, Tensor], key: str, size: int, path: Path) -> Tensor:
+    v = _tensor(tensors, key, path)
+    if tuple(v.shape) != (size,):
+        raise ArtifactError(f"tensor '{key}' has shape {tuple(v.shape)}, expected ({size},)")
+    return v.float()
 
 
 def _tensor(tensors: dict[str, Tensor], key: str, path: Path) -> Tensor:
@@ -230,42 +307,50 @@ def _tensor(tensors: dict[str, Tensor], key: str, path: Path) -> Tensor:
     return tensors[key]
 
 
-def load(path: str | os.PathLike, *, structured: bool = True) -> nn.Module:
+def load(path: str | os.PathLike, *, structured: bool = True, verify: bool = True) -> nn.Module:
     """Load a folder written by `save` (``smartprune compress --out``) into a ready model.
 
     ``structured`` (default) swaps in the modules that run the structure instead of its zeros
     (`smartprune.structure.use_structure`); ``False`` gives the modules compression works on (what
-    `save`, further compression and `write_dense` need)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    `save`, further compression and `write_dense` need). ``verify`` checks the weights file against
+    the SHA-256 in the manifest."""
+    from transformers import AutoModelForCausalLM
+
+    from smartprune.loading import read_config
 
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"compressed model folder not found: {path}")
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
+    config = read_config(path)
+    if verify:
+        _verify(path, manifest)
     try:
         tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{path / TENSORS} is missing, truncated or corrupt ({exc})") from None
-    config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config._attn_implementation = "sdpa"
     adapter = get_adapter(model)
+    names = {n for n, _ in model.named_modules()}
     state: dict[str, Tensor] = {}
     for name, rec in manifest["modules"].items():
+        if name not in names:
+            raise ArtifactError(f"{path / MANIFEST} names module '{name}', which a {config.model_type} model lacks")
         if rec["kind"] == "folded":
             folded = torch.zeros(rec["d_in"], dtype=torch.bool)
-            folded[_tensor(tensors, f"{name}.folded_rows", path).long()] = True
-            q = _tensor(tensors, f"{name}.q", path).float()
+            folded[_indices(tensors, f"{name}.folded_rows", rec["d_in"], path)] = True
+            q = _vector(tensors, f"{name}.q", rec["d_out"], path)
             bias = tensors.get(f"{name}.bias")
             adapter.replace(name, FoldedProjection(torch.zeros(rec["d_in"], rec["d_out"]),
                                                    None if bias is None else bias.float(), folded, q))
         elif rec["kind"] == "folded_columns":
             folded = torch.zeros(rec["d_out"], dtype=torch.bool)
-            folded[_tensor(tensors, f"{name}.folded_cols", path).long()] = True
+            folded[_indices(tensors, f"{name}.folded_cols", rec["d_out"], path)] = True
+            q = _vector(tensors, f"{name}.q", rec["d_in"], path)
             bias = tensors.get(f"{name}.bias")
             adapter.replace(name, ColumnFoldedProjection(torch.zeros(rec["d_in"], rec["d_out"]),
-                                                         None if bias is None else bias.float(), folded,
-                                                         _tensor(tensors, f"{name}.q", path).float()))
+                                                         None if bias is None else bias.float(), folded, q))
         elif rec["kind"] == "projection":
             adapter.replace(name, Projection(torch.zeros(rec["d_in"], rec["d_out"]),
                                              torch.zeros(rec["d_out"]) if rec["bias"] else None))

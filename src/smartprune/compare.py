@@ -19,7 +19,7 @@ from pathlib import Path
 
 from smartprune.accounting import block_linear_weights
 from smartprune.adapters import get_adapter
-from smartprune.data import calibration, eval_text, tokenize, train_text_path
+from smartprune.data import calibration, check_positions, eval_text, tokenize, train_text_path
 from smartprune.device import resolve_device
 from smartprune.engine import compress
 from smartprune.errors import RecipeError, did_you_mean
@@ -171,6 +171,9 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
     """Run every method on the same model, calibration windows and evaluation windows."""
     methods = _resolve_methods(settings.methods)
     sparsities = [parse_sparsity(t) for t in settings.sparsities]
+    for label, _, _ in sparsities:  # match:RECIPE names a recipe that must exist before any work
+        if label.startswith("match:"):
+            load_recipe(label[6:])
     check_limit(settings.limit)
     dev = resolve_device(settings.device)
     recover_cfg = None if settings.recover_tokens is None else \
@@ -178,6 +181,8 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
     train_text_path("wikitext2")
     texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
     loaded = load_model(settings.model)
+    check_positions(loaded.model, settings.seqlen, "--seqlen")
+    check_positions(loaded.model, settings.calib_seqlen, "--calib-seqlen")
     tok = loaded.tokenizer
     eval_ids = {t: tokenize(tok, text) for t, text in texts.items()}
     calib = calibration(tok, "wikitext2", settings.calib_samples, settings.calib_seqlen, 4, settings.seed)

@@ -12,6 +12,14 @@ from smartprune.errors import DataError, did_you_mean
 from smartprune.paths import data_file
 
 
+def check_positions(model, seqlen: int, what: str) -> None:
+    """Refuse windows longer than the model's positions: GPT-2's position table would fail with an
+    IndexError mid-run, and RoPE models would silently run past the length they were trained for."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and seqlen > limit:
+        raise DataError(f"{what} {seqlen} is longer than the model's {limit} positions")
+
+
 def wikitext_rows(path: Path) -> list[str]:
     """Rows as the Hugging Face wikitext datasets hold them: each non-blank line keeps its trailing
     newline, a blank line is an empty row."""

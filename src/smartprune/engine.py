@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from smartprune.accounting import accounting, group_counts, unique_parameters
 from smartprune.adapters import Adapter, get_adapter
-from smartprune.data import Calibration, calibration
+from smartprune.data import Calibration, calibration, check_positions
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.methods import METHODS
 from smartprune.methods.base import Sublayer
@@ -158,6 +158,7 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
     adapter = get_adapter(model)
     if calib is None:
         c = recipe.calibration
+        check_positions(model, c.seqlen, "calibration window length (calib-seqlen)")
         calib = calibration(tokenizer, c.text, c.samples, c.seqlen, c.eval_samples, seed)
     total = unique_parameters(model)
     before = group_counts(adapter)

@@ -98,6 +98,8 @@ def save(fig: Figure, path) -> None:
 
     from PIL import Image
 
+    from smartprune.paths import umask
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
@@ -106,6 +108,7 @@ def save(fig: Figure, path) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
         Image.open(buf).convert("RGB").quantize(256).save(tmp, format="PNG", optimize=True)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the user's umask decides
         os.replace(tmp, path)
     finally:
         plt.close(fig)

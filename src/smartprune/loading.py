@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import socket
 import tempfile
@@ -19,7 +20,7 @@ from torch import nn
 from smartprune.adapters import adapter_class
 from smartprune.errors import ModelError, did_you_mean
 from smartprune.nn import report_non_finite
-from smartprune.paths import cache_dir
+from smartprune.paths import apply_umask, cache_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ def _builtin_gguf(name: str) -> Path:
     return path
 
 
-def _check_architecture(config, where: str) -> None:
+def _check_architecture(model_type: str, where: str) -> None:
     try:
-        adapter_class(config.model_type)
+        adapter_class(model_type)
     except ModelError as exc:
         raise ModelError(f"{where}: {exc}") from None
 
@@ -70,7 +71,7 @@ def _from_gguf(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    _check_architecture(config, str(path))
+    _check_architecture(config.model_type, str(path))
     quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # A GGUF-loaded model refuses save_pretrained, so rebuild it as a plain model from its config.
@@ -95,21 +96,47 @@ def converted_builtin(name: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _from_folder(path: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_config(path: Path):
+    """The Hugging Face config of a model folder, checked: readable JSON, no custom code, a known
+    architecture (one line otherwise, before any weights are read)."""
+    from transformers import AutoConfig
 
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path} is not a model folder (no config.json)")
-    _refuse_compressed_without_manifest(path)
-    config = AutoConfig.from_pretrained(path)
-    _check_architecture(config, str(path))
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    raw = read_json(path / "config.json", "model config", ModelError)
+    if "auto_map" in raw:
+        raise ModelError(f"{path}: its config asks for the model's own code (auto_map); smartprune runs only "
+                         "architectures that transformers ships, never code from a model folder")
+    if not isinstance(raw.get("model_type"), str):
+        raise ModelError(f"{path / 'config.json'} names no model_type")
+    _check_architecture(raw["model_type"], str(path))
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ModelError(f"{path / 'config.json'} cannot be read as a {raw['model_type']} config "
+                         f"({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _from_folder(path: Path):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_folder(path)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as exc:
+        # e.g. a pickled .bin that torch's weights_only loader refuses (safe, but not loadable)
+        raise ModelError(f"{path}: the weights cannot be loaded ({_first_line(exc)})") from None
     # transformers fills missing tensors with random values and only logs it (muted here): refuse.
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(map(str, info.get(kind) or ()))
@@ -120,6 +147,15 @@ def _from_folder(path: Path):
     report_non_finite(model, str(path))
     tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
     return model, tokenizer
+
+
+def _check_folder(path: Path) -> None:
+    """A plain Hugging Face folder: a readable config of a supported architecture, and not the
+    remains of a compressed folder."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a model folder (no config.json)")
+    _refuse_compressed_without_manifest(path)
+    read_config(path)
 
 
 def _refuse_compressed_without_manifest(path: Path) -> None:
@@ -159,18 +195,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _from_hub(repo_id: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
-        raise ModelError(f"no local path '{repo_id}', and the Hugging Face hub is not reachable from here "
-                         "(no network) to load it as a hub id")
     try:
         config = AutoConfig.from_pretrained(repo_id)
     except Exception as exc:
         raise ModelError(f"no local path '{repo_id}', and it cannot be loaded from the Hugging Face hub "
                          f"(no network, or no such model): "
                          f"{type(exc).__name__}") from None
-    _check_architecture(config, repo_id)
+    _check_architecture(config.model_type, repo_id)
     model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(repo_id)
+
+
+def model_reference(spec: str | os.PathLike) -> str:
+    """How a MODEL argument is stored in report.json: a local path made absolute (so the report works
+    from any folder), a built-in name or hub id as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if str(spec) not in BUILTINS and path.exists() else str(spec)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -178,34 +218,60 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
 
 
-def load_model(spec: str | os.PathLike) -> LoadedModel:
-    """Load MODEL as fp32 in eval mode, with SDPA attention (causal when no mask is given)."""
+def check_model(spec: str | os.PathLike) -> str:
+    """Check a MODEL argument without loading weights (it exists, is of a known form, its config is
+    readable, the hub answers for a hub id), so a command given several models fails before working
+    on the first. Returns its kind: builtin, gguf, compressed, folder or hub."""
     spec = str(spec)
     path = Path(spec).expanduser()
     if spec in BUILTINS:
-        path = converted_builtin(spec)
-        model, tokenizer = _from_folder(path)
-    elif path.exists():
-        if path.is_file() and path.suffix == ".gguf":
-            model, tokenizer = _from_gguf(path)
-        elif path.is_dir() and (path / "smartprune.json").is_file():
-            from transformers import AutoTokenizer
+        if not (cache_dir() / "models" / spec / "config.json").is_file():
+            _builtin_gguf(spec)
+        return "builtin"
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "smartprune.json").is_file():
+        from smartprune.artifact import read_manifest
 
-            from smartprune.artifact import load
-
-            model = load(path)
-            tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
-        elif path.is_dir():
-            model, tokenizer = _from_folder(path)
-        else:
-            raise ModelError(f"{path} is neither a model folder nor a .gguf file")
-    elif _looks_like_path(spec):
+        read_manifest(path)
+        read_config(path)
+        return "compressed"
+    if path.is_dir():
+        _check_folder(path)
+        return "folder"
+    if path.exists():
+        raise ModelError(f"{path} is neither a model folder nor a .gguf file")
+    if _looks_like_path(spec):
         raise ModelError(f"model path not found: {path}")
-    elif "/" not in spec and did_you_mean(spec, BUILTINS):
+    if "/" not in spec and did_you_mean(spec, BUILTINS):
         raise ModelError(f"unknown built-in model '{spec}'{did_you_mean(spec, BUILTINS)}; "
                          f"built-in: {', '.join(BUILTINS)}")
-    else:
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
+        raise ModelError(f"no local path '{spec}', and the Hugging Face hub is not reachable from here "
+                         "(no network) to load it as a hub id")
+    return "hub"
+
+
+def _from_compressed(path: Path):
+    from transformers import AutoTokenizer
+
+    from smartprune.artifact import load
+
+    return load(path), AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+
+
+LOADERS = {"gguf": _from_gguf, "compressed": _from_compressed, "folder": _from_folder}
+
+
+def load_model(spec: str | os.PathLike) -> LoadedModel:
+    """Load MODEL as fp32 in eval mode, with SDPA attention (causal when no mask is given)."""
+    spec = str(spec)
+    kind = check_model(spec)
+    path = converted_builtin(spec) if kind == "builtin" else Path(spec).expanduser()
+    if kind == "hub":
         model, tokenizer = _from_hub(spec)
+    else:
+        model, tokenizer = LOADERS.get(kind, _from_folder)(path)
     model.config._attn_implementation = "sdpa"
     model.eval()
-    return LoadedModel(model, tokenizer, spec, str(path))
+    return LoadedModel(model, tokenizer, spec, str(path.resolve()) if kind != "hub" else spec)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from smartprune.data import recovery_streams, windows_at
+from smartprune.data import check_positions, recovery_streams, windows_at
 from smartprune.device import autocast, resolve_compute_dtype, resolve_device
 from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import perplexity_of_ids
@@ -202,9 +202,7 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         raise DataError(f"the teacher's vocabulary ({teacher.config.vocab_size} tokens) differs from the compressed "
                         f"model's ({model.config.vocab_size}); distillation needs the model it was compressed from")
-    max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if max_len is not None and cfg.seqlen > max_len:
-        raise DataError(f"recovery seqlen {cfg.seqlen} is longer than the model allows ({max_len})")
+    check_positions(model, cfg.seqlen, "recovery seqlen")
     train, held = recovery_streams(tokenizer, cfg.text, cfg.seqlen, cfg.eval_windows)
     if train.numel() < cfg.seqlen + cfg.batch_size:
         raise DataError(f"training text '{cfg.text}' has {train.numel()} tokens, too few for windows of {cfg.seqlen}")

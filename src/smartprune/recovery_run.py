@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from smartprune.artifact import MANIFEST, atomic_dir, check_output, check_outputs_apart, save, write_dense, write_json
 from smartprune.device import resolve_device
-from smartprune.errors import DataError, ModelError
+from smartprune.errors import ArtifactError, DataError
+from smartprune.loading import check_model, model_reference
+from smartprune.paths import read_json
 from smartprune.recipes.schema import RecoverConfig
 from smartprune.recovery import CHECKPOINT, check_batch_split, recover, world
 
@@ -70,7 +72,7 @@ def _load_student(spec: str):
     path = Path(spec).expanduser()
     if path.is_dir() and (path / MANIFEST).is_file():
         tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
-        report = json.loads((path / "report.json").read_text()) if (path / "report.json").is_file() else {}
+        report = read_json(path / "report.json", "report", ArtifactError) if (path / "report.json").is_file() else {}
         return load(path, structured=False), tokenizer, report, True
     loaded = load_model(spec)  # a dense model: plain fine-tuning or distillation (the "dense fine-tuned" row)
     return loaded.model, loaded.tokenizer, {}, False
@@ -91,8 +93,9 @@ def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg:
         local = Path(compressed).expanduser()
         check_outputs_apart(out, dense_out, local if local.exists() else None)
         resolve_device(device)
-        if not local.exists() and "/" in compressed:
-            raise ModelError(f"model path not found: {compressed}")
+        check_model(compressed)
+        if teacher is not None:
+            check_model(teacher)
         if resume and not (checkpoint_dir(out) / CHECKPOINT).is_file():
             raise DataError(f"nothing to resume: no checkpoint at {checkpoint_dir(out)}")
         if nproc > 1:
@@ -111,7 +114,8 @@ def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg:
     dev = _rank_device(device)
     recovery = recover(student, tokenizer, cfg, teacher=ref, device=dev, seed=seed,
                        checkpoint_dir=checkpoint_dir(out), resume=resume, progress=progress)
-    recovery.update({"teacher": teacher or "none", "compressed": str(compressed)})
+    recovery.update({"teacher": model_reference(teacher) if teacher else "none",
+                     "compressed": model_reference(compressed)})
     if rank == 0:
         student.to("cpu")
         report = {**report, "recovery": recovery}

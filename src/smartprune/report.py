@@ -11,13 +11,13 @@ that regenerates it.
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from smartprune import reported
 from smartprune.artifact import atomic_dir
 from smartprune.errors import DataError
+from smartprune.paths import read_json
 
 Table = tuple[list[str], list[list[str]]]
 
@@ -63,10 +63,7 @@ def load_runs(paths: list[str | Path]) -> list[tuple[str, Path, dict]]:
         file = p / "report.json" if p.is_dir() else p
         if not file.is_file():
             raise DataError(f"run not found: {p} (expected a --json file or a compress --out folder)")
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError:
-            raise DataError(f"{file} is not valid JSON") from None
+        data = read_json(file, "run", DataError)
         kind = _kind(data)
         if kind == "unknown":
             raise DataError(f"{file} is not a smartprune run (eval, classify, compare, bench, sweep, compress or "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from smartprune.artifact import write_json
 from smartprune.engine import compress
 from smartprune.errors import DataError, RecipeError, did_you_mean
 from smartprune.methods import METHODS
+from smartprune.paths import read_json
 from smartprune.recipes import Recipe, load_recipe
 from smartprune.recipes.schema import build_recipe
 
@@ -129,10 +129,7 @@ def _stage_class(stage: str):
 def _load_points(path: Path | None, settings: SweepSettings) -> list[dict]:
     if path is None or not path.is_file():
         return []
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{path} exists but is not a sweep JSON file; choose another --json") from None
+    data = read_json(path, "sweep file (--json)", DataError)
     if data.get("settings_key") != settings.key():
         raise DataError(f"{path} holds a sweep with other settings; use another --json file or the same settings")
     return data.get("points", [])
@@ -140,6 +137,7 @@ def _load_points(path: Path | None, settings: SweepSettings) -> list[dict]:
 
 def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, progress: bool = True) -> dict:
     """Evaluate the dense model and every (variant, rate) point; returns (and writes) the sweep."""
+    from smartprune.data import check_positions
     from smartprune.device import resolve_device
     from smartprune.evaluation.suite import EvalSettings, check_tasks, evaluate
     from smartprune.loading import load_model
@@ -165,6 +163,8 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
     recover_cfg = None if settings.recover_tokens is None else \
         RecoverConfig(tokens=settings.recover_tokens, seqlen=min(256, settings.seqlen))
     loaded = load_model(settings.model)
+    check_positions(loaded.model, settings.seqlen, "--seqlen")
+    check_positions(loaded.model, base.calibration.seqlen, "calibration window length (--calib-seqlen)")
     dense_state = copy.deepcopy(loaded.model)
     out = {"settings": dataclasses.asdict(settings), "settings_key": settings.key(), "points": points}
     for variant, rate in tqdm(todo, desc=f"sweep {settings.method}", disable=not progress):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from smartprune.data import eval_text, tokenize
+from smartprune.data import check_positions, eval_text, tokenize
 from smartprune.device import model_device
 from smartprune.errors import DataError
 
@@ -88,8 +88,6 @@ def perplexity_of_ids(model: nn.Module, ids: Tensor, seqlen: int, *, stride: int
 def perplexity(model: nn.Module, tokenizer, task: str = "wikitext2", *, seqlen: int = 1024,
                stride: int | None = None, limit: int | None = None, progress: bool = True) -> PerplexityResult:
     """Perplexity of `model` on the test text of `task` (wikitext2, wikitext103, ptb)."""
-    max_len = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if max_len is not None and seqlen > max_len:
-        raise DataError(f"seqlen {seqlen} is longer than the model allows ({max_len})")
+    check_positions(model, seqlen, "seqlen")
     ids = tokenize(tokenizer, eval_text(task))
     return perplexity_of_ids(model, ids, seqlen, stride=stride, limit=limit, task=task, progress=progress)

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from smartprune.errors import RecipeError, did_you_mean
+from smartprune.paths import read_text
 from smartprune.recipes.schema import Recipe, build_recipe
 
 
@@ -38,7 +39,7 @@ def load_recipe(spec: str | Path) -> Recipe:
     if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        text = path.read_text()
+        text = read_text(path, "recipe", RecipeError)
         if path.suffix.lower() == ".json":
             try:
                 return build_recipe(json.loads(text), path.stem, str(path))
