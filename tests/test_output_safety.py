@@ -105,3 +105,12 @@ def test_non_finite_weights_are_reported(caplog):
     with caplog.at_level(logging.WARNING):
         assert report_non_finite(model, "m") == 1
     assert "non-finite" in caplog.text and "weight" in caplog.text
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_report_refuses_the_current_folder_and_its_parents(out, sandbox, tmp_path, capsys):
+    run_file = tmp_path / "eval.json"
+    run_file.write_text('{"results": {}, "models": ["m"], "by_model": {"m": {}}, "settings": {}}')
+    code, _, err = run(capsys, "report", run_file, "--out", out, "--overwrite")
+    assert code == 2 and "refusing output folder" in _one_clean_line(err)
+    assert (sandbox / "precious.txt").read_text() == "keep me"
