@@ -66,7 +66,7 @@ def test_bad_artifacts_are_refused_with_one_clear_error(compressed, tmp_path):
     name = next(iter(data["modules"]))
     data["modules"][name + "_missing"] = data["modules"][name]
     manifest.write_text(json.dumps(data))
-    with pytest.raises(ArtifactError, match="names module .*_missing"):
+    with pytest.raises(ArtifactError, match=r"names module .*_missing"):
         load(tmp_path / "a")
     data["modules"].pop(name + "_missing")
     data["modules"][name] = {**data["modules"][name], "kind": "projection", "d_in": 2, "d_out": 2, "bias": False}

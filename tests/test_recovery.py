@@ -123,15 +123,18 @@ def test_structure_report_finds_a_revived_entry(compressed):
 
 
 @pytest.mark.parametrize("kind", ["llama"])
-def test_two_gloo_processes_equal_one_with_the_same_global_batch(compressed, model_dirs, use_data, tmp_path,
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(sharding, compressed, model_dirs, use_data, tmp_path,
                                                                   gpt2_tokenizer):
+    """Plain data parallel and FSDP (each process holding half of every parameter) both follow the
+    single-process loss curve and keep the structure."""
     from smartprune.recovery_run import recover_model
 
     model, _ = compressed
     save(model, tmp_path / "c", tokenizer=gpt2_tokenizer)
-    cfg = RecoverConfig(steps=4, **SMALL)
     runs = {}
     for n in (1, 2):
+        cfg = RecoverConfig(steps=4, sharding=sharding if n == 2 else "none", **SMALL)
         run = recover_model(str(tmp_path / "c"), teacher=str(model_dirs["llama"]), out=tmp_path / f"out{n}", cfg=cfg,
                             device="cpu", nproc=n, progress=False)
         runs[n] = run.recovery
@@ -257,3 +260,58 @@ def test_a_signal_during_recovery_leaves_a_usable_checkpoint(sig, code, model_di
     state = torch.load(ckpt, weights_only=True)["state"]
     assert state["step"] >= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".r.recover-checkpoint"]  # nothing half-written
+
+
+def _fsdp_run(rank: int, port: int, folder, teacher_dir, cfg, ckpt_dir, interrupt_at, resume, result_file) -> None:
+    """One of two gloo processes of a sharded recovery (spawned by the test below)."""
+    import os
+
+    import torch.distributed as dist
+
+    from smartprune.loading import load_model
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        student, dense = load(folder, structured=False), load_model(teacher_dir)
+
+        def stop(state):
+            if state.step == interrupt_at:
+                raise KeyboardInterrupt
+
+        try:
+            r = recover(student, dense.tokenizer, cfg, teacher=dense.model, device="cpu", checkpoint_dir=ckpt_dir,
+                        resume=resume, on_step=stop if interrupt_at else None, progress=False)
+        except KeyboardInterrupt:
+            return
+        if rank == 0:
+            torch.save({"loss": r["loss"], "weights": student.state_dict(), "held": r["parameters_held"]},
+                       result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["llama"])
+def test_a_sharded_run_resumes_bit_for_bit(compressed, model_dirs, use_data, tmp_path, gpt2_tokenizer):
+    import torch.multiprocessing as mp
+
+    from smartprune.recovery_run import _free_port
+
+    model, _ = compressed
+    save(model, tmp_path / "c", tokenizer=gpt2_tokenizer)
+    cfg = RecoverConfig(steps=5, checkpoint_minutes=0.0, sharding="fsdp", **SMALL)
+
+    def spawn(ckpt, interrupt_at, resume, result):
+        mp.spawn(_fsdp_run, nprocs=2, args=(_free_port(), tmp_path / "c", model_dirs["llama"], cfg, tmp_path / ckpt,
+                                            interrupt_at, resume, tmp_path / result))
+
+    spawn("straight", 0, False, "straight.pt")
+    spawn("cut", 3, False, "unused.pt")
+    assert (tmp_path / "cut" / "recover-checkpoint.pt").is_file() and not (tmp_path / "unused.pt").exists()
+    spawn("cut", 0, True, "resumed.pt")
+    straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
+    assert resumed["loss"] == straight["loss"]
+    assert all(torch.equal(straight["weights"][k], resumed["weights"][k]) for k in straight["weights"])
+    whole = sum(p.numel() for p in model.parameters() if p.numel())
+    assert straight["held"] < 0.6 * whole  # each process held about half of every parameter

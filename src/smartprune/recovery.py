@@ -9,7 +9,9 @@ eval mode), so a run is a pure function of its seed and a resumed run continues 
 
 Data parallel: under torch.distributed every process draws the same global batch, takes its slice,
 and gradients are averaged with one all-reduce (what DDP does), so the loss curve equals a single
-process with the same global batch. Only rank 0 writes checkpoints and shows progress.
+process with the same global batch. With ``sharding: fsdp`` the processes instead split the
+parameters, gradients and optimizer state (`smartprune.sharding`), for models that do not fit one
+device; the arithmetic is the same. Only rank 0 writes checkpoints and shows progress.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from smartprune.adapters import get_adapter
 from smartprune.data import check_positions, recovery_streams, windows_at
 from smartprune.device import autocast, resolve_compute_dtype, resolve_device
 from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import perplexity_of_ids
-from smartprune.nn import FOLDED, Maskable, mask_gradients
+from smartprune.nn import FOLDED, Maskable
 from smartprune.recipes.schema import RecoverConfig
+from smartprune.sharding import StructureMasks, full_state, gather_into, load_full_state, local_part, shard
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +73,6 @@ def check_batch_split(batch_size: int, processes: int) -> None:
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter with elements (a fully folded projection keeps an empty free-row block)."""
     return [p for p in model.parameters() if p.numel()]
-
-
-def keep_structure(model: nn.Module) -> None:
-    """Re-zero every pruned entry (after an optimizer step)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Maskable) and m.mask is not None:
-                m.weight.mul_(m.mask)
 
 
 def structure_report(model: nn.Module) -> dict:
@@ -143,21 +139,25 @@ class Checkpointer:
     """Atomic checkpoints (write a temporary file, then rename), so a crash or Ctrl-C while saving
     leaves the previous checkpoint usable."""
 
-    def __init__(self, folder: Path | None, minutes: float) -> None:
+    def __init__(self, folder: Path | None, minutes: float, sharded: bool = False) -> None:
         self.path = None if folder is None else folder / CHECKPOINT
         self.every = minutes * 60
         self.last = time.monotonic()
+        self.sharded = sharded  # states are gathered from every process first (all must call save)
 
     def due(self) -> bool:
         return self.path is not None and time.monotonic() - self.last >= self.every
 
     def save(self, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, state: RecoveryState,
              cfg: RecoverConfig) -> None:
-        if self.path is None or world()[0] != 0:
+        if self.path is None:
+            return
+        model_state, opt_state = full_state(model, opt) if self.sharded else (model.state_dict(), opt.state_dict())
+        if world()[0] != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
+        torch.save({"model": model_state, "optimizer": opt_state, "generator": gen.get_state(),
                     "state": asdict(state), "config": asdict(cfg)}, tmp)
         os.replace(tmp, self.path)
         self.last = time.monotonic()
@@ -172,8 +172,11 @@ class Checkpointer:
             changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != asdict(cfg).get(k))
             raise DataError(f"checkpoint {self.path} was made with other recovery settings ({', '.join(changed)}); "
                             "resume with the same ones")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if self.sharded:
+            load_full_state(model, opt, ckpt["model"], ckpt["optimizer"])
+        else:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"])
         return RecoveryState(**ckpt["state"])
 
@@ -206,24 +209,35 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
     train, held = recovery_streams(tokenizer, cfg.text, cfg.seqlen, cfg.eval_windows)
     if train.numel() < cfg.seqlen + cfg.batch_size:
         raise DataError(f"training text '{cfg.text}' has {train.numel()} tokens, too few for windows of {cfg.seqlen}")
-    model.to(dev).eval()  # eval: no dropout, so the run is a function of its seed (gradients still flow)
+    sharded = cfg.sharding == "fsdp" and size > 1
+    if cfg.sharding == "fsdp" and size == 1:
+        log.info("sharding fsdp with one process: nothing to split, training the whole model")
+    model.eval()  # eval: no dropout, so the run is a function of its seed (gradients still flow)
     if teacher is not None:
-        teacher.to(dev).eval().requires_grad_(False)
-    params = trainable_parameters(model)
+        teacher.eval().requires_grad_(False)
+    if sharded:  # the caller's model stays whole on its device and receives the trained weights at the end
+        student = shard(model, get_adapter(model).blocks(), dev)
+        teacher = None if teacher is None else shard(teacher, get_adapter(teacher).blocks(), dev)
+    else:
+        student = model.to(dev)
+        if teacher is not None:
+            teacher.to(dev)
+    params = trainable_parameters(student)
     for p in params:
         p.requires_grad_(True)
+    masks = StructureMasks(student)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    ckpt = Checkpointer(None if checkpoint_dir is None else Path(checkpoint_dir), cfg.checkpoint_minutes)
-    state = ckpt.load(model, opt, gen, cfg) if resume else RecoveryState()
+    ckpt = Checkpointer(None if checkpoint_dir is None else Path(checkpoint_dir), cfg.checkpoint_minutes, sharded)
+    state = ckpt.load(student, opt, gen, cfg) if resume else RecoveryState()
     per_step = cfg.batch_size * cfg.seqlen
     if not state.total_steps:
         state.total_steps = cfg.steps or (math.ceil(cfg.tokens / per_step) if cfg.tokens else None) or DEFAULT_STEPS
     if not state.held_out:  # a resumed run has its starting perplexity already
-        state.held_out.append({"step": 0, "tokens": 0, "perplexity": _held_out_ppl(model, held, cfg, dev, dtype)})
+        state.held_out.append({"step": 0, "tokens": 0, "perplexity": _held_out_ppl(student, held, cfg, dev, dtype)})
     before = state.held_out[0]["perplexity"]
-    log.info("recovering for %d steps of %d x %d tokens on %s (%s, %d process(es))", state.total_steps,
-             cfg.batch_size, cfg.seqlen, dev, str(dtype).removeprefix("torch."), size)
+    log.info("recovering for %d steps of %d x %d tokens on %s (%s, %d process(es)%s)", state.total_steps,
+             cfg.batch_size, cfg.seqlen, dev, str(dtype).removeprefix("torch."), size, ", FSDP" if sharded else "")
     bar = tqdm(total=state.total_steps, initial=state.step, desc="recover", unit="step",
                disable=not progress or rank != 0)
     started = time.perf_counter() - state.seconds
@@ -233,16 +247,16 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
             for group in opt.param_groups:
                 group["lr"] = lr_at(state.step, state.total_steps, cfg)
             with autocast(dev, dtype):
-                loss = distillation_loss(model, teacher, ids.to(dev), cfg)
+                loss = distillation_loss(student, teacher, ids.to(dev), cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            _all_reduce_mean(grads, size)
-            mask_gradients(model)
+            if not sharded:  # FSDP has already reduce-scattered (averaged) the gradients
+                _all_reduce_mean([p.grad for p in params if p.grad is not None], size)
+            masks.mask_gradients()
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
-            keep_structure(model)
+            masks.rezero()  # weight decay or rounding must not revive a pruned entry
             value = loss.detach().float().reshape(1)
             _all_reduce_mean([value], size)
             state.step += 1
@@ -253,33 +267,50 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
                 state.total_steps = max(2, int(cfg.minutes * 60 / (state.seconds / 2)))  # sized by measured speed
                 bar.total = state.total_steps
             if state.step % cfg.eval_every == 0 or state.step == state.total_steps:
-                ppl = _held_out_ppl(model, held, cfg, dev, dtype)
+                ppl = _held_out_ppl(student, held, cfg, dev, dtype)
                 state.held_out.append({"step": state.step, "tokens": state.tokens, "perplexity": ppl})
             bar.update(1)
             bar.set_postfix(loss=f"{state.loss[-1]:.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):,.0f}",
                             held_out=f"{state.held_out[-1]['perplexity']:,.1f}")
             if on_step is not None:
                 on_step(state)
-            if ckpt.due():
-                ckpt.save(model, opt, gen, state, cfg)
+            if _agreed(ckpt.due(), sharded, dev):
+                ckpt.save(student, opt, gen, state, cfg)
     except KeyboardInterrupt:
-        ckpt.save(model, opt, gen, state, cfg)
+        # A sharded checkpoint needs every process at the same point, which an interrupt does not give;
+        # the last periodic one stays usable (checkpoints are written atomically).
+        if not sharded:
+            ckpt.save(student, opt, gen, state, cfg)
         if ckpt.path is not None and rank == 0:
-            log.warning("interrupted at step %d of %d; the checkpoint %s resumes it (--resume)", state.step,
-                        state.total_steps, ckpt.path)
+            log.warning("interrupted at step %d of %d; %s", state.step, state.total_steps,
+                        f"the checkpoint {ckpt.path} resumes it (--resume)" if ckpt.path.is_file() else
+                        "no checkpoint was written yet, so there is nothing to resume")
         raise
     finally:
         bar.close()
-    ckpt.save(model, opt, gen, state, cfg)
+    ckpt.save(student, opt, gen, state, cfg)
     for p in params:
         p.grad = None
+    if sharded:
+        gather_into(student, model)
     model.eval()
     return {"loss": state.loss, "steps": state.step, "tokens": state.tokens, "seconds": state.seconds,
-            "world_size": size, "device": str(dev), "compute_dtype": str(dtype).removeprefix("torch."),
+            "world_size": size, "sharding": "fsdp" if sharded else "none",
+            "parameters_held": sum(local_part(p).numel() for p in params), "device": str(dev),
+            "compute_dtype": str(dtype).removeprefix("torch."),
             "perplexity_before": before, "perplexity_after": state.held_out[-1]["perplexity"],
             "held_out": state.held_out, "held_out_text": f"{cfg.text} (validation, {cfg.eval_windows} windows of "
                                                           f"{cfg.seqlen})",
             "text": cfg.text, "budget": cfg.budget(), "config": asdict(cfg), "structure": structure_report(model)}
+
+
+def _agreed(flag: bool, sharded: bool, device: torch.device) -> bool:
+    """Rank 0's decision on every process (clocks differ, and a sharded save needs all of them)."""
+    if not sharded:
+        return flag
+    t = torch.tensor([int(flag)], device=device)  # NCCL sends only GPU tensors
+    dist.broadcast(t, 0)
+    return bool(t.item())
 
 
 def _batch(stream: Tensor, cfg: RecoverConfig, gen: torch.Generator) -> Tensor:

@@ -109,7 +109,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 # recover flags -> RecoverConfig fields (validated by the recipe schema, so ranges and NaN are checked once)
 RECOVER_FLAGS = ("text", "steps", "tokens", "minutes", "seqlen", "batch_size", "lr", "weight_decay", "temperature",
                  "kl_weight", "ce_weight", "hidden_weight", "eval_every", "eval_windows", "checkpoint_minutes",
-                 "compute_dtype")
+                 "compute_dtype", "sharding")
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

@@ -134,6 +134,9 @@ def build_parser() -> Parser:
     rc.add_argument("--compute-dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     rc.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     rc.add_argument("--nproc", type=_positive, default=1, help="data-parallel processes on this machine (1)")
+    rc.add_argument("--sharding", help="with several processes: none (default; each holds the whole model, "
+                    "gradients averaged as in DDP) or fsdp (parameters, gradients and optimizer state split over "
+                    "the processes, for a model that does not fit one device)")
     rc.add_argument("--resume", action="store_true", help="continue the interrupted run that writes --out")
     rc.add_argument("--seed", type=int, default=0, help="seed for the training windows (0)")
     rc.add_argument("--overwrite", action="store_true", help="replace output folders that are not empty")

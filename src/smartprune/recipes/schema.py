@@ -198,6 +198,9 @@ class RecoverConfig:
                                      lo=0.0, hi=1e6)
     compute_dtype: str = _opt("auto", "forward precision: auto (bfloat16 on a GPU, float32 on a CPU) | float32 | "
                               "bfloat16 | float16", choices=("auto", "float32", "bfloat16", "float16"))
+    sharding: str = _opt("none", "with several processes: none (each holds the whole model, gradients averaged as "
+                         "in DDP) | fsdp (parameters, gradients and optimizer state split over the processes, "
+                         "for models that do not fit one device)", choices=("none", "fsdp"))
 
     def __post_init__(self) -> None:
         if self.teacher == "none" and self.ce_weight == 0:
