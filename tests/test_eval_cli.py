@@ -72,12 +72,14 @@ def test_generate_prints_texts_and_metrics(model_dirs, use_data, capsys):
     assert "The cat" in out and "repetition@6" in out and "sample(" in out
 
 
-def test_classify_finetunes_compresses_and_rescores(model_dirs, use_data, tmp_path, capsys):
+def test_classify_finetunes_compresses_and_rescores(model_dirs, use_data, tmp_path, capsys, device):
     path = tmp_path / "c.json"
     code, out, err = run(capsys, "classify", model_dirs["gpt2"], "--task", "sms", "--recipe", "fpp-ff",
-                         "--max-train", "16", "--ft-seqlen", "16", "--calib-samples", "8", "--json", path)
+                         "--max-train", "16", "--ft-seqlen", "16", "--calib-samples", "8", "--json", path,
+                         "--device", device)
     assert code == 0, err
     data = json.loads(path.read_text())
+    assert data["training"]["device"].startswith(device)
     assert data["report"]["groups"]["fpp_ff"]["after"] < data["report"]["groups"]["fpp_ff"]["before"]
     calib = data["report"]["calibration"]
     assert calib["text"] == "sms train" and calib["samples"] == 8 and calib["eval_samples"] == 4
@@ -123,6 +125,8 @@ def test_eval_on_a_device_in_a_compute_dtype(model_dirs, use_data, tmp_path, cap
     ["sweep", "MODEL", "--method", "irc", "--rates", "0,1", "--json", "OUT.json"],
     ["compare", "MODEL", "--methods", "dense"],
     ["demo", "--model", "MODEL", "--quick"],
+    ["bench", "MODEL", "--repeats", "1", "--no-rss", "--json", "OUT.json"],
+    ["classify", "MODEL", "--task", "sms", "--recipe", "fpp-ff", "--json", "OUT.json"],
 ])
 def test_asking_for_a_gpu_without_one_is_one_line_before_any_work(argv, model_dirs, use_data, tmp_path, capsys):
     import torch

@@ -317,12 +317,17 @@ class ClassifierRun:
 
 def compress_classifier(model: str, task: str, recipe: str | Path | Recipe, *, finetune=None,
                         examples: int | None = None, calib_samples: int = 64, seed: int = 0,
-                        json_path: str | Path | None = None, progress: bool = True) -> ClassifierRun:
+                        json_path: str | Path | None = None, device: str = "auto", compute_dtype: str = "auto",
+                        progress: bool = True) -> ClassifierRun:
     """Fine-tune MODEL on `task`, score its dev split, compress it with `recipe` (stages with
-    ``objective: task`` fit the classification loss), and score it again."""
+    ``objective: task`` fit the classification loss), and score it again. Fine-tuning and scoring
+    run on `device` in `compute_dtype`; the compression itself runs on the CPU."""
+    from smartprune.device import autocast, resolve_compute_dtype
     from smartprune.evaluation import classify
     from smartprune.evaluation.tasks import NotAvailable, get_task, load_split, subsample
 
+    where = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, where)
     cfg = finetune or classify.FinetuneConfig(seed=seed)
     spec = get_task(task)
     try:
@@ -331,15 +336,18 @@ def compress_classifier(model: str, task: str, recipe: str | Path | Recipe, *, f
         raise DataError(f"task {task} cannot be fine-tuned here: {exc}") from None
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     loaded = load_model(model)
-    clf = classify.SequenceClassifier(loaded.model, len(spec.labels), seed=cfg.seed)
+    clf = classify.SequenceClassifier(loaded.model.to(where), len(spec.labels), seed=cfg.seed)
     seconds = {}
     t = time.perf_counter()
-    training = classify.finetune(clf, loaded.tokenizer, spec, subsample(train, cfg.max_train, cfg.seed), cfg,
-                                 progress=progress)
+    with autocast(where, dtype):
+        training = classify.finetune(clf, loaded.tokenizer, spec, subsample(train, cfg.max_train, cfg.seed), cfg,
+                                     progress=progress)
     seconds["finetune"] = time.perf_counter() - t
     t = time.perf_counter()
-    dense = classify.evaluate_classifier(clf, loaded.tokenizer, spec, dev, seqlen=cfg.seqlen, progress=progress)
+    with autocast(where, dtype):
+        dense = classify.evaluate_classifier(clf, loaded.tokenizer, spec, dev, seqlen=cfg.seqlen, progress=progress)
     seconds["evaluate"] = time.perf_counter() - t
+    clf.to("cpu")  # the compression engine runs on the CPU
     calib_examples = subsample(train, calib_samples + rec.calibration.eval_samples, seed + 1)
     calib, objective = classify.task_calibration(clf, loaded.tokenizer, spec, calib_examples[:calib_samples],
                                                  calib_examples[calib_samples:], cfg.seqlen)
@@ -349,10 +357,14 @@ def compress_classifier(model: str, task: str, recipe: str | Path | Recipe, *, f
                       progress=progress)
     seconds["compress"] = time.perf_counter() - t
     t = time.perf_counter()
-    after = classify.evaluate_classifier(clf, loaded.tokenizer, spec, dev, seqlen=cfg.seqlen, progress=progress)
+    clf.to(where)
+    with autocast(where, dtype):
+        after = classify.evaluate_classifier(clf, loaded.tokenizer, spec, dev, seqlen=cfg.seqlen, progress=progress)
     seconds["evaluate"] += time.perf_counter() - t
-    run = ClassifierRun(model, task, rec.name, dense, after, {**training, "budget": cfg.to_dict()},
-                        result.report, seconds)
+    clf.to("cpu")
+    training = {**training, "budget": cfg.to_dict(), "device": str(where),
+                "compute_dtype": str(dtype).removeprefix("torch.")}
+    run = ClassifierRun(model, task, rec.name, dense, after, training, result.report, seconds)
     if json_path:
         write_json(Path(json_path), run.to_dict())
     return run

@@ -3,12 +3,19 @@
 Every metric is measured for all models in one round before the next round starts (interleaved), so
 a change in machine load hits every model alike; the first round of each shape is a warm-up and is
 not counted. Reported per metric: the median over ``repeats`` rounds and the spread (min, max).
-``ratios`` are each model's median divided by the first model's (the dense baseline): below 1 is
-faster for a time, above 1 is faster for a rate.
+``ratios`` are each model's median divided by the first model's in the same compute dtype (the dense
+baseline): below 1 is faster for a time, above 1 is faster for a rate.
+
+On a GPU every timed action is bracketed by ``torch.cuda.synchronize`` (kernels run asynchronously),
+and ``peak_gpu_bytes`` is the model's own weights plus the highest memory its measured actions
+allocated above what was allocated before them (``torch.cuda.max_memory_allocated``), so models
+resident side by side do not count each other. Each ``--compute-dtype`` runs forward passes and
+training under autocast in that dtype (weights stay float32), one entry per model and dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -24,6 +31,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from smartprune.data import check_positions
+from smartprune.device import autocast, resolve_compute_dtype, resolve_device
 from smartprune.loading import LoadedModel, load_model
 from smartprune.nn import mask_gradients
 
@@ -31,11 +40,13 @@ log = logging.getLogger(__name__)
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
 
 
-def metric_units(lengths: tuple[int, ...]) -> dict[str, str]:
-    """Metric name -> unit. Batch 1 at every length; batch 8, throughput and fine-tuning at the first."""
+def metric_units(lengths: tuple[int, ...], batches: tuple[int, ...] = (8,)) -> dict[str, str]:
+    """Metric name -> unit. Batch 1 at every length; each larger batch, its throughput and fine-tuning
+    (batch 8) at the first length. ``throughput_seq_per_s`` is the first batch's throughput."""
     first = lengths[0]
-    return {**{f"latency_b1_{n}": "s" for n in lengths}, f"latency_b8_{first}": "s",
+    return {**{f"latency_b1_{n}": "s" for n in lengths}, **{f"latency_b{b}_{first}": "s" for b in batches},
             "generate_tokens_per_s": "tokens/s", "throughput_seq_per_s": "sequences/s",
+            **{f"throughput_b{b}_seq_per_s": "sequences/s" for b in batches[1:]},
             "finetune_seq_per_s": "sequences/s"}
 
 
@@ -47,12 +58,17 @@ class BenchSettings:
     new_tokens: int = 128  # generation length
     rss: bool = True  # peak RSS of each model in its own subprocess
     seed: int = 0
+    batches: tuple[int, ...] = (8,)  # throughput batch sizes at the first length (the paper's Table 8: 8 and 32)
+    device: str = "auto"
+    compute_dtypes: tuple[str, ...] = ("auto",)  # one entry per model and dtype (e.g. float32 and bfloat16)
 
     def __post_init__(self) -> None:
         from smartprune.errors import DataError
 
-        if self.repeats < 1 or self.new_tokens < 1 or self.threads < 0 or not self.lengths or min(self.lengths) < 2:
-            raise DataError("repeats, new tokens and lengths must be positive, threads 0 (all cores) or positive")
+        if self.repeats < 1 or self.new_tokens < 1 or self.threads < 0 or not self.lengths or min(self.lengths) < 2 \
+                or not self.batches or min(self.batches) < 1 or not self.compute_dtypes:
+            raise DataError("repeats, new tokens, lengths and batches must be positive, threads 0 (all cores) or "
+                            "positive")
 
 
 @dataclass
@@ -66,16 +82,17 @@ class BenchResult:
         return {"machine": self.machine, "units": self.units, "models": self.models}
 
     def summary(self) -> str:
-        names = [m["name"] for m in self.models]
+        several = len({m.get("compute_dtype") for m in self.models}) > 1
+        names = [f"{m['name']} [{m['compute_dtype']}]" if several else m["name"] for m in self.models]
         lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         rows = [("size on disk (MB)", lambda m: m["size_bytes"] / 1e6, lambda m: m["ratios"]["size_bytes"])]
         rows += [(f"{k} ({u})", (lambda m, k=k: m["metrics"][k]), (lambda m, k=k: m["ratios"][k]))
                  for k, u in self.units.items()]
-        if all("peak_rss_bytes" in m["metrics"] for m in self.models):
-            rows.append(("peak RSS (MB)", lambda m: m["metrics"]["peak_rss_bytes"] / 1e6,
-                         lambda m: m["ratios"]["peak_rss_bytes"]))
+        for key, label in (("peak_rss_bytes", "peak RSS (MB)"), ("peak_gpu_bytes", "peak GPU memory (MB)")):
+            if all(key in m["metrics"] for m in self.models):
+                rows.append((label, lambda m, key=key: m["metrics"][key] / 1e6, lambda m, key=key: m["ratios"][key]))
         for label, value, ratio in rows:
-            cells = [f"{value(m):.4g}" + ("" if i == 0 else f" (x{ratio(m):.2f})") for i, m in enumerate(self.models)]
+            cells = [f"{value(m):.4g}" + ("" if m["baseline"] else f" (x{ratio(m):.2f})") for m in self.models]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -103,41 +120,51 @@ def size_on_disk(source: str) -> int:
     return sum(f.stat().st_size for pattern in WEIGHT_FILES for f in path.glob(pattern))
 
 
-def _timed(fn: Callable[[], None]) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds `fn` takes; on a GPU, until its kernels have finished."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
+    sync(device)
     start = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - start
 
 
-def _ids(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+def _ids(batch: int, length: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(device)
 
 
 class _Probe:
-    """The timed actions on one model."""
+    """The timed actions on one model, on one device, in one compute dtype."""
 
-    def __init__(self, loaded: LoadedModel, new_tokens: int, seed: int) -> None:
+    def __init__(self, loaded: LoadedModel, new_tokens: int, seed: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
         self.model = loaded.model
         self.vocab = self.model.config.vocab_size
-        self.new_tokens, self.seed = new_tokens, seed
+        self.new_tokens, self.seed, self.device, self.dtype = new_tokens, seed, device, dtype
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=0.0)  # a real step that leaves the weights as they are
 
+    def _timed(self, fn: Callable[[], None]) -> float:
+        with autocast(self.device, self.dtype):
+            return _timed(fn, self.device)
+
     @torch.no_grad()
     def forward(self, batch: int, length: int) -> float:
-        ids = _ids(batch, length, self.vocab, self.seed)
-        return _timed(lambda: self.model(ids))
+        ids = _ids(batch, length, self.vocab, self.seed, self.device)
+        return self._timed(lambda: self.model(ids))
 
     @torch.no_grad()
     def generate(self) -> float:
-        ids = _ids(1, 16, self.vocab, self.seed)
-        seconds = _timed(lambda: self.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                                     max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
-                                                     do_sample=False, pad_token_id=0))
+        ids = _ids(1, 16, self.vocab, self.seed, self.device)
+        seconds = self._timed(lambda: self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.new_tokens,
+            min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=0))
         return self.new_tokens / seconds
 
     def train_step(self, batch: int = 8, length: int = 128) -> float:
-        ids = _ids(batch, length, self.vocab, self.seed)
+        ids = _ids(batch, length, self.vocab, self.seed, self.device)
 
         def step() -> None:
             self.model.train()
@@ -148,27 +175,48 @@ class _Probe:
             self.opt.step()
             self.model.eval()
 
-        return batch / _timed(step)
+        return batch / self._timed(step)
 
 
-def _measure_round(probe: _Probe, lengths: tuple[int, ...]) -> dict[str, float]:
+def _measure_round(probe: _Probe, lengths: tuple[int, ...], batches: tuple[int, ...]) -> dict[str, float]:
+    first = lengths[0]
     out = {f"latency_b1_{n}": probe.forward(1, n) for n in lengths}
-    out[f"latency_b8_{lengths[0]}"] = probe.forward(8, lengths[0])
-    out["throughput_seq_per_s"] = 8 / out[f"latency_b8_{lengths[0]}"]
+    for b in batches:
+        out[f"latency_b{b}_{first}"] = probe.forward(b, first)
+        out[f"throughput_b{b}_seq_per_s"] = b / out[f"latency_b{b}_{first}"]
+    out["throughput_seq_per_s"] = out.pop(f"throughput_b{batches[0]}_seq_per_s")
     out["generate_tokens_per_s"] = probe.generate()
-    out["finetune_seq_per_s"] = probe.train_step(8, lengths[0])
+    out["finetune_seq_per_s"] = probe.train_step(8, first)
     return out
+
+
+class _GpuPeak:
+    """This model's weights plus the most memory its actions allocated above the level before them."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+        self.weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+    def __enter__(self) -> _GpuPeak:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize(self.device)
+        above = torch.cuda.max_memory_allocated(self.device) - self.start
+        self.peak = max(self.peak, self.weights + above)
 
 
 def _check_lengths(loaded: LoadedModel, s: BenchSettings) -> None:
     from smartprune.errors import DataError
 
-    c = loaded.model.config
-    limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
     need = max(max(s.lengths), 16 + s.new_tokens)
-    if limit is not None and need > limit:
-        raise DataError(f"model {loaded.name} allows {limit} positions; the benchmark needs {need} "
-                        "(use --lengths / --new-tokens within it)")
+    try:
+        check_positions(loaded.model, need, "the benchmark's longest sequence (--lengths, 16 + --new-tokens)")
+    except DataError as exc:
+        raise DataError(f"model {loaded.name}: {exc}") from None
 
 
 def peak_rss(spec: str, threads: int, length: int) -> int:
@@ -187,36 +235,47 @@ def peak_rss(spec: str, threads: int, length: int) -> int:
 
 def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: bool = True) -> BenchResult:
     s = settings or BenchSettings()
+    device = resolve_device(s.device)
+    dtypes = [resolve_compute_dtype(d, device) for d in s.compute_dtypes]  # bad names fail before loading
     torch.set_num_threads(s.threads or os.cpu_count() or 1)
     torch.manual_seed(s.seed)
     loaded = [load_model(spec) for spec in specs]
     for m in loaded:
         _check_lengths(m, s)
-    units = metric_units(s.lengths)
-    probes = [_Probe(m, s.new_tokens, s.seed) for m in loaded]
+        m.model.to(device)
+    units = metric_units(s.lengths, s.batches)
+    runs = [(spec, m, dtype, _Probe(m, s.new_tokens, s.seed, device, dtype))
+            for dtype in dtypes for spec, m in zip(specs, loaded, strict=True)]
+    peaks = [_GpuPeak(m.model, device) if device.type == "cuda" else None for _, m, _, _ in runs]
     result = BenchResult(machine(), units=units)
-    samples: list[dict[str, list[float]]] = [{k: [] for k in units} for _ in probes]
+    samples: list[dict[str, list[float]]] = [{k: [] for k in units} for _ in runs]
     for round_ in tqdm(range(s.repeats + 1), desc="bench rounds", disable=not progress):
-        for probe, sink in zip(probes, samples, strict=True):
-            values = _measure_round(probe, s.lengths)
+        for (_, _, _, probe), peak, sink in zip(runs, peaks, samples, strict=True):
+            with peak or contextlib.nullcontext():
+                values = _measure_round(probe, s.lengths, s.batches)
             if round_ == 0:
                 continue  # warm-up
             for k, v in values.items():
                 sink[k].append(v)
-    for spec, m, sink in zip(specs, loaded, samples, strict=True):
+    for (spec, m, dtype, _), peak, sink in zip(runs, peaks, samples, strict=True):
         metrics = {k: statistics.median(v) for k, v in sink.items()}
         entry = {"name": spec, "source": m.source, "size_bytes": size_on_disk(m.source), "metrics": metrics,
+                 "compute_dtype": str(dtype).removeprefix("torch."), "device": str(device),
                  "spreads": {k: {"min": min(v), "max": max(v)} for k, v in sink.items()},
-                 "parameters_in_memory": sum(t.numel() for t in m.model.state_dict().values())}
+                 "parameters_in_memory": sum(t.numel() for t in m.model.state_dict().values()),
+                 "baseline": spec == specs[0]}
+        if peak is not None:
+            metrics["peak_gpu_bytes"] = peak.peak
         if s.rss:
             metrics["peak_rss_bytes"] = peak_rss(spec, torch.get_num_threads(), max(s.lengths))
         result.models.append(entry)
-    base = result.models[0]
     for entry in result.models:
+        base = next(b for b in result.models if b["baseline"] and b["compute_dtype"] == entry["compute_dtype"])
         entry["ratios"] = {k: v / base["metrics"][k] for k, v in entry["metrics"].items()}
         entry["ratios"]["size_bytes"] = entry["size_bytes"] / base["size_bytes"]
-    result.machine["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result.machine["repeats"] = s.repeats
+    result.machine.update(process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                          repeats=s.repeats, device=str(device), gpu=torch.cuda.get_device_name(device)
+                          if device.type == "cuda" else None)
     return result
 
 
@@ -226,6 +285,8 @@ def write_outputs(result: BenchResult, path: Path) -> None:
 
     write_json(path, result.to_dict())
     m = result.machine
-    head = (f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} threads), torch {m['torch']}; median of "
-            f"{m['repeats']} interleaved rounds after a warm-up; (xR) = ratio to the first model.\n\n")
+    cpu = f"{m['cpu']} ({m['cores']} cores, {m['threads']} threads)"
+    where = f"{m['gpu']} (host: {cpu})" if m.get("gpu") else cpu
+    head = (f"Measured on {where}, torch {m['torch']}; median of {m['repeats']} interleaved rounds after a warm-up; "
+            "(xR) = ratio to the first model in the same compute dtype.\n\n")
     write_text(path.with_suffix(".md"), head + result.summary() + "\n")

@@ -101,7 +101,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     s = _eval_settings(args)
     result = compress_classifier(args.model, args.task, args.recipe, finetune=s.finetune, examples=args.examples,
                                  calib_samples=args.calib_samples, seed=args.seed, json_path=args.json,
-                                 progress=not args.quiet)
+                                 device=args.device, compute_dtype=args.compute_dtype, progress=not args.quiet)
     _out(result.summary())
     return 0
 
@@ -139,7 +139,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from smartprune.bench import BenchSettings, bench, write_outputs
 
     settings = BenchSettings(repeats=args.repeats, lengths=tuple(args.lengths), threads=args.threads,
-                             new_tokens=args.new_tokens, rss=not args.no_rss)
+                             new_tokens=args.new_tokens, rss=not args.no_rss, batches=tuple(args.batches),
+                             device=args.device, compute_dtypes=tuple(args.compute_dtype))
     result = bench(args.models, settings, progress=not args.quiet)
     if args.json:
         write_outputs(result, Path(args.json))

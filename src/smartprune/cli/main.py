@@ -194,15 +194,15 @@ def build_parser() -> Parser:
                    "mrpc, rte, sms")
     f.add_argument("--recipe", default="paper", help="recipe name or file (paper)")
     f.add_argument("--calib-samples", type=_positive, default=64, help="training examples used as calibration (64)")
-    _eval_options(f, "classification", "finetune")
+    _eval_options(f, "classification", "finetune", "device")
     f.set_defaults(func=cmd_classify)
 
     b = sub.add_parser("bench", help="size and speed of models, side by side in one process",
                        description="Measure each MODEL in one process, interleaved round by round after a warm-up: "
                        "forward latency (batch 1 at 128/512/1024 tokens, batch 8 at 128), greedy generation "
                        "tokens/s with KV cache, throughput (sequences/s), fine-tuning steps (sequences/s), peak "
-                       "RSS (each model in its own subprocess) and size on disk. Medians, spreads, and ratios to "
-                       "the first MODEL (the dense baseline).")
+                       "RSS (each model in its own subprocess), peak GPU memory on a GPU, and size on disk. Medians, "
+                       "spreads, and ratios to the first MODEL (the dense baseline) in the same compute dtype.")
     b.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
     b.add_argument("--repeats", type=_positive, default=5, help="measured rounds per metric (5)")
     b.add_argument("--lengths", type=_positive, nargs="+", default=[128, 512, 1024],
@@ -210,6 +210,13 @@ def build_parser() -> Parser:
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     b.add_argument("--new-tokens", type=_positive, default=128, help="generated tokens per generation run (128)")
     b.add_argument("--no-rss", action="store_true", help="skip the per-model peak-RSS subprocesses")
+    b.add_argument("--batches", type=_positive, nargs="+", default=[8],
+                   help="throughput batch sizes at the first length (8; the paper's Table 8: 8 32)")
+    b.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N; on a GPU "
+                   "timing is CUDA-synchronized and peak GPU memory is reported")
+    b.add_argument("--compute-dtype", nargs="+", default=["auto"],
+                   help="forward/training precision, one entry per model and dtype: auto (bfloat16 on a GPU, "
+                   "float32 on a CPU), float32, bfloat16, float16 (e.g. float32 bfloat16)")
     b.add_argument("--json", help="write the results to this JSON file and a Markdown twin beside it")
     b.set_defaults(func=cmd_bench)
 

@@ -1,0 +1,44 @@
+"""bench: every metric for every model and compute dtype, ratios to the dense model of the same dtype,
+batch sizes of the paper's Table 8, and on a GPU its peak memory."""
+
+import json
+
+import pytest
+
+from smartprune.bench import BenchSettings, bench, metric_units, write_outputs
+
+
+def test_metric_names_follow_lengths_and_batches():
+    units = metric_units((16, 32), (8, 32))
+    assert {"latency_b1_16", "latency_b1_32", "latency_b8_16", "latency_b32_16", "throughput_seq_per_s",
+            "throughput_b32_seq_per_s", "generate_tokens_per_s", "finetune_seq_per_s"} == set(units)
+
+
+def test_bench_every_model_in_every_compute_dtype(model_dirs, device, tmp_path):
+    settings = BenchSettings(repeats=1, lengths=(16,), new_tokens=4, rss=False, batches=(2, 4), device=device,
+                             compute_dtypes=("float32", "bfloat16"))
+    result = bench([str(model_dirs["llama"]), str(model_dirs["gpt2"])], settings, progress=False)
+    assert [(m["name"] == str(model_dirs["llama"]), m["compute_dtype"]) for m in result.models] == [
+        (True, "float32"), (False, "float32"), (True, "bfloat16"), (False, "bfloat16")]
+    for m in result.models:
+        assert set(metric_units((16,), (2, 4))) <= set(m["metrics"]) and m["device"].startswith(device)
+        assert m["metrics"]["throughput_b4_seq_per_s"] == pytest.approx(4 / m["metrics"]["latency_b4_16"])
+        if m["baseline"]:  # each dtype is compared with the dense model in that dtype
+            assert all(r == pytest.approx(1.0) for r in m["ratios"].values())
+        if device == "cuda":  # the weights (at least a byte per stored number) plus the activations
+            assert m["metrics"]["peak_gpu_bytes"] > m["parameters_in_memory"]
+        else:
+            assert "peak_gpu_bytes" not in m["metrics"]
+    assert "[bfloat16]" in result.summary()
+    write_outputs(result, tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text())["machine"]["device"].startswith(device)
+    assert "same compute dtype" in (tmp_path / "b.md").read_text()
+
+
+def test_bad_bench_settings_are_refused(model_dirs):
+    from smartprune.errors import DataError, DeviceError
+
+    with pytest.raises(DataError):
+        BenchSettings(batches=())
+    with pytest.raises(DeviceError, match="unknown compute dtype"):
+        bench([str(model_dirs["llama"])], BenchSettings(rss=False, compute_dtypes=("float8",)), progress=False)
