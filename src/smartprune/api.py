@@ -16,7 +16,7 @@ import torch
 from smartprune.accounting import format_table
 from smartprune.artifact import DTYPES, check_output, check_outputs_apart, save, write_dense, write_json
 from smartprune.data import EVAL_TEXTS, TRAIN_TEXTS, check_positions, eval_text, train_text_path
-from smartprune.device import resolve_device
+from smartprune.device import resolve_compute_dtype, resolve_device
 from smartprune.engine import compress
 from smartprune.errors import DataError, OutputError, did_you_mean
 from smartprune.evaluation.perplexity import check_limit, perplexity
@@ -79,9 +79,10 @@ class CompressRun:
 def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, dense_out: str | Path | None = None,
                    seed: int = 0, overwrite: bool = False, calib_samples: int | None = None,
                    calib_seqlen: int | None = None, dtype: str = "float32", device: str = "auto",
-                   progress: bool = True) -> CompressRun:
-    """Load MODEL, compress it with `recipe` (then retrain it when the recipe has a ``recover``
-    section), write it to `out` (and a dense HF folder to `dense_out`)."""
+                   offload: bool | None = None, compute_dtype: str = "auto", progress: bool = True) -> CompressRun:
+    """Load MODEL, compress it with `recipe` on `device` (then retrain it when the recipe has a
+    ``recover`` section), write it to `out` (and a dense HF folder to `dense_out`). ``offload``
+    keeps one block at a time on the device (``None``: when the model would not fit)."""
     from smartprune.recovery import recover
     from smartprune.recovery_run import checkpoint_dir, snapshot_teacher
 
@@ -89,7 +90,7 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     check_output(out, overwrite)
     local = Path(model).expanduser()
     check_outputs_apart(out, dense_out, local if local.exists() else None)
-    resolve_device(device)
+    resolve_compute_dtype(compute_dtype, resolve_device(device))
     if dtype not in DTYPES:
         raise OutputError(f"unknown dtype '{dtype}'{did_you_mean(dtype, DTYPES)}; known: {', '.join(DTYPES)}")
     if dense_out is not None:
@@ -100,7 +101,8 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     loaded = load_model(model)
     _check_windows(loaded.model, recipe.calibration.seqlen, recipe.recover)
     teacher = snapshot_teacher(loaded.model, recipe.recover)
-    result = compress(loaded.model, loaded.tokenizer, recipe, seed=seed, progress=progress)
+    result = compress(loaded.model, loaded.tokenizer, recipe, seed=seed, progress=progress, device=device,
+                      offload=offload, compute_dtype=compute_dtype)
     report = {"model": model_reference(model), "source": loaded.source, **result.report, "environment": environment()}
     if recipe.recover is not None:
         report["recovery"] = recover(loaded.model, loaded.tokenizer, recipe.recover, teacher=teacher, device=device,
@@ -196,7 +198,8 @@ def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick
     loaded.model.to("cpu")
     teacher = snapshot_teacher(loaded.model, recovery_cfg)
     t = time.perf_counter()
-    result = compress(loaded.model, loaded.tokenizer, rec, seed=seed, progress=progress)
+    result = compress(loaded.model, loaded.tokenizer, rec, seed=seed, progress=progress, device=dev,
+                      compute_dtype="auto")
     seconds["compress"] = time.perf_counter() - t
     after = evaluate("compressed")
     report = {**result.report, "environment": environment()}

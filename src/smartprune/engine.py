@@ -6,10 +6,19 @@ before it: calibration activations flow through the compressed prefix (``sequent
 through the dense model (``false``). Within a stage the rate grows through its schedule; after each
 increment the stage's weights are re-fitted, and with a threshold the state is evaluated and the
 last state within the threshold is kept.
+
+Where: the model and its calibration activations run on ``device`` (a GPU, say), forward passes in
+``compute_dtype`` (input statistics and Hessians are accumulated in float64, fit losses in float32
+whatever it is). With ``offload`` only the block being compressed is on the device, the others wait
+in host memory (as SparseGPT and llm-compressor do), so a model larger than the device's memory can
+be compressed; offload works with objectives local to each sublayer (the default), since the
+model's own loss or perplexity would need every block on the device at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
 import time
@@ -24,6 +33,8 @@ from tqdm.auto import tqdm
 from smartprune.accounting import accounting, group_counts, unique_parameters
 from smartprune.adapters import Adapter, get_adapter
 from smartprune.data import Calibration, calibration, check_positions
+from smartprune.device import autocast, model_device, resolve_compute_dtype, resolve_device
+from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.methods import METHODS
 from smartprune.methods.base import Sublayer
@@ -54,8 +65,8 @@ class _Run:
     """State of one compression run (kept off module level so runs never share anything)."""
 
     def __init__(self, adapter: Adapter, recipe: Recipe, calib: Calibration, seed: int,
-                 task_objective: Objective | None, progress: bool) -> None:
-        self.adapter, self.recipe, self.calib = adapter, recipe, calib
+                 task_objective: Objective | None, progress: bool, placement: Placement) -> None:
+        self.adapter, self.recipe, self.calib, self.placement = adapter, recipe, calib, placement
         self.model = adapter.model
         self.generator = torch.Generator().manual_seed(seed)
         self.task_objective = task_objective or lm_objective(self.model, calib.ids)
@@ -140,19 +151,84 @@ class _Run:
         h = _chunked(a.embed, self.calib.ids)
         n = len(a.blocks())
         for i in tqdm(range(n), desc="blocks", disable=not self.progress):
-            attn_dense, attn_out = self.compress_sublayer("attention", i, _chunked(a.attn_norm(i), h))
-            mid = h + (attn_out if sequential else attn_dense)
-            ff_dense, ff_out = self.compress_sublayer("ff", i, _chunked(a.ff_norm(i), mid))
-            h = mid + (ff_out if sequential else ff_dense)
+            with self.placement.block(a.blocks()[i]):
+                attn_dense, attn_out = self.compress_sublayer("attention", i, _chunked(a.attn_norm(i), h))
+                mid = h + (attn_out if sequential else attn_dense)
+                ff_dense, ff_out = self.compress_sublayer("ff", i, _chunked(a.ff_norm(i), mid))
+                h = mid + (ff_out if sequential else ff_dense)
+
+
+class Placement:
+    """Where the model's parts are while it is compressed: all of it on `device`, or (offload) all
+    but the blocks, each block moved there only while it is compressed."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, device: torch.device, offload: bool) -> None:
+        self.model, self.device, self.offload = model, device, offload
+        self.home = model_device(model)
+        if not offload:
+            model.to(device)
+            return
+        inside = {id(t) for b in adapter.blocks() for t in itertools.chain(b.parameters(), b.buffers())}
+        self._move_outside(inside, device)
+        self.inside = inside
+
+    def _move_outside(self, inside: set[int], device: torch.device) -> None:
+        with torch.no_grad():
+            for m in self.model.modules():
+                for p in m._parameters.values():
+                    if p is not None and id(p) not in inside:
+                        p.data = p.data.to(device)  # in place: tied weights stay tied
+                for name, b in m._buffers.items():
+                    if b is not None and id(b) not in inside:
+                        m._buffers[name] = b.to(device)
+
+    @contextlib.contextmanager
+    def block(self, block: nn.Module):
+        if not self.offload:
+            yield
+            return
+        block.to(self.device)
+        try:
+            yield
+        finally:
+            block.to(self.home)
+
+    def restore(self) -> None:
+        """Everything back where the caller had it."""
+        self.model.to(self.home)
+
+
+def _auto_offload(model: nn.Module, device: torch.device) -> bool:
+    """Offload when the model (with room for activations and fits) would not fit the GPU's free memory."""
+    if device.type != "cuda":
+        return False
+    weights = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    return 1.5 * weights > torch.cuda.mem_get_info(device)[0]
+
+
+def _check_offload(recipe: Recipe) -> None:
+    if any(getattr(cfg, "objective", "local") == "task" for cfg in recipe.stages.values()) or (
+            recipe.strategy.threshold is not None and recipe.strategy.metric == "perplexity"):
+        raise DataError(f"recipe '{recipe.name}' fits the model's own loss or checks its perplexity, which needs "
+                        "every block on the device at once; run it without offload (or use local objectives)")
 
 
 def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, calib: Calibration | None = None,
-             task_objective: Objective | None = None, progress: bool = True) -> CompressionResult:
+             task_objective: Objective | None = None, progress: bool = True, device: str | torch.device = "cpu",
+             offload: bool | None = None, compute_dtype: str = "float32") -> CompressionResult:
     """Compress `model` in place with `recipe`; returns the model, its adapter and a report.
 
     `calib` defaults to seeded windows of the recipe's calibration text; `task_objective` replaces
     the language-modelling loss for stages with ``objective: task`` (e.g. a classification loss).
+    The work runs on `device` in `compute_dtype` (``auto``: bfloat16 on a GPU); ``offload`` keeps
+    only the current block there (``None``: when the model would not fit). The model is returned
+    to the device it came from.
     """
+    dev = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, dev)
+    offload = _auto_offload(model, dev) if offload is None else offload
+    if offload:
+        _check_offload(recipe)
     torch.manual_seed(seed)
     model.eval()
     adapter = get_adapter(model)
@@ -163,11 +239,17 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
     total = unique_parameters(model)
     before = group_counts(adapter)
     start = time.perf_counter()
-    run = _Run(adapter, recipe, calib, seed, task_objective, progress)
-    log.info("compressing %d blocks with recipe '%s' (%s)", len(adapter.blocks()), recipe.name,
-             ", ".join(recipe.stages))
-    run.compress_embeddings()
-    run.compress_blocks()
+    placement = Placement(model, adapter, dev, offload)
+    calib = Calibration(calib.ids.to(dev), calib.eval_ids.to(dev), calib.source)
+    log.info("compressing %d blocks with recipe '%s' (%s) on %s (%s%s)", len(adapter.blocks()), recipe.name,
+             ", ".join(recipe.stages), dev, str(dtype).removeprefix("torch."), ", offload" if offload else "")
+    try:
+        with autocast(dev, dtype):
+            run = _Run(adapter, recipe, calib, seed, task_objective, progress, placement)
+            run.compress_embeddings()
+            run.compress_blocks()
+    finally:
+        placement.restore()
     report = accounting(before, group_counts(adapter), total)
     report.update({
         "recipe": recipe.name, "recipe_config": recipe.to_dict(), "seed": seed,
@@ -179,6 +261,7 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
                    for k in recipe.stages},
         "layers": run.layers,
         "seconds": time.perf_counter() - start,
+        "device": {"device": str(dev), "compute_dtype": str(dtype).removeprefix("torch."), "offload": offload},
     })
     return CompressionResult(model, adapter, report)
 

@@ -77,7 +77,7 @@ class FoldedProjection(Projection):
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, folded: Tensor, q: Tensor) -> None:
-        folded = folded.to(torch.bool)
+        folded = folded.to(device=weight.device, dtype=torch.bool)
         free_rows = (~folded).nonzero().flatten()
         super().__init__(weight[free_rows], bias)
         self.register_buffer("free_rows", free_rows)
@@ -134,7 +134,7 @@ class ColumnFoldedProjection(Projection):
     broadcast to every output feature. The free columns are stored as a dense block."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, folded: Tensor, q: Tensor) -> None:
-        folded = folded.to(torch.bool)
+        folded = folded.to(device=weight.device, dtype=torch.bool)
         free_cols = (~folded).nonzero().flatten()
         super().__init__(weight[:, free_cols], bias)
         self.register_buffer("free_cols", free_cols)

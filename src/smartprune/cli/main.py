@@ -80,8 +80,14 @@ def build_parser() -> Parser:
     c.add_argument("--calib-seqlen", type=_positive, help="override the recipe's calibration window length")
     c.add_argument("--dtype", default="float32", help="stored value precision in --out: float32 (default), float16 "
                    "or bfloat16 (loaded back as float32)")
-    c.add_argument("--device", default="auto", help="where a recipe's recover section runs: auto (a GPU when torch "
-                   "sees one), cpu, cuda or cuda:N")
+    c.add_argument("--device", default="auto", help="where compression (and a recipe's recover section) runs: auto "
+                   "(a GPU when torch sees one), cpu, cuda or cuda:N")
+    c.add_argument("--compute-dtype", default="auto", help="precision of the calibration forward passes and fits: auto "
+                   "(bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16; statistics and Hessians are "
+                   "accumulated in float64 whatever it is")
+    c.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the block being compressed on the GPU, the others in host memory (default: when "
+                   "the model would not fit the GPU's free memory); needs objectives local to each sublayer")
     c.add_argument("--overwrite", action="store_true", help="replace output folders that are not empty")
     c.set_defaults(func=cmd_compress)
 
@@ -239,8 +245,8 @@ def build_parser() -> Parser:
     w.add_argument("--seed", type=int, default=0, help="seed (0)")
     w.add_argument("--recover-tokens", type=_positive, help="retrain every point (the dense one too) with this many "
                    "WikiText-2 train tokens before evaluating: curves at equal retraining")
-    w.add_argument("--device", default="auto", help="where points are evaluated and retrained: auto (a GPU when "
-                   "torch sees one), cpu, cuda or cuda:N (compression itself runs on the CPU)")
+    w.add_argument("--device", default="auto", help="where points are compressed, evaluated and retrained: auto (a GPU when "
+                   "torch sees one), cpu, cuda or cuda:N (compression too)")
     w.add_argument("--json", help="write (and resume from) this JSON file")
     w.set_defaults(func=cmd_sweep)
 

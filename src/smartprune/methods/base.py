@@ -29,6 +29,8 @@ class InputStats:
 
     def add_batch(self, x: Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).double()
+        if self.gram.device != flat.device:  # statistics live where the activations are (a GPU, say)
+            self.gram = self.gram.to(flat.device)
         self.gram += flat.T @ flat
         self.tokens += flat.shape[0]
 

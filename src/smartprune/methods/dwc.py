@@ -45,7 +45,7 @@ class DWCStage(Stage):
         w = sub.module("v").dense_weight()
         rectangular_largest = w.shape[0] != w.shape[1] and cfg.rect_diagonal == "largest"
         norms = sub.input_stats().feature_norms if rectangular_largest else None
-        self.diag = diagonal_rows(w, cfg.rect_diagonal, norms)
+        self.diag = diagonal_rows(w, cfg.rect_diagonal, norms).cpu()  # index bookkeeping stays on the CPU
         self.order = removal_order(tuple(w.shape), self.diag, cfg.variant)
         self.rate = 0.0
 

@@ -32,7 +32,7 @@ Objective = Callable[[Tensor], Tensor]
 
 def local_objective(forward: Callable[[Tensor], Tensor], inputs: Tensor, target: Tensor) -> Objective:
     """Mean squared error between the compressed sublayer's output and the dense one's."""
-    return lambda idx: F.mse_loss(forward(inputs[idx]), target[idx])
+    return lambda idx: F.mse_loss(forward(inputs[idx]).float(), target[idx].float())
 
 
 def lm_objective(model: nn.Module, ids: Tensor) -> Objective:

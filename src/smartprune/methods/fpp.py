@@ -89,7 +89,8 @@ class FPPStage(Stage):
         if cfg.structure == "neuron":
             if sub.scope != "ff":
                 raise RecipeError("FPP structure 'neuron' applies to feed-forward blocks only")
-            self.neurons = torch.ones(self.targets[-1].weight.shape[0], dtype=torch.bool)
+            out = self.targets[-1].weight
+            self.neurons = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
 
     @property
     def targets(self) -> list[Maskable]:

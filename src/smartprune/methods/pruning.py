@@ -16,7 +16,7 @@ def spread(total: int, parts: int) -> Tensor:
 
 def lowest_in_matrix(score: Tensor, count: int) -> Tensor:
     """The `count` lowest scores of the whole matrix."""
-    prune = torch.zeros(score.numel(), dtype=torch.bool)
+    prune = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if count:
         prune[torch.topk(score.flatten(), count, largest=False).indices] = True
     return prune.view_as(score)
@@ -24,7 +24,7 @@ def lowest_in_matrix(score: Tensor, count: int) -> Tensor:
 
 def lowest_per_row(score: Tensor, sparsity: float) -> Tensor:
     """The lowest scores of each row; ``round(sparsity * numel)`` in all, spread evenly over rows."""
-    counts = spread(round(sparsity * score.numel()), score.shape[0])
+    counts = spread(round(sparsity * score.numel()), score.shape[0]).to(score.device)
     rank = score.argsort(dim=1).argsort(dim=1)  # 0 = lowest in its row
     return rank < counts[:, None]
 

@@ -32,7 +32,7 @@ def sparsegpt(weight_t: Tensor, gram: Tensor, sparsity: float, nm: tuple[int, in
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    prune = torch.zeros(rows, cols, dtype=torch.bool)
+    prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     total = round(sparsity * w.numel())
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
