@@ -96,3 +96,78 @@ def test_neuron_structure_is_refused_for_the_embedding():
 
     with pytest.raises(RecipeError, match=r"fpp_emb\.structure"):
         build_recipe({"fpp_emb": {"structure": "neuron"}}, "x", "x")
+
+
+def _correlated_layer(seed: int = 0):
+    """Inputs whose 32 features mix 8 latent ones (strongly correlated, of unequal scales), a random
+    32 x 24 matrix, and the input Gram matrix."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 8, generator=g) @ torch.randn(8, 32, generator=g) * torch.linspace(0.2, 3, 32)
+    x = x + 0.05 * torch.randn(512, 32, generator=g)
+    w = torch.randn(32, 24, generator=g)
+    return x, w, (x.T @ x).double()
+
+
+def _error(x, w, new) -> float:
+    return float((x @ (w - new)).pow(2).sum() / (x @ w).pow(2).sum())
+
+
+def test_obs_and_wanda_reconstruct_better_than_magnitude_at_equal_sparsity():
+    from smartprune.methods.fpp import fpp_increment
+
+    x, w, gram = _correlated_layer()
+    errors = {}
+    for crit in ("magnitude", "wanda", "obs"):
+        new, alive = fpp_increment(w, None, 192, 192, crit, None if crit == "magnitude" else gram)
+        assert int((~alive).sum()) == 384 and not new[~alive].any()  # half of 768 entries, exactly zero
+        assert int((~alive & (w >= 0)).sum()) == 192  # the paper's sign balance is kept
+        errors[crit] = _error(x, w, new)
+    assert errors["obs"] < 0.5 * errors["magnitude"] and errors["wanda"] < errors["magnitude"], errors
+
+
+def test_wanda_score_is_weight_times_input_norm_by_hand():
+    from smartprune.methods.fpp import criterion_score
+
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])  # rows: input features 0 and 1
+    gram = torch.tensor([[4.0, 0.0], [0.0, 0.25]], dtype=torch.float64)  # ||X_0|| = 2, ||X_1|| = 0.5
+    assert criterion_score(w, "wanda", gram).tolist() == [[2.0, 4.0], [1.5, 0.25]]
+
+
+def test_frequency_prunes_rows_the_text_never_uses_first():
+    from smartprune.methods.fpp import fpp_increment
+
+    e = torch.tensor([[0.1, -0.1], [0.5, -0.5], [0.2, -0.2]])  # row 1 is large but never looked up
+    counts = torch.tensor([99, 0, 99])
+    _, alive = fpp_increment(e, None, 1, 1, "frequency", counts)
+    assert alive.tolist() == [[True, True], [False, False], [True, True]]  # magnitude would take row 0
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"fpp_emb": {"criterion": "obs"}}, "needs a layer's input activations"),
+    ({"fpp_emb": {"criterion": "wanda"}}, "needs a layer's input activations"),
+    ({"fpp_ff": {"criterion": "frequency"}}, "counts embedding lookups"),
+    ({"fpp_ff": {"criterion": "obs", "structure": "neuron"}}, "whole neurons are ranked by their weights"),
+])
+def test_criteria_that_do_not_fit_the_matrix_are_refused(recipe, message):
+    from smartprune.recipes.schema import build_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        build_recipe(recipe, "r", "test")
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "obs"])
+def test_the_engine_runs_each_criterion_and_obs_fits_the_blocks_best(criterion, kind, calib):
+    from smartprune.engine import compress
+    from smartprune.recipes.schema import build_recipe
+
+    errors = {}
+    for crit in ("magnitude", criterion):
+        model = tiny_model(kind)
+        recipe = build_recipe({"fpp_ff": {"target_sparsity": 0.6, "criterion": crit, "steps": 0},
+                               "fpp_emb": {"target_sparsity": 0.5, "criterion": "frequency", "steps": 0}},
+                              crit, "test")
+        report = compress(model, None, recipe, calib=calib, progress=False).report
+        ff = [r for r in report["layers"] if r["stage"] == "fpp_ff"]
+        assert all(r["rate"] == pytest.approx(0.6) for r in ff)
+        errors[crit] = sum(r["relative_error"] for r in ff)
+    assert errors[criterion] < errors["magnitude"], errors

@@ -245,8 +245,8 @@ def build_parser() -> Parser:
     w.add_argument("--seed", type=int, default=0, help="seed (0)")
     w.add_argument("--recover-tokens", type=_positive, help="retrain every point (the dense one too) with this many "
                    "WikiText-2 train tokens before evaluating: curves at equal retraining")
-    w.add_argument("--device", default="auto", help="where points are compressed, evaluated and retrained: auto (a GPU when "
-                   "torch sees one), cpu, cuda or cuda:N (compression too)")
+    w.add_argument("--device", default="auto", help="where points are compressed, evaluated and retrained: auto "
+                   "(a GPU when torch sees one), cpu, cuda or cuda:N")
     w.add_argument("--json", help="write (and resume from) this JSON file")
     w.set_defaults(func=cmd_sweep)
 

@@ -6,6 +6,15 @@ re-optimizes the survivors. ``magnitude`` (default) takes the weights of each si
 ``literal`` takes the paper's words at face value: the largest positive and the most negative.
 The last iteration is trimmed so the target sparsity is met exactly.
 
+Criteria beyond the paper (the peers' selection inside the paper's sign-balanced schedule), each
+taking the lowest scores of each sign: ``wanda`` scores ``|W_ij| * ||X_i||`` (the input feature's
+norm over the calibration tokens); ``obs`` scores ``W_ij^2 / [U]_ii^2`` (``U`` the upper Cholesky
+factor of the damped inverse input Hessian, SparseGPT's score) and then updates the surviving
+weights of each output to absorb the removed ones (SparseGPT's optimal-brain-surgeon sweep with the
+increment's mask). An embedding looks rows up and has no input activations; its criterion besides
+magnitude is ``frequency``: ``|E_tj| * sqrt(1 + c_t)`` with ``c_t`` how often row ``t`` is looked up
+in the calibration windows, so rows the text never uses go first.
+
 ``structure: neuron`` (feed-forward only, beyond the paper) applies the same schedule to whole
 intermediate neurons instead of single weights: a neuron is its column in each input projection
 (up / gate, GPT-2's ``c_fc``) and its row in the output projection (down, ``c_proj``); its score is
@@ -21,13 +30,17 @@ from torch import Tensor, nn
 
 from smartprune.errors import RecipeError
 from smartprune.methods.base import Stage, Sublayer
+from smartprune.methods.oneshot import collect_stats
+from smartprune.methods.sparsegpt import inverse_hessian_factor, sparsegpt
 from smartprune.nn import Maskable, Projection
 from smartprune.recipes import FPPConfig, StrategyConfig
 
 
-def sign_balanced_mask(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: int, criterion: str) -> Tensor:
+def sign_balanced_mask(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: int, criterion: str,
+                       score: Tensor | None = None) -> Tensor:
     """A new mask (True = alive) with `n_pos` more non-negative and `n_neg` more negative entries
-    removed. When one sign has too few alive entries, the other sign makes up the difference."""
+    removed. When one sign has too few alive entries, the other sign makes up the difference.
+    With `score`, the lowest scores of each sign go (the criteria beyond the paper)."""
     w = weight.detach().flatten()
     alive = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.flatten().clone()
     pos = (alive & (w >= 0)).nonzero().flatten()
@@ -35,6 +48,12 @@ def sign_balanced_mask(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: i
     have_pos, have_neg = pos.numel(), neg.numel()
     n_pos, n_neg = (min(have_pos, n_pos + max(0, n_neg - have_neg)),
                     min(have_neg, n_neg + max(0, n_pos - have_pos)))
+    if score is not None:
+        s = score.detach().flatten()
+        for idx, n in ((pos, n_pos), (neg, n_neg)):
+            if n:
+                alive[idx[torch.topk(s[idx], n, largest=False).indices]] = False
+        return alive.view_as(weight)
     # magnitude: smallest positives, least negative negatives; literal: the extremes of each sign.
     smallest = criterion == "magnitude"
     if n_pos:
@@ -78,6 +97,52 @@ def cut_neurons(inputs: list[Projection], output: Projection, alive: Tensor) -> 
     return new_in, Projection(output.weight.detach()[keep], output.bias)
 
 
+def criterion_score(weight: Tensor, criterion: str, observed: Tensor | None) -> Tensor | None:
+    """The score whose lowest entries of each sign go first (None: the paper's own rules on the
+    weights). `observed`: the input Gram matrix (wanda, obs) or the row lookup counts (frequency)."""
+    w = weight.detach()
+    if criterion in ("magnitude", "literal"):
+        return None
+    if criterion == "frequency":
+        return w.abs() * (1 + observed.to(w.dtype)).sqrt()[:, None]
+    if criterion == "wanda":
+        return w.abs().double() * observed.diagonal().clamp_min(0).sqrt()[:, None]
+    factor, _ = inverse_hessian_factor(observed)
+    return w.double().pow(2) / factor.diagonal().pow(2)[:, None]
+
+
+def fpp_increment(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: int, criterion: str,
+                  observed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One FPP increment on a ``d_in x d_out`` matrix: (new weights, new alive mask). With ``obs`` the
+    survivors of each output absorb what the removed weights did (SparseGPT's sweep, mask given)."""
+    alive = sign_balanced_mask(weight, mask, n_pos, n_neg, criterion, criterion_score(weight, criterion, observed))
+    if criterion != "obs":
+        return weight.detach() * alive, alive
+    new_t, _ = sparsegpt(weight.detach().T, observed, 0.0, fixed=~alive.T)
+    return new_t.T * alive, alive
+
+
+def lookup_counts(sub: Sublayer, embeddings: list[nn.Module]) -> list[Tensor]:
+    """How often each row of each embedding table is looked up on the sublayer's calibration input
+    (token ids for a token table, positions for a position table)."""
+    counts = [torch.zeros(e.weight.shape[0], dtype=torch.long, device=e.weight.device) for e in embeddings]
+
+    def counter(c: Tensor):
+        def hook(_module, args) -> None:  # returns None: a pre-hook's return value would replace the input
+            c.add_(torch.bincount(args[0].flatten(), minlength=c.numel()).to(c.device))
+        return hook
+
+    hooks = [e.register_forward_pre_hook(counter(c)) for e, c in zip(embeddings, counts, strict=True)]
+    try:
+        with torch.no_grad():
+            for s in range(0, sub.inputs.shape[0], 8):
+                sub.forward(sub.inputs[s:s + 8])
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
 class FPPStage(Stage):
     cfg: FPPConfig
     state_attributes = ("rate", "neurons")
@@ -108,12 +173,27 @@ class FPPStage(Stage):
         if self.neurons is not None:
             self._prune_neurons(rate)
             return
-        for m in self.targets:
+        for m, observed in zip(self.targets, self._observe(), strict=True):
             n = m.weight.numel()
-            removed = n - m.alive()
-            new = max(0, round(rate * n) - removed)
-            m.set_mask(sign_balanced_mask(m.weight, m.mask, *self._split(new), self.cfg.criterion))
+            new = max(0, round(rate * n) - (n - m.alive()))
+            weight, alive = fpp_increment(m.weight, m.mask, *self._split(new), self.cfg.criterion, observed)
+            with torch.no_grad():
+                m.weight.copy_(weight)
+            m.set_mask(alive)
         self.rate = rate
+
+    def _observe(self) -> list[Tensor | None]:
+        """What the criterion needs of each target, measured on the calibration input with the
+        sublayer as it is now (earlier increments and matrices already pruned): the input Gram
+        matrix (wanda, obs), how often each row is looked up (frequency), or nothing."""
+        crit, targets = self.cfg.criterion, self.targets
+        if crit in ("magnitude", "literal"):
+            return [None] * len(targets)
+        if crit == "frequency":
+            return lookup_counts(self.sub, targets)
+        roles = {id(m): r for r, m in self.sub.modules().items()}
+        stats = collect_stats(self.sub, [roles[id(m)] for m in targets])
+        return [stats[roles[id(m)]].gram for m in targets]
 
     def _prune_neurons(self, rate: float) -> None:
         *inputs, output = self.targets

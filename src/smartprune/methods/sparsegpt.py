@@ -19,19 +19,26 @@ from smartprune.nn import Projection
 from smartprune.recipes.schema import SparseGPTConfig
 
 
-def sparsegpt(weight_t: Tensor, gram: Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-              blocksize: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """Prune `weight_t` (d_out, d_in) given the input Gram matrix; returns (new weights, prune mask)."""
-    w = weight_t.detach().double().clone()
+def inverse_hessian_factor(gram: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """The upper Cholesky factor of ``(H + damping)^-1`` (float64), and the inputs that never fire
+    (zero Hessian diagonal; they get a unit diagonal so the inverse exists)."""
     h = gram.detach().double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
+
+
+def sparsegpt(weight_t: Tensor, gram: Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+              blocksize: int = 128, damp: float = 0.01, fixed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Prune `weight_t` (d_out, d_in) given the input Gram matrix; returns (new weights, prune mask).
+    With `fixed` (a prune mask) the mask is not chosen, only the surviving weights are updated."""
+    w = weight_t.detach().double().clone()
     rows, cols = w.shape
     if nm is not None and (blocksize % nm[1] or cols % nm[1]):
         raise ValueError(f"N:M with M={nm[1]} needs blocksize ({blocksize}) and inputs ({cols}) divisible by M")
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
+    hinv, dead = inverse_hessian_factor(gram, damp)
     w[:, dead] = 0.0
-    h.diagonal().add_(damp * h.diagonal().mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     total = round(sparsity * w.numel())
     for i1 in range(0, cols, blocksize):
@@ -39,13 +46,15 @@ def sparsegpt(weight_t: Tensor, gram: Tensor, sparsity: float, nm: tuple[int, in
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         d = hinv1.diagonal()
         err1 = torch.zeros_like(w1)
-        if nm is None:  # this block's share of the exact total, chosen adaptively within the block
+        if fixed is not None:
+            mask1 = fixed[:, i1:i2].to(w.device)
+        elif nm is None:  # this block's share of the exact total, chosen adaptively within the block
             k = round(total * i2 / cols) - round(total * i1 / cols)
             mask1 = lowest_in_matrix(w1.pow(2) / d.pow(2), k)
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
+            if fixed is None and nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
                 mask1[:, g] = lowest_n_of_m(w1[:, g].pow(2) / d[g].pow(2), *nm)
             col = w1[:, i]

@@ -67,6 +67,10 @@ class DWCConfig(FitConfig):
     train_rest: bool = _opt(True, "also optimize the attention's other weights after the fold")
 
 
+CRITERIA = ("magnitude", "literal", "wanda", "obs", "frequency")
+ACTIVATION_CRITERIA = ("wanda", "obs")  # need a layer's input activations: not for an embedding
+
+
 @dataclass(frozen=True)
 class FPPConfig(FitConfig):
     """Forward Propagation Pruning (Algorithm 2) of embedding or feed-forward matrices."""
@@ -79,8 +83,9 @@ class FPPConfig(FitConfig):
     p_neg: float = _opt(0.05, "share of the matrix's weights, taken from the negative ones, zeroed per iteration",
                         lo=0.0, hi=1.0)
     max_it: int = _opt(100, "maximum pruning iterations (MaxIt)", lo=1, hi=100_000)
-    criterion: str = _opt("magnitude", "magnitude (closest to zero) | literal (largest of each sign)",
-                          choices=("magnitude", "literal"))
+    criterion: str = _opt("magnitude", "magnitude (closest to zero) | literal (largest of each sign) | wanda "
+                          "(|W| x input norm) | obs (SparseGPT's score, survivors updated) | frequency (embedding: "
+                          "|E| x sqrt(1 + lookups))", choices=CRITERIA)
     structure: str = _opt("weight", "weight (single entries) | neuron (whole feed-forward neurons, fpp_ff only: "
                           "the matrices become smaller and dense; beyond the paper)", choices=("weight", "neuron"))
 
@@ -330,10 +335,25 @@ def build_recipe(data: Any, name: str, source: str) -> Recipe:
     sections = {k: build_section(cls, data.get(k), f"recipe {source}: {k}") for k, cls in SECTION_TYPES.items()}
     sections.update({k: build_section(cls, data[k], f"recipe {source}: {k}") for k, cls in OPTIONAL_SECTIONS.items()
                      if k in data})
-    if getattr(stages.get("fpp_emb"), "structure", "weight") != "weight":
+    _check_fpp(stages, source)
+    return Recipe(name=name, stages=stages, description=description, **sections)
+
+
+def _check_fpp(stages: dict[str, FitConfig], source: str) -> None:
+    """Criteria and structures that only make sense for one kind of matrix."""
+    emb, ff = stages.get("fpp_emb"), stages.get("fpp_ff")
+    if emb is not None and emb.structure != "weight":
         raise RecipeError(f"recipe {source}: fpp_emb.structure: an embedding has no neurons; 'neuron' applies to "
                           "fpp_ff only")
-    return Recipe(name=name, stages=stages, description=description, **sections)
+    if emb is not None and emb.criterion in ACTIVATION_CRITERIA:
+        raise RecipeError(f"recipe {source}: fpp_emb.criterion: '{emb.criterion}' needs a layer's input "
+                          "activations and an embedding only looks rows up; use magnitude, literal or frequency")
+    if ff is not None and ff.criterion == "frequency":
+        raise RecipeError(f"recipe {source}: fpp_ff.criterion: 'frequency' counts embedding lookups; use "
+                          "magnitude, literal, wanda or obs")
+    if ff is not None and ff.structure == "neuron" and ff.criterion not in ("magnitude", "literal"):
+        raise RecipeError(f"recipe {source}: fpp_ff.criterion: whole neurons are ranked by their weights; use "
+                          "magnitude or literal with structure 'neuron'")
 
 
 def field_docs(cls: type) -> list[tuple[str, Any, str]]:
