@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from smartprune.accounting import format_table
+from smartprune.allocation import allocation_table
 from smartprune.artifact import DTYPES, check_output, check_outputs_apart, save, write_dense, write_json
 from smartprune.data import EVAL_TEXTS, TRAIN_TEXTS, check_positions, eval_text, train_text_path
 from smartprune.device import resolve_compute_dtype, resolve_device
 from smartprune.engine import compress
-from smartprune.errors import DataError, OutputError, did_you_mean
+from smartprune.errors import DataError, OutputError, RecipeError, did_you_mean
 from smartprune.evaluation.perplexity import check_limit, perplexity
 from smartprune.loading import check_model, load_model, model_reference
 from smartprune.recipes import Recipe, load_recipe
@@ -41,6 +42,19 @@ def with_calibration(recipe: Recipe, samples: int | None = None, seqlen: int | N
     if not changes:
         return recipe
     return recipe.replace(calibration=dataclasses.replace(recipe.calibration, **changes))
+
+
+def with_target(recipe: Recipe, target: float | None) -> Recipe:
+    """`recipe` with its overall target replaced (it must have an overall section)."""
+    from smartprune.recipes.schema import OverallConfig, build_section
+
+    if target is None:
+        return recipe
+    if recipe.overall is None:
+        raise RecipeError(f"--target-compression needs a recipe with an overall section (e.g. smart); "
+                          f"'{recipe.name}' has fixed rates")
+    fields = {**dataclasses.asdict(recipe.overall), "target": target}
+    return recipe.replace(overall=build_section(OverallConfig, fields, "--target-compression"))
 
 
 def _check_windows(model, calib_seqlen: int, recover: RecoverConfig | None, eval_seqlen: int | None = None) -> None:
@@ -67,6 +81,8 @@ class CompressRun:
         lines = [f"compressed {r['model']} with recipe '{r['recipe']}' in {r['seconds']:.0f} s "
                  f"(overall compression {100 * r['overall']['compression']:.2f}%)", "",
                  format_table(r, _stage_seconds(r)), "", f"compressed model: {self.out}"]
+        if "allocation" in r:
+            lines[3:3] = ["", allocation_table(r["allocation"])]
         if self.dense_out:
             lines.append(f"dense Hugging Face folder: {self.dense_out}")
         if "recovery" in r:
@@ -78,8 +94,9 @@ class CompressRun:
 
 def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, dense_out: str | Path | None = None,
                    seed: int = 0, overwrite: bool = False, calib_samples: int | None = None,
-                   calib_seqlen: int | None = None, dtype: str = "float32", device: str = "auto",
-                   offload: bool | None = None, compute_dtype: str = "auto", progress: bool = True) -> CompressRun:
+                   calib_seqlen: int | None = None, target_compression: float | None = None, dtype: str = "float32",
+                   device: str = "auto", offload: bool | None = None, compute_dtype: str = "auto",
+                   progress: bool = True) -> CompressRun:
     """Load MODEL, compress it with `recipe` on `device` (then retrain it when the recipe has a
     ``recover`` section), write it to `out` (and a dense HF folder to `dense_out`). ``offload``
     keeps one block at a time on the device (``None``: when the model would not fit)."""
@@ -96,7 +113,7 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     if dense_out is not None:
         check_output(Path(dense_out), overwrite)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    recipe = with_calibration(recipe, calib_samples, calib_seqlen)
+    recipe = with_target(with_calibration(recipe, calib_samples, calib_seqlen), target_compression)
     train_text_path(recipe.calibration.text)  # missing data fails before the model loads
     loaded = load_model(model)
     _check_windows(loaded.model, recipe.calibration.seqlen, recipe.recover)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from smartprune.accounting import accounting, group_counts, unique_parameters
 from smartprune.adapters import Adapter, get_adapter
+from smartprune.allocation import plan
 from smartprune.data import Calibration, calibration, check_positions
 from smartprune.device import autocast, model_device, resolve_compute_dtype, resolve_device
 from smartprune.errors import DataError
@@ -40,6 +41,7 @@ from smartprune.methods import METHODS
 from smartprune.methods.base import Sublayer
 from smartprune.methods.fit import Fitter, Objective, lm_objective, local_objective, relative_error
 from smartprune.recipes import Recipe
+from smartprune.recipes.schema import PRUNING_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +210,9 @@ def _auto_offload(model: nn.Module, device: torch.device) -> bool:
 
 def _check_offload(recipe: Recipe) -> None:
     if any(getattr(cfg, "objective", "local") == "task" for cfg in recipe.stages.values()) or (
-            recipe.strategy.threshold is not None and recipe.strategy.metric == "perplexity"):
-        raise DataError(f"recipe '{recipe.name}' fits the model's own loss or checks its perplexity, which needs "
-                        "every block on the device at once; run it without offload (or use local objectives)")
+            recipe.strategy.threshold is not None and recipe.strategy.metric == "perplexity") or recipe.overall:
+        raise DataError(f"recipe '{recipe.name}' fits the model's own loss, checks its perplexity or measures its "
+                        "sensitivity (overall), which needs every block on the device at once; run it without offload")
 
 
 def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, calib: Calibration | None = None,
@@ -246,6 +248,10 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
     try:
         with autocast(dev, dtype):
             run = _Run(adapter, recipe, calib, seed, task_objective, progress, placement)
+            if recipe.overall is not None:
+                run.shared["allocation"], allocation = plan(
+                    adapter, recipe.overall, calib.ids, calib.eval_ids, embedding="fpp_emb" in recipe.stages,
+                    blocks=any(k in PRUNING_STAGES for k in recipe.stages), progress=progress)
             run.compress_embeddings()
             run.compress_blocks()
     finally:
@@ -262,6 +268,7 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
         "layers": run.layers,
         "seconds": time.perf_counter() - start,
         "device": {"device": str(dev), "compute_dtype": str(dtype).removeprefix("torch."), "offload": offload},
+        **({"allocation": allocation} if recipe.overall is not None else {}),
     })
     return CompressionResult(model, adapter, report)
 

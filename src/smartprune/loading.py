@@ -260,7 +260,8 @@ def _from_compressed(path: Path):
     return load(path), AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
 
 
-LOADERS = {"gguf": _from_gguf, "compressed": _from_compressed, "folder": _from_folder}
+# kind (from check_model) -> loader of its local path; a built-in is a converted, cached folder
+LOADERS = {"builtin": _from_folder, "gguf": _from_gguf, "compressed": _from_compressed, "folder": _from_folder}
 
 
 def load_model(spec: str | os.PathLike) -> LoadedModel:
@@ -271,7 +272,7 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
     if kind == "hub":
         model, tokenizer = _from_hub(spec)
     else:
-        model, tokenizer = LOADERS.get(kind, _from_folder)(path)
+        model, tokenizer = LOADERS[kind](path)
     model.config._attn_implementation = "sdpa"
     model.eval()
     return LoadedModel(model, tokenizer, spec, str(path.resolve()) if kind != "hub" else spec)

@@ -34,7 +34,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     result = compress_model(args.model, args.recipe, out=args.out, dense_out=args.dense_out, seed=args.seed,
                             overwrite=args.overwrite, calib_samples=args.calib_samples,
-                            calib_seqlen=args.calib_seqlen, dtype=args.dtype, device=args.device,
+                            calib_seqlen=args.calib_seqlen, target_compression=args.target_compression,
+                            dtype=args.dtype, device=args.device,
                             offload=args.offload, compute_dtype=args.compute_dtype, progress=not args.quiet)
     _out(result.summary())
     return 0

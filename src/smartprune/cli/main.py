@@ -78,6 +78,8 @@ def build_parser() -> Parser:
     c.add_argument("--seed", type=int, default=0, help="seed for calibration windows and random choices (0)")
     c.add_argument("--calib-samples", type=_positive, help="override the recipe's calibration window count")
     c.add_argument("--calib-seqlen", type=_positive, help="override the recipe's calibration window length")
+    c.add_argument("--target-compression", type=float, help="the overall compression to reach exactly, for a recipe "
+                   "with an overall section (e.g. smart): rates per group and layer chosen by measured sensitivity")
     c.add_argument("--dtype", default="float32", help="stored value precision in --out: float32 (default), float16 "
                    "or bfloat16 (loaded back as float32)")
     c.add_argument("--device", default="auto", help="where compression (and a recipe's recover section) runs: auto "

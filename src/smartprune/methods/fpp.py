@@ -63,18 +63,20 @@ def sign_balanced_mask(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: i
     return alive.view_as(weight)
 
 
-def fpp_rates(cfg: FPPConfig) -> list[float]:
-    """Cumulative sparsity after each iteration: ``it * (p_pos + p_neg)``, capped at the target."""
+def fpp_rates(cfg: FPPConfig, target: float | None = None) -> list[float]:
+    """Cumulative sparsity after each iteration: ``it * (p_pos + p_neg)``, capped at the target
+    (`target`, else the configured one)."""
     per_it = cfg.p_pos + cfg.p_neg
-    if cfg.target_sparsity <= 0:
+    target = cfg.target_sparsity if target is None else target
+    if target <= 0:
         return []
     if per_it <= 0:
         raise RecipeError("FPP: p_pos + p_neg must be above 0 to reach target_sparsity "
-                          f"{cfg.target_sparsity}")
+                          f"{target}")
     rates: list[float] = []
     for it in range(1, cfg.max_it + 1):
-        rates.append(min(cfg.target_sparsity, it * per_it))
-        if rates[-1] >= cfg.target_sparsity - 1e-12:
+        rates.append(min(target, it * per_it))
+        if rates[-1] >= target - 1e-12:
             break
     return rates
 
@@ -162,8 +164,15 @@ class FPPStage(Stage):
         """The sublayer's maskable modules, looked up each time (a restore or a cut replaces them)."""
         return [m for m in self.sub.modules().values() if isinstance(m, Maskable)]
 
+    def final_rates(self) -> list[float]:
+        """Each target's final rate: the configured one, or the matrix's own where an allocation gave one."""
+        alloc = self.sub.shared.get("allocation", {})
+        paths = {id(m): self.sub.paths[r] for r, m in self.sub.modules().items()}
+        return [alloc.get(paths[id(m)], self.cfg.target_sparsity) for m in self.targets]
+
     def schedule(self, strategy: StrategyConfig) -> list[float]:
-        return fpp_rates(self.cfg)  # FPP is iterative by nature, whatever the strategy
+        # FPP is iterative by nature, whatever the strategy; each matrix stops at its own final rate
+        return fpp_rates(self.cfg, max(self.final_rates(), default=0.0))
 
     def _split(self, new: int) -> tuple[int, int]:
         n_pos = round(new * self.cfg.p_pos / (self.cfg.p_pos + self.cfg.p_neg))
@@ -173,9 +182,9 @@ class FPPStage(Stage):
         if self.neurons is not None:
             self._prune_neurons(rate)
             return
-        for m, observed in zip(self.targets, self._observe(), strict=True):
+        for m, observed, final in zip(self.targets, self._observe(), self.final_rates(), strict=True):
             n = m.weight.numel()
-            new = max(0, round(rate * n) - (n - m.alive()))
+            new = max(0, round(min(rate, final) * n) - (n - m.alive()))
             weight, alive = fpp_increment(m.weight, m.mask, *self._split(new), self.cfg.criterion, observed)
             with torch.no_grad():
                 m.weight.copy_(weight)

@@ -32,7 +32,7 @@ class MagnitudeStage(OneShotStage):
         if self.cfg.nm is not None:
             return lowest_n_of_m(score, *self.cfg.nm)
         if self.cfg.scope == "matrix":
-            return lowest_in_matrix(score, round(self.cfg.sparsity * score.numel()))
+            return lowest_in_matrix(score, round(self.sparsity_of(role) * score.numel()))
         shared = self.sub.shared
         if "magnitude_threshold" not in shared:  # weights are not updated, so the dense values serve
             a = self.sub.adapter

@@ -53,8 +53,13 @@ class OneShotStage(Stage):
         super().__init__(cfg, sub, generator)
         self.rate = 0.0
 
+    def sparsity_of(self, role: str) -> float:
+        """The configured sparsity, or the matrix's own rate where an allocation gave one."""
+        return self.sub.shared.get("allocation", {}).get(self.sub.paths[role], self.cfg.sparsity)
+
     def schedule(self, strategy: StrategyConfig) -> list[float]:
-        return [self.cfg.sparsity] if self.cfg.sparsity > 0 else []
+        top = max(self.sparsity_of(role) for role in self.sub.paths)
+        return [top] if top > 0 else []
 
     def compress_to(self, rate: float) -> None:
         for roles in prune_groups(self.sub):

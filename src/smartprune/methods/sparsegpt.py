@@ -73,7 +73,7 @@ class SparseGPTStage(OneShotStage):
     cfg: SparseGPTConfig
 
     def prune(self, role: str, proj: Projection, stats: InputStats | None) -> Tensor:
-        new_t, prune = sparsegpt(proj.weight.detach().T, stats.gram, self.cfg.sparsity, self.cfg.nm,
+        new_t, prune = sparsegpt(proj.weight.detach().T, stats.gram, self.sparsity_of(role), self.cfg.nm,
                                  self.cfg.blocksize, self.cfg.damp)
         with torch.no_grad():
             proj.weight.copy_(new_t.T)

@@ -23,4 +23,4 @@ class WandaStage(OneShotStage):
         score = wanda_score(proj.weight.detach().T, stats.feature_norms)
         if self.cfg.nm is not None:
             return lowest_n_of_m(score, *self.cfg.nm)
-        return lowest_per_row(score, self.cfg.sparsity)
+        return lowest_per_row(score, self.sparsity_of(role))

@@ -218,6 +218,22 @@ class RecoverConfig:
         return ", ".join(f"{k} {getattr(self, k)}" for k in given) or "steps 200"
 
 
+@dataclass(frozen=True)
+class OverallConfig:
+    """Allocation instead of fixed rates: the overall compression to reach exactly, shared out over the
+    embedding and every block's Q/K, V, O and feed-forward matrices by measured sensitivity (the rates
+    of fpp_emb and of the pruning stage are then per matrix; smartprune/allocation.py)."""
+
+    target: float = _opt(0.5, "fraction of all the model's parameters removed (exactly)", lo=0.0, hi=0.99)
+    max_rate: float = _opt(0.9, "highest rate any matrix may reach (the sensitivity grid's top)", lo=0.01, hi=1.0)
+    points: int = _opt(4, "sensitivity grid: rates max_rate * k / points for k = 1..points", lo=1, hi=100)
+    emb_criterion: str = _opt("frequency", "how the embedding is scored while measuring: magnitude | frequency",
+                              choices=("magnitude", "frequency"))
+
+    def grid(self) -> tuple[float, ...]:
+        return tuple(self.max_rate * k / self.points for k in range(1, self.points + 1))
+
+
 # Stage key -> config class. The order is the order stages run within their scope.
 STAGE_TYPES: dict[str, type[FitConfig]] = {
     "fpp_emb": FPPConfig,
@@ -229,8 +245,9 @@ STAGE_TYPES: dict[str, type[FitConfig]] = {
     "sparsegpt": SparseGPTConfig,
 }
 SECTION_TYPES: dict[str, type] = {"strategy": StrategyConfig, "calibration": CalibrationConfig}
+PRUNING_STAGES = ("magnitude", "wanda", "sparsegpt")
 # Sections that are absent (None) unless the recipe names them.
-OPTIONAL_SECTIONS: dict[str, type] = {"recover": RecoverConfig}
+OPTIONAL_SECTIONS: dict[str, type] = {"recover": RecoverConfig, "overall": OverallConfig}
 
 
 @dataclass(frozen=True)
@@ -242,14 +259,16 @@ class Recipe:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     recover: RecoverConfig | None = None  # retraining after the compression stages
+    overall: OverallConfig | None = None  # allocation of per-matrix rates by measured sensitivity
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: dataclasses.asdict(v) for k, v in self.stages.items()}
         out["strategy"] = dataclasses.asdict(self.strategy)
         out["calibration"] = dataclasses.asdict(self.calibration)
-        if self.recover is not None:
-            out["recover"] = dataclasses.asdict(self.recover)
+        for key in OPTIONAL_SECTIONS:
+            if getattr(self, key) is not None:
+                out[key] = dataclasses.asdict(getattr(self, key))
         return out
 
     def replace(self, **sections: Any) -> Recipe:
@@ -336,6 +355,7 @@ def build_recipe(data: Any, name: str, source: str) -> Recipe:
     sections.update({k: build_section(cls, data[k], f"recipe {source}: {k}") for k, cls in OPTIONAL_SECTIONS.items()
                      if k in data})
     _check_fpp(stages, source)
+    _check_overall(stages, sections.get("overall"), source)
     return Recipe(name=name, stages=stages, description=description, **sections)
 
 
@@ -354,6 +374,22 @@ def _check_fpp(stages: dict[str, FitConfig], source: str) -> None:
     if ff is not None and ff.structure == "neuron" and ff.criterion not in ("magnitude", "literal"):
         raise RecipeError(f"recipe {source}: fpp_ff.criterion: whole neurons are ranked by their weights; use "
                           "magnitude or literal with structure 'neuron'")
+
+
+def _check_overall(stages: dict[str, FitConfig], overall: OverallConfig | None, source: str) -> None:
+    """Allocation gives rates to fpp_emb and to one pruning stage on the block linears, nothing else."""
+    if overall is None:
+        return
+    others = [k for k in stages if k not in ("fpp_emb", *PRUNING_STAGES)]
+    if others:
+        raise RecipeError(f"recipe {source}: overall: the allocation sets the rates of fpp_emb and of a pruning "
+                          f"stage ({', '.join(PRUNING_STAGES)}); remove {', '.join(others)}")
+    if sum(k in PRUNING_STAGES for k in stages) > 1:
+        raise RecipeError(f"recipe {source}: overall: one pruning stage at most")
+    if getattr(stages.get("magnitude"), "scope", "matrix") == "global" or any(
+            getattr(stages.get(k), "nm", None) for k in PRUNING_STAGES):
+        raise RecipeError(f"recipe {source}: overall: per-matrix rates exclude magnitude scope 'global' and N:M "
+                          "patterns")
 
 
 def field_docs(cls: type) -> list[tuple[str, Any, str]]:

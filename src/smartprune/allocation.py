@@ -1,0 +1,221 @@
+"""Allocation: how much each group of each layer gives up, chosen from measured sensitivity so that
+the whole model reaches an exact overall compression with the least damage.
+
+Units: the embedding table(s), and in every block its Q and K projections together, V, O, and the
+feed-forward matrices together (the paper's groups). For each unit and each rate of a grid, the
+unit alone is pruned (lowest scores: ``|W_ij| * ||X_i||``, Wanda's, for projections; the embedding
+by its own criterion) and the model's next-token loss on the held-out calibration windows is
+measured, then the unit is restored. Each unit's loss-increase curve is replaced by its lower convex
+hull, and removed parameters are handed out segment by segment in order of the lowest loss increase
+per parameter (optimal for convex curves: the non-uniform, layer-wise allocation OWL motivates, here
+measured rather than inferred from outliers). The last segment is cut so the total is exact.
+
+The chosen rate of every matrix goes to the stages through ``Sublayer.shared["allocation"]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from smartprune.adapters import Adapter
+from smartprune.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Unit:
+    """A group of matrices that share one rate (paths into the model)."""
+
+    name: str  # "embedding" or "block 3 qk" / "v" / "o" / "ff"
+    paths: list[str]
+    size: int  # entries of all its matrices
+
+
+def units(adapter: Adapter, embedding: bool, blocks: bool) -> list[Unit]:
+    model = adapter.model
+
+    def unit(name: str, paths: list[str]) -> Unit:
+        return Unit(name, paths, sum(model.get_submodule(p).weight.numel() for p in paths))
+
+    out = [unit("embedding", adapter.embedding_paths())] if embedding else []
+    if blocks:
+        for i in range(len(adapter.blocks())):
+            att, ff = adapter.attention_paths(i), adapter.ff_paths(i)
+            out += [unit(f"block {i} qk", [att["q"], att["k"]]), unit(f"block {i} v", [att["v"]]),
+                    unit(f"block {i} o", [att["o"]]), unit(f"block {i} ff", list(ff.values()))]
+    return out
+
+
+def _input_norms(model: nn.Module, ids: Tensor, paths: list[str]) -> dict[str, Tensor]:
+    """``||X_i||`` of every input feature of each projection over the calibration windows."""
+    sums = {p: None for p in paths}
+
+    def hook(path: str):
+        def add(_module, args) -> None:
+            x = args[0].detach().double()
+            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            sums[path] = sq if sums[path] is None else sums[path] + sq
+        return add
+
+    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+    try:
+        with torch.no_grad():
+            for s in range(0, ids.shape[0], 8):
+                model(ids[s:s + 8])
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: v.sqrt() for p, v in sums.items()}
+
+
+def _lookups(ids: Tensor, rows: int) -> Tensor:
+    return torch.bincount(ids.flatten().cpu(), minlength=rows)[:rows]
+
+
+def _loss(model: nn.Module, ids: Tensor) -> float:
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1].float()
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+def _prune_lowest(weight: Tensor, score: Tensor, rate: float) -> None:
+    k = round(rate * weight.numel())
+    if k:
+        keep = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+        keep[torch.topk(score.flatten(), k, largest=False).indices] = False
+        weight.mul_(keep.view_as(weight))  # the weight may be a transposed view: no flat view of it
+
+
+def sensitivity(model: nn.Module, all_units: list[Unit], calib_ids: Tensor, eval_ids: Tensor,
+                grid: tuple[float, ...], emb_criterion: str, progress: bool = True) -> dict[str, list[float]]:
+    """Loss increase (nats per token) of pruning each unit alone at each rate of `grid`."""
+    projection_paths = [p for u in all_units if u.name != "embedding" for p in u.paths]
+    norms = _input_norms(model, calib_ids, projection_paths)
+    base = _loss(model, eval_ids)
+    out = {}
+    for u in tqdm(all_units, desc="sensitivity", disable=not progress, leave=False):
+        weights = [model.get_submodule(p).weight for p in u.paths]
+        saved = [w.detach().clone() for w in weights]
+        scores = []
+        for p, w in zip(u.paths, weights, strict=True):
+            if p in norms:
+                scores.append(w.detach().abs() * norms[p].to(w.dtype)[:, None])
+            elif emb_criterion == "frequency":
+                scores.append(w.detach().abs() * (1 + _lookups(calib_ids, w.shape[0]).to(w)).sqrt()[:, None])
+            else:
+                scores.append(w.detach().abs())
+        curve = []
+        with torch.no_grad():
+            for rate in grid:
+                for w, s in zip(weights, scores, strict=True):
+                    _prune_lowest(w, s, rate)
+                curve.append(max(0.0, _loss(model, eval_ids) - base))
+                for w, keep in zip(weights, saved, strict=True):
+                    w.copy_(keep)
+        out[u.name] = curve
+    return out
+
+
+def _hull(grid: tuple[float, ...], curve: list[float]) -> list[tuple[float, float]]:
+    """The lower convex hull of (0, 0) and the measured points (rate, loss increase), made
+    non-decreasing first (more pruning never helps)."""
+    points, best = [(0.0, 0.0)], 0.0
+    for r, v in zip(grid, curve, strict=True):
+        best = max(best, v)
+        points.append((r, best))
+    hull: list[tuple[float, float]] = []
+    for p in points:
+        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0]) >= \
+                (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0]):
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def allocate(all_units: list[Unit], curves: dict[str, list[float]], grid: tuple[float, ...],
+             remove: int) -> dict[str, int]:
+    """Entries to remove per unit, `remove` in all, by increasing loss per removed entry."""
+    capacity = sum(round(grid[-1] * u.size) for u in all_units)
+    if remove > capacity:
+        raise RecipeError(f"overall.target asks to remove {remove:,} entries, more than the {capacity:,} the "
+                          f"allocatable matrices hold at the grid's highest rate {grid[-1]}")
+    segments = []
+    for u in all_units:
+        hull = _hull(grid, curves[u.name])
+        for (r0, v0), (r1, v1) in itertools.pairwise(hull):
+            entries = round(r1 * u.size) - round(r0 * u.size)
+            if entries > 0:
+                segments.append(((v1 - v0) / entries, u.name, entries))
+    segments.sort(key=lambda s: s[0])  # a unit's hull segments have rising slopes, so they stay in order
+    counts = {u.name: 0 for u in all_units}
+    left = remove
+    for _, name, entries in segments:
+        take = min(entries, left)
+        counts[name] += take
+        left -= take
+        if left == 0:
+            break
+    return counts
+
+
+def matrix_rates(all_units: list[Unit], counts: dict[str, int], model: nn.Module) -> dict[str, float]:
+    """Each matrix's rate: its unit's count spread over its matrices by size, exactly (the last
+    matrix takes the rounding remainder), as count / size so ``round(rate * size)`` gives it back."""
+    rates = {}
+    for u in all_units:
+        left = counts[u.name]
+        for i, p in enumerate(u.paths):
+            n = model.get_submodule(p).weight.numel()
+            c = left if i == len(u.paths) - 1 else min(left, round(counts[u.name] * n / u.size))
+            rates[p] = c / n
+            left -= c
+    return rates
+
+
+def plan(adapter: Adapter, cfg, calib_ids: Tensor, eval_ids: Tensor, *, embedding: bool, blocks: bool,
+         progress: bool = True) -> tuple[dict[str, float], dict]:
+    """The per-matrix rates reaching ``cfg.target`` overall, and the report of how they were chosen."""
+    from smartprune.accounting import unique_parameters
+
+    model = adapter.model
+    all_units = units(adapter, embedding, blocks)
+    if not all_units:
+        raise RecipeError("overall: no stage the allocation can give rates to (fpp_emb, or a pruning stage "
+                          "on the block linears: sparsegpt, wanda, magnitude)")
+    grid = cfg.grid()
+    remove = round(cfg.target * unique_parameters(model))
+    curves = sensitivity(model, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress)
+    counts = allocate(all_units, curves, grid, remove)
+    rates = matrix_rates(all_units, counts, model)
+    report = {"target": cfg.target, "removed": sum(counts.values()), "grid": list(grid),
+              "units": [{"unit": u.name, "entries": u.size, "rate": counts[u.name] / u.size,
+                         "loss_increase": curves[u.name]} for u in all_units]}
+    log.info("allocation: %s of %d units pruned, rates %.2f-%.2f", sum(1 for c in counts.values() if c),
+             len(all_units), min(r for r in rates.values()), max(r for r in rates.values()))
+    if any(math.isnan(v) for c in curves.values() for v in c):
+        raise RecipeError("overall: the calibration loss is not finite; the model or its calibration is broken")
+    return rates, report
+
+
+def allocation_table(report: dict) -> str:
+    """The chosen rates as a Markdown table: the embedding, then one row per block."""
+    rates = {u["unit"]: u["rate"] for u in report["units"]}
+    groups = ("qk", "v", "o", "ff")
+    blocks = sorted({int(n.split()[1]) for n in rates if n.startswith("block ")})
+    lines = [f"allocation for {100 * report['target']:.2f}% overall (rates chosen by measured sensitivity):", "",
+             "| unit | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+    if "embedding" in rates:
+        lines.append(f"| embedding | {100 * rates['embedding']:.1f}% |" + " |" * (len(groups) - 1))
+    for b in blocks:
+        cells = [f"{100 * rates[f'block {b} {g}']:.1f}%" for g in groups]
+        lines.append(f"| block {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Allocation by measured sensitivity: exact totals, the convex hull and the greedy split by hand,
+and recipes that cannot be allocated refused."""
+
+import pytest
+
+from smartprune.allocation import Unit, _hull, allocate
+from smartprune.engine import compress
+from smartprune.errors import RecipeError
+from smartprune.recipes import load_recipe
+from smartprune.recipes.schema import build_recipe
+
+from .conftest import tiny_model
+from .test_cli import _one_clean_line, run
+
+
+def test_the_hull_drops_points_above_it_and_never_falls():
+    # measured (0.25, 1), (0.5, 0.5 -> 1 after making it non-decreasing), (0.75, 5), (1, 6)
+    assert _hull((0.25, 0.5, 0.75, 1.0), [1.0, 0.5, 5.0, 6.0]) == [(0.0, 0.0), (0.5, 1.0), (1.0, 6.0)]
+
+
+def test_entries_go_where_the_loss_per_entry_is_lowest():
+    units = [Unit("a", ["a"], 100), Unit("b", ["b"], 100)]
+    curves = {"a": [1.0, 10.0], "b": [2.0, 3.0]}  # a: 0.02 then 0.18 per entry; b (its hull): 0.03 per entry
+    assert allocate(units, curves, (0.5, 1.0), 120) == {"a": 50, "b": 70}
+    assert allocate(units, curves, (0.5, 1.0), 40) == {"a": 40, "b": 0}
+    with pytest.raises(RecipeError, match="more than the 200"):
+        allocate(units, curves, (0.5, 1.0), 201)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_the_overall_target_is_met_exactly(target, kind, calib):
+    model = tiny_model(kind)
+    recipe = load_recipe("smart-50").replace(overall=build_recipe(
+        {"overall": {"target": target}, "sparsegpt": {}}, "x", "test").overall)
+    report = compress(model, None, recipe, calib=calib, progress=False).report
+    o = report["overall"]
+    assert o["params_before"] - o["params_after"] == round(target * o["params_before"])
+    units = report["allocation"]["units"]
+    assert {u["unit"] for u in units} >= {"embedding", "block 0 qk", "block 1 ff"}
+    assert all(0 <= round(u["rate"] * u["entries"]) <= round(0.9 * u["entries"]) and len(u["loss_increase"]) == 4
+               for u in units)  # no matrix past max_rate
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"overall": {}, "irc": {}}, "remove irc"),
+    ({"overall": {}, "sparsegpt": {}, "wanda": {}}, "one pruning stage at most"),
+    ({"overall": {}, "magnitude": {"scope": "global"}}, "exclude magnitude scope 'global'"),
+    ({"overall": {"target": 1.5}, "sparsegpt": {}}, "outside"),
+])
+def test_recipes_the_allocation_cannot_serve_are_refused(recipe, message):
+    with pytest.raises(RecipeError, match=message):
+        build_recipe(recipe, "r", "test")
+
+
+def test_compress_with_a_target_prints_the_allocation(model_dirs, use_data, tmp_path, capsys):
+    code, out, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "smart", "--target-compression", "0.4",
+                         "--out", tmp_path / "c", "--calib-samples", "8", "--calib-seqlen", "16")
+    assert code == 0, err
+    assert "allocation for 40.00% overall" in out and "| block 1 |" in out and "overall compression 40.00%" in out
+    code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "paper", "--target-compression", "0.4",
+                       "--out", tmp_path / "d")
+    assert code == 2 and "needs a recipe with an overall section" in _one_clean_line(err)
