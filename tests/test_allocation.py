@@ -60,3 +60,20 @@ def test_compress_with_a_target_prints_the_allocation(model_dirs, use_data, tmp_
     code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "paper", "--target-compression", "0.4",
                        "--out", tmp_path / "d")
     assert code == 2 and "needs a recipe with an overall section" in _one_clean_line(err)
+
+
+def test_compare_puts_smart_beside_the_peers_at_equal_size(model_dirs, use_data, tmp_path, capsys):
+    import json
+
+    # the tiny model's embedding (GPT-2 vocabulary) holds 99% of its parameters: a small target
+    recipe = tmp_path / "smart-tiny.yaml"
+    recipe.write_text("overall: {target: 0.01}\nfpp_emb: {criterion: frequency, steps: 0}\nsparsegpt: {}\n")
+    code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", f"{recipe},sparsegpt,wanda", "--sparsity",
+                       f"match:{recipe}", "--tasks", "wikitext2", "--limit", "1", "--seqlen", "64",
+                       "--calib-samples", "8", "--calib-seqlen", "16", "--json", tmp_path / "c.json")
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
+    assert rows[str(recipe)]["compression"] == pytest.approx(0.01, abs=1e-6)
+    assert rows[str(recipe)]["allocation"]["target"] == 0.01
+    for peer in ("sparsegpt", "wanda"):  # the same number of parameters removed, within one per matrix
+        assert rows[peer]["compression"] == pytest.approx(0.01, abs=1e-5)

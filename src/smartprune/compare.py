@@ -217,6 +217,8 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
                               compute_dtype="auto").report
             seconds = time.perf_counter() - t
         evaluate(fresh, method, label, report["overall"]["compression"], seconds, mem.peak)
+        if "allocation" in report:  # the rates a recipe with an overall section chose
+            rows[-1]["allocation"] = report["allocation"]
         return report
 
     order = [m for m in methods if m[1] is not None] + [m for m in methods if m[1] is None]

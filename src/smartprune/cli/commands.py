@@ -191,7 +191,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                tasks=args.tasks.split(","), limit=args.limit, seqlen=args.seqlen,
                                calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
                                recover_tokens=args.recover_tokens, device=args.device)
-    result = run_compare(settings)
+    result = run_compare(settings, progress=not args.quiet)
     if args.json:
         write_outputs(result, Path(args.json))
     _out(result.summary())
