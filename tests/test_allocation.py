@@ -56,7 +56,8 @@ def test_compress_with_a_target_prints_the_allocation(model_dirs, use_data, tmp_
     code, out, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "smart", "--target-compression", "0.4",
                          "--out", tmp_path / "c", "--calib-samples", "8", "--calib-seqlen", "16")
     assert code == 0, err
-    assert "allocation for 40.00% overall" in out and "| block 1 |" in out and "overall compression 40.00%" in out
+    assert "allocation for 40.00% overall" in out and "| 1 | " in out and "| **mean** |" in out
+    assert "overall compression 40.00%" in out and "embedding: " in out
     code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "paper", "--target-compression", "0.4",
                        "--out", tmp_path / "d")
     assert code == 2 and "needs a recipe with an overall section" in _one_clean_line(err)

@@ -227,15 +227,22 @@ def plan(adapter: Adapter, cfg, calib_ids: Tensor, eval_ids: Tensor, *, embeddin
 
 
 def allocation_table(report: dict) -> str:
-    """The chosen rates as a Markdown table: the embedding, then one row per block."""
-    rates = {u["unit"]: u["rate"] for u in report["units"]}
+    """The chosen rates as Markdown: the embedding's, then one row per block and the entry-weighted
+    mean of each group over the blocks."""
+    units = {u["unit"]: u for u in report["units"]}
     groups = ("qk", "v", "o", "ff")
-    blocks = sorted({int(n.split()[1]) for n in rates if n.startswith("block ")})
-    lines = [f"allocation for {100 * report['target']:.2f}% overall (rates chosen by measured sensitivity):", "",
-             "| unit | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
-    if "embedding" in rates:
-        lines.append(f"| embedding | {100 * rates['embedding']:.1f}% |" + " |" * (len(groups) - 1))
+    blocks = sorted({int(n.split()[1]) for n in units if n.startswith("block ")})
+    lines = [f"allocation for {100 * report['target']:.2f}% overall (rates chosen by measured sensitivity)", ""]
+    if "embedding" in units:
+        lines += [f"embedding: {100 * units['embedding']['rate']:.1f}%", ""]
+    if not blocks:
+        return "\n".join(lines).rstrip()
+    lines += ["| block | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
     for b in blocks:
-        cells = [f"{100 * rates[f'block {b} {g}']:.1f}%" for g in groups]
-        lines.append(f"| block {b} | " + " | ".join(cells) + " |")
+        lines.append(f"| {b} | " + " | ".join(f"{100 * units[f'block {b} {g}']['rate']:.1f}%" for g in groups) + " |")
+    means = []
+    for g in groups:
+        chosen = [units[f"block {b} {g}"] for b in blocks]
+        means.append(sum(u["rate"] * u["entries"] for u in chosen) / sum(u["entries"] for u in chosen))
+    lines.append("| **mean** | " + " | ".join(f"**{100 * m:.1f}%**" for m in means) + " |")
     return "\n".join(lines)
