@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from smartprune.adapters import Adapter
 from smartprune.errors import RecipeError
+from smartprune.recipes.schema import OverallConfig
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def matrix_rates(all_units: list[Unit], counts: dict[str, int], model: nn.Module
     return rates
 
 
-def plan(adapter: Adapter, cfg, calib_ids: Tensor, eval_ids: Tensor, *, embedding: bool, blocks: bool,
+def plan(adapter: Adapter, cfg: OverallConfig, calib_ids: Tensor, eval_ids: Tensor, *, embedding: bool, blocks: bool,
          progress: bool = True) -> tuple[dict[str, float], dict]:
     """The per-matrix rates reaching ``cfg.target`` overall, and the report of how they were chosen."""
     from smartprune.accounting import unique_parameters
