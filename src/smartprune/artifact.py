@@ -52,6 +52,9 @@ READABLE = (1, 2)  # version 1: bitmask only, float32, no resized projections; t
 MANIFEST = "smartprune.json"
 TENSORS = "model.safetensors"
 KINDS = ("masked", "folded", "folded_columns", "projection")
+# folded kind -> (module, stored positions, the axis they index, the shared vector's length): the two IRC readings
+FOLDED_KINDS = {"folded": (FoldedProjection, "folded_rows", "d_in", "d_out"),
+                "folded_columns": (ColumnFoldedProjection, "folded_cols", "d_out", "d_in")}
 ENCODINGS = ("bitmask", "csr")
 
 
@@ -337,20 +340,14 @@ def load(path: str | os.PathLike, *, structured: bool = True, verify: bool = Tru
     for name, rec in manifest["modules"].items():
         if name not in names:
             raise ArtifactError(f"{path / MANIFEST} names module '{name}', which a {config.model_type} model lacks")
-        if rec["kind"] == "folded":
-            folded = torch.zeros(rec["d_in"], dtype=torch.bool)
-            folded[_indices(tensors, f"{name}.folded_rows", rec["d_in"], path)] = True
-            q = _vector(tensors, f"{name}.q", rec["d_out"], path)
+        if rec["kind"] in FOLDED_KINDS:
+            cls, positions, folded_axis, q_axis = FOLDED_KINDS[rec["kind"]]
+            folded = torch.zeros(rec[folded_axis], dtype=torch.bool)
+            folded[_indices(tensors, f"{name}.{positions}", rec[folded_axis], path)] = True
+            q = _vector(tensors, f"{name}.q", rec[q_axis], path)
             bias = tensors.get(f"{name}.bias")
-            adapter.replace(name, FoldedProjection(torch.zeros(rec["d_in"], rec["d_out"]),
-                                                   None if bias is None else bias.float(), folded, q))
-        elif rec["kind"] == "folded_columns":
-            folded = torch.zeros(rec["d_out"], dtype=torch.bool)
-            folded[_indices(tensors, f"{name}.folded_cols", rec["d_out"], path)] = True
-            q = _vector(tensors, f"{name}.q", rec["d_in"], path)
-            bias = tensors.get(f"{name}.bias")
-            adapter.replace(name, ColumnFoldedProjection(torch.zeros(rec["d_in"], rec["d_out"]),
-                                                         None if bias is None else bias.float(), folded, q))
+            adapter.replace(name, cls(torch.zeros(rec["d_in"], rec["d_out"]), None if bias is None else bias.float(),
+                                      folded, q))
         elif rec["kind"] == "projection":
             adapter.replace(name, Projection(torch.zeros(rec["d_in"], rec["d_out"]),
                                              torch.zeros(rec["d_out"]) if rec["bias"] else None))

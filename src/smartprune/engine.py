@@ -172,7 +172,6 @@ class Placement:
             return
         inside = {id(t) for b in adapter.blocks() for t in itertools.chain(b.parameters(), b.buffers())}
         self._move_outside(inside, device)
-        self.inside = inside
 
     def _move_outside(self, inside: set[int], device: torch.device) -> None:
         with torch.no_grad():
