@@ -215,8 +215,7 @@ def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick
     loaded.model.to("cpu")
     teacher = snapshot_teacher(loaded.model, recovery_cfg)
     t = time.perf_counter()
-    result = compress(loaded.model, loaded.tokenizer, rec, seed=seed, progress=progress, device=dev,
-                      compute_dtype="auto")
+    result = compress(loaded.model, loaded.tokenizer, rec, seed=seed, progress=progress, device=dev)
     seconds["compress"] = time.perf_counter() - t
     after = evaluate("compressed")
     report = {**result.report, "environment": environment()}

@@ -213,8 +213,8 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
         fresh = load_model(settings.model).model
         with PeakRSS() as mem:
             t = time.perf_counter()
-            report = compress(fresh, tok, recipe, seed=settings.seed, calib=calib, progress=progress, device=dev,
-                              compute_dtype="auto").report
+            report = compress(fresh, tok, recipe, seed=settings.seed, calib=calib, progress=progress,
+                              device=dev).report
             seconds = time.perf_counter() - t
         evaluate(fresh, method, label, report["overall"]["compression"], seconds, mem.peak)
         if "allocation" in report:  # the rates a recipe with an overall section chose
@@ -244,8 +244,8 @@ def _matched_fraction(recipe_name: str, removed_by: dict[str, int], model, setti
     if recipe_name not in removed_by:  # not among --methods: run it now (it is not reported)
         fresh = load_model(settings.model).model
         removed_by[recipe_name] = _removed(
-            compress(fresh, None, load_recipe(recipe_name), seed=settings.seed, calib=calib, device=settings.device,
-                     compute_dtype="auto").report)
+            compress(fresh, None, load_recipe(recipe_name), seed=settings.seed, calib=calib,
+                     device=settings.device).report)
     total = block_linear_weights(get_adapter(model))
     fraction = removed_by[recipe_name] / total
     if fraction > 1:

@@ -216,7 +216,7 @@ def _check_offload(recipe: Recipe) -> None:
 
 def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, calib: Calibration | None = None,
              task_objective: Objective | None = None, progress: bool = True, device: str | torch.device = "cpu",
-             offload: bool | None = None, compute_dtype: str = "float32") -> CompressionResult:
+             offload: bool | None = None, compute_dtype: str = "auto") -> CompressionResult:
     """Compress `model` in place with `recipe`; returns the model, its adapter and a report.
 
     `calib` defaults to seeded windows of the recipe's calibration text; `task_objective` replaces

@@ -173,7 +173,7 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
         report = None
         if rate > 0:
             report = compress(loaded.model, loaded.tokenizer, recipes[(variant, rate)], seed=settings.seed,
-                              device=dev, compute_dtype="auto", progress=False).report
+                              device=dev, progress=False).report
         compress_s = time.perf_counter() - start
         loaded.model.to(dev)
         results = evaluate(loaded, settings.tasks, eval_settings, progress=False)
