@@ -171,3 +171,16 @@ def test_the_engine_runs_each_criterion_and_obs_fits_the_blocks_best(criterion, 
         assert all(r["rate"] == pytest.approx(0.6) for r in ff)
         errors[crit] = sum(r["relative_error"] for r in ff)
     assert errors[criterion] < errors["magnitude"], errors
+
+
+def test_lookups_count_tokens_for_the_token_table_and_positions_for_the_position_table():
+    from smartprune.methods.fpp import lookup_counts
+
+    model = tiny_model("gpt2")
+    adapter = get_adapter(model)
+    ids = torch.tensor([[5, 5, 7], [7, 9, 5]])
+    tokens, positions = lookup_counts(adapter.embed, ids, [model.transformer.wte, model.transformer.wpe])
+    assert tokens[5] == 3 and tokens[7] == 2 and tokens[9] == 1 and int(tokens.sum()) == 6
+    # the position table is looked up once per batch (positions broadcast over the windows): by position,
+    # not by token id
+    assert positions[:3].tolist() == [1, 1, 1] and int(positions[3:].sum()) == 0

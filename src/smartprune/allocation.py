@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from smartprune.adapters import Adapter
 from smartprune.errors import RecipeError
+from smartprune.methods.fpp import criterion_score, lookup_counts
 from smartprune.recipes.schema import OverallConfig
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,6 @@ def _input_norms(model: nn.Module, ids: Tensor, paths: list[str]) -> dict[str, T
     return {p: v.sqrt() for p, v in sums.items()}
 
 
-def _lookups(ids: Tensor, rows: int) -> Tensor:
-    return torch.bincount(ids.flatten().cpu(), minlength=rows)[:rows]
-
-
 class HeldOutLoss:
     """The next-token loss on held-out windows, recomputed from a unit's block on: the blocks before
     it are unchanged while it is pruned, so their outputs are computed once (about half the work)."""
@@ -118,22 +115,21 @@ def sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor, eval
                 grid: tuple[float, ...], emb_criterion: str, progress: bool = True) -> dict[str, list[float]]:
     """Loss increase (nats per token) of pruning each unit alone at each rate of `grid`."""
     model = adapter.model
-    projection_paths = [p for u in all_units if u.name != "embedding" for p in u.paths]
+    projection_paths = [p for u in all_units if u.block is not None for p in u.paths]
     norms = _input_norms(model, calib_ids, projection_paths)
     loss = HeldOutLoss(adapter, eval_ids)
     base = loss()
     out = {}
     for u in tqdm(all_units, desc="sensitivity", disable=not progress, leave=False):
-        weights = [model.get_submodule(p).weight for p in u.paths]
+        modules = [model.get_submodule(p) for p in u.paths]
+        weights = [m.weight for m in modules]
         saved = [w.detach().clone() for w in weights]
-        scores = []
-        for p, w in zip(u.paths, weights, strict=True):
-            if p in norms:
-                scores.append(w.detach().abs() * norms[p].to(w.dtype)[:, None])
-            elif emb_criterion == "frequency":
-                scores.append(w.detach().abs() * (1 + _lookups(calib_ids, w.shape[0]).to(w)).sqrt()[:, None])
-            else:
-                scores.append(w.detach().abs())
+        if u.block is None:  # the embedding: scored by its FPP criterion (no input activations)
+            counts = lookup_counts(adapter.embed, calib_ids, modules)
+            found = [criterion_score(w, emb_criterion, c) for w, c in zip(weights, counts, strict=True)]
+            scores = [w.detach().abs() if s is None else s for w, s in zip(weights, found, strict=True)]
+        else:
+            scores = [w.detach().abs() * norms[p].to(w.dtype)[:, None] for p, w in zip(u.paths, weights, strict=True)]
         curve = []
         with torch.no_grad():
             for rate in grid:

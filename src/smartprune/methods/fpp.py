@@ -25,6 +25,8 @@ smaller dense ones that any dense kernel runs faster.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -124,9 +126,9 @@ def fpp_increment(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: int, c
     return new_t.T * alive, alive
 
 
-def lookup_counts(sub: Sublayer, embeddings: list[nn.Module]) -> list[Tensor]:
-    """How often each row of each embedding table is looked up on the sublayer's calibration input
-    (token ids for a token table, positions for a position table)."""
+def lookup_counts(embed: Callable[[Tensor], Tensor], ids: Tensor, embeddings: list[nn.Module]) -> list[Tensor]:
+    """How often each row of each embedding table is looked up while `embed` runs on the windows
+    `ids` (token ids for a token table, positions for a position table)."""
     counts = [torch.zeros(e.weight.shape[0], dtype=torch.long, device=e.weight.device) for e in embeddings]
 
     def counter(c: Tensor):
@@ -137,8 +139,8 @@ def lookup_counts(sub: Sublayer, embeddings: list[nn.Module]) -> list[Tensor]:
     hooks = [e.register_forward_pre_hook(counter(c)) for e, c in zip(embeddings, counts, strict=True)]
     try:
         with torch.no_grad():
-            for s in range(0, sub.inputs.shape[0], 8):
-                sub.forward(sub.inputs[s:s + 8])
+            for s in range(0, ids.shape[0], 8):
+                embed(ids[s:s + 8])
     finally:
         for h in hooks:
             h.remove()
@@ -199,7 +201,7 @@ class FPPStage(Stage):
         if crit in ("magnitude", "literal"):
             return [None] * len(targets)
         if crit == "frequency":
-            return lookup_counts(self.sub, targets)
+            return lookup_counts(self.sub.forward, self.sub.inputs, targets)
         roles = {id(m): r for r, m in self.sub.modules().items()}
         stats = collect_stats(self.sub, [roles[id(m)] for m in targets])
         return [stats[roles[id(m)]].gram for m in targets]
