@@ -54,10 +54,18 @@ def test_projections_are_in_paper_orientation(kind):
         assert set(adapter.embeddings()) == {"transformer.wte", "transformer.wpe"}
 
 
-def test_unsupported_architecture_lists_the_supported_ones():
+def test_a_model_without_entry_gets_the_generic_adapter_and_the_paper_a_reason():
     from transformers import BertConfig, BertLMHeadModel
+
+    from smartprune.adapters import GenericAdapter, paper_methods_unsupported
 
     model = BertLMHeadModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
                                        intermediate_size=64, vocab_size=100, is_decoder=True))
-    with pytest.raises(ModelError, match="unsupported architecture 'bert': supported model types are gpt2, llama"):
-        get_adapter(model)
+    adapter = get_adapter(model)
+    assert isinstance(adapter, GenericAdapter) and adapter.blocks_path() == "bert.encoder.layer"
+    assert list(adapter.linear_paths(0)) == ["attention.self.query", "attention.self.key", "attention.self.value",
+                                             "attention.output.dense", "intermediate.dense", "output.dense"]
+    assert paper_methods_unsupported(model.config).startswith("model type 'bert' has no entry in smartprune's "
+                                                              "adapter table")
+    with pytest.raises(ModelError, match="the output head of a bert model is not known here"):
+        adapter.head(torch.zeros(1, 2, 32))

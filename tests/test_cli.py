@@ -53,9 +53,9 @@ def test_bad_inputs_get_one_line_and_a_nonzero_exit(model_dirs, use_data, tmp_pa
     bad_recipe.write_text("irc: {rate: 1.5}\n")
     unknown_key = tmp_path / "unknown.yaml"
     unknown_key.write_text("irc: {rate: 1.0, speed: 3}\n")
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertLMHeadModel"]}))
+    vision = tmp_path / "vision"
+    vision.mkdir()
+    (vision / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
@@ -65,7 +65,7 @@ def test_bad_inputs_get_one_line_and_a_nonzero_exit(model_dirs, use_data, tmp_pa
         (["compress", tmp_path / "missing-model", "--recipe", "paper", "--out", out], "model path not found"),
         (["compress", "smollm2-13m", "--recipe", "paper", "--out", out], "did you mean 'smollm2-135m'"),
         (["compress", "smartprune-tests/no-such-model", "--recipe", "paper", "--out", out], "Hugging Face hub"),
-        (["compress", bert, "--recipe", "paper", "--out", out], "unsupported architecture 'bert'"),
+        (["compress", vision, "--recipe", "paper", "--out", out], "model type 'vit' is not a causal language model"),
         (["compress", m, "--recipe", "papr", "--out", out], "unknown recipe 'papr' (did you mean 'paper'?)"),
         (["compress", m, "--recipe", bad_recipe, "--out", out], "irc.rate: 1.5 is outside [0, 1]"),
         (["compress", m, "--recipe", unknown_key, "--out", out], "unknown key 'speed'"),

@@ -7,7 +7,7 @@ import torch
 
 from smartprune.adapters import get_adapter
 from smartprune.engine import compress
-from smartprune.inference import DiagonalProjection, IRCAttention, SparseProjection
+from smartprune.inference import DiagonalProjection, IRCAttention, Rope, SparseProjection
 from smartprune.nn import FoldedProjection, Projection
 from smartprune.recipes import load_recipe
 from smartprune.structure import use_structure
@@ -31,8 +31,9 @@ def test_offset_function_equals_rope_scores_of_identical_rows():
     rope = LlamaRotaryEmbedding(cfg)
     heads, kv, hd = 4, 2, 8
     q, k = _folded(32, heads * hd, 1), _folded(32, kv * hd, 2)
-    attn = IRCAttention(q, k, Projection(torch.randn(32, kv * hd)), Projection(torch.randn(heads * hd, 32)),
-                        n_heads=heads, n_kv=kv, head_dim=hd, layer_idx=0, rope=rope)
+    v, o = Projection(torch.randn(32, kv * hd)), Projection(torch.randn(heads * hd, 32))
+    attn = IRCAttention(q, k, v, o, n_heads=heads, n_kv=kv, head_dim=hd, layer_idx=0,
+                        rope=Rope(rope.inv_freq, rope.attention_scaling))
     x = torch.randn(2, 7, 32)
     pos = torch.arange(3, 10).expand(2, 7)  # offset positions, as after a cache
     cos, sin = rope(x, pos)

@@ -12,27 +12,27 @@ from torch import nn
 
 from smartprune.adapters import Adapter
 
-GROUPS = {"irc": "IRC (W_Q, W_K)", "dwc": "DWC (W_V)", "attn_out": "W_O", "fpp_emb": "FPP-emb", "fpp_ff": "FPP-FF"}
+GROUPS = {"irc": "IRC (W_Q, W_K)", "dwc": "DWC (W_V)", "attn_out": "W_O", "fpp_emb": "FPP-emb", "fpp_ff": "FPP-FF",
+          "linear": "block linears"}  # the last: a model without a table entry, whose roles are unknown
 
 
 def group_counts(adapter: Adapter) -> dict[str, int]:
     """Stored parameters of each group in the model as it is now."""
     counts = dict.fromkeys(GROUPS, 0)
     counts["fpp_emb"] = sum(e.alive() for e in adapter.embeddings().values())
+    model = adapter.model
     for i in range(len(adapter.blocks())):
-        att = adapter.attention_projections(i)
-        counts["irc"] += att.q.alive() + att.k.alive()
-        counts["dwc"] += att.v.alive()
-        counts["attn_out"] += att.o.alive()
-        for p in adapter.ff_projections(i).values():
-            counts["fpp_ff"] += p.alive() + (p.bias.numel() if p.bias is not None else 0)
+        for group, paths in adapter.accounting_groups(i).items():
+            for p in map(model.get_submodule, paths):
+                # Table 4 counts the feed-forward biases with their weights
+                counts[group] += p.alive() + (p.bias.numel() if group == "fpp_ff" and p.bias is not None else 0)
     return counts
 
 
 def block_linear_weights(adapter: Adapter) -> int:
     """Weights of every linear layer of every block (the peers' pruning target)."""
-    return sum(p.weight.numel() for i in range(len(adapter.blocks()))
-               for p in [*adapter.attention_projections(i).as_dict().values(), *adapter.ff_projections(i).values()])
+    return sum(adapter.model.get_submodule(p).weight.numel() for i in range(len(adapter.blocks()))
+               for p in adapter.linear_paths(i).values())
 
 
 def unique_parameters(model: nn.Module) -> int:
@@ -48,11 +48,13 @@ def accounting(before: dict[str, int], after: dict[str, int], total: int) -> dic
     the group) and the overall compression (fraction of the model's parameters removed)."""
     groups = {}
     for g in GROUPS:
+        if g == "linear" and not before[g]:  # only models without a table entry have this group
+            continue
         removed = before[g] - after[g]
         groups[g] = {"before": before[g], "after": after[g],
                      "c_ub": removed / before[g] if before[g] else 0.0,
                      "t": removed / total if total else 0.0}
-    removed = sum(before[g] - after[g] for g in GROUPS)
+    removed = sum(before[g] - after[g] for g in groups)
     return {"groups": groups, "overall": {"params_before": total, "params_after": total - removed,
                                           "compression": removed / total if total else 0.0}}
 
@@ -63,6 +65,8 @@ def format_table(acc: dict, seconds: dict[str, float] | None = None) -> str:
     rule = "|---|---:|---:|---:|---:|" + ("---:|" if seconds is not None else "")
     rows = [head, rule]
     for g, label in GROUPS.items():
+        if g not in acc["groups"]:
+            continue
         r = acc["groups"][g]
         row = f"| {label} | {r['before']:,} | {r['after']:,} | {100 * r['c_ub']:.2f}% | {100 * r['t']:.2f}% |"
         if seconds is not None:

@@ -18,10 +18,10 @@ from smartprune.allocation import allocation_table
 from smartprune.artifact import DTYPES, check_output, check_outputs_apart, save, write_dense, write_json
 from smartprune.data import EVAL_TEXTS, TRAIN_TEXTS, check_positions, eval_text, train_text_path
 from smartprune.device import resolve_compute_dtype, resolve_device
-from smartprune.engine import compress
+from smartprune.engine import check_recipe_for, compress
 from smartprune.errors import DataError, OutputError, RecipeError, did_you_mean
 from smartprune.evaluation.perplexity import check_limit, perplexity
-from smartprune.loading import check_model, load_model, model_reference
+from smartprune.loading import check_model, load_model, model_config, model_reference
 from smartprune.recipes import Recipe, load_recipe
 from smartprune.recipes.schema import RecoverConfig
 
@@ -115,6 +115,9 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     recipe = with_target(with_calibration(recipe, calib_samples, calib_seqlen), target_compression)
     train_text_path(recipe.calibration.text)  # missing data fails before the model loads
+    config = model_config(model)
+    if config is not None:  # a recipe the model's family cannot run fails before the model loads
+        check_recipe_for(config, recipe)
     loaded = load_model(model)
     _check_windows(loaded.model, recipe.calibration.seqlen, recipe.recover)
     teacher = snapshot_teacher(loaded.model, recipe.recover)

@@ -319,7 +319,7 @@ def load(path: str | os.PathLike, *, structured: bool = True, verify: bool = Tru
     the SHA-256 in the manifest."""
     from transformers import AutoModelForCausalLM
 
-    from smartprune.loading import read_config
+    from smartprune.loading import read_config, use_sdpa
 
     path = Path(path)
     if not path.is_dir():
@@ -333,7 +333,7 @@ def load(path: str | os.PathLike, *, structured: bool = True, verify: bool = Tru
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{path / TENSORS} is missing, truncated or corrupt ({exc})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.config._attn_implementation = "sdpa"
+    use_sdpa(model)
     adapter = get_adapter(model)
     names = {n for n, _ in model.named_modules()}
     state: dict[str, Tensor] = {}

@@ -31,11 +31,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from smartprune.accounting import accounting, group_counts, unique_parameters
-from smartprune.adapters import Adapter, get_adapter
+from smartprune.adapters import Adapter, get_adapter, paper_methods_unsupported
 from smartprune.allocation import plan
 from smartprune.data import Calibration, calibration, check_positions
 from smartprune.device import autocast, model_device, resolve_compute_dtype, resolve_device
-from smartprune.errors import DataError
+from smartprune.errors import DataError, ModelError
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.methods import METHODS
 from smartprune.methods.base import Sublayer
@@ -149,15 +149,35 @@ class _Run:
         return dense, _chunked(fn, x)
 
     def compress_blocks(self) -> None:
-        a, sequential = self.adapter, self.recipe.strategy.sequential
+        a = self.adapter
         h = _chunked(a.embed, self.calib.ids)
         n = len(a.blocks())
         for i in tqdm(range(n), desc="blocks", disable=not self.progress):
             with self.placement.block(a.blocks()[i]):
-                attn_dense, attn_out = self.compress_sublayer("attention", i, _chunked(a.attn_norm(i), h))
-                mid = h + (attn_out if sequential else attn_dense)
-                ff_dense, ff_out = self.compress_sublayer("ff", i, _chunked(a.ff_norm(i), mid))
-                h = mid + (ff_out if sequential else ff_dense)
+                h = self.compress_block(i, h) if a.sublayers else self.compress_whole_block(i, h)
+
+    def compress_block(self, i: int, h: Tensor) -> Tensor:
+        """Block `i`'s attention, then its feed-forward; returns the block's output on `h`."""
+        a, sequential = self.adapter, self.recipe.strategy.sequential
+        attn_dense, attn_out = self.compress_sublayer("attention", i, _chunked(a.attn_norm(i), h))
+        mid = h + (attn_out if sequential else attn_dense)
+        ff_dense, ff_out = self.compress_sublayer("ff", i, _chunked(a.ff_norm(i), h if a.parallel_residual else mid))
+        return mid + (ff_out if sequential else ff_dense)
+
+    def compress_whole_block(self, i: int, h: Tensor) -> Tensor:
+        """A block of a model without a table entry: every linear at once, the block as the sublayer."""
+        a = self.adapter
+
+        def fn(t: Tensor) -> Tensor:
+            return a.run_block(i, t)
+
+        dense = _chunked(fn, h)
+        keys = self.stages("block")
+        if keys:
+            sub = Sublayer(a, "block", i, a.linear_paths(i), inputs=h, target=dense, shared=self.shared)
+            for key in keys:
+                self.run_stage(key, sub)
+        return _chunked(fn, h) if self.recipe.strategy.sequential else dense
 
 
 class Placement:
@@ -214,6 +234,19 @@ def _check_offload(recipe: Recipe) -> None:
                         "sensitivity (overall), which needs every block on the device at once; run it without offload")
 
 
+def check_recipe_for(config, recipe: Recipe) -> None:
+    """The paper's methods and the allocation need a table entry's roles; the baselines do not
+    (one line naming what is missing, before any work)."""
+    why = paper_methods_unsupported(config)
+    if why is None:
+        return
+    paper = [k for k in recipe.stages if "block" not in METHODS[k].scopes]
+    if paper or recipe.overall is not None:
+        what = ", ".join(paper) if paper else "overall (the allocation)"
+        raise ModelError(f"recipe '{recipe.name}' needs {what}: {why}; the baselines (magnitude, wanda, "
+                         "sparsegpt) run on any causal LM")
+
+
 def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, calib: Calibration | None = None,
              task_objective: Objective | None = None, progress: bool = True, device: str | torch.device = "cpu",
              offload: bool | None = None, compute_dtype: str = "auto") -> CompressionResult:
@@ -232,6 +265,7 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
         _check_offload(recipe)
     torch.manual_seed(seed)
     model.eval()
+    check_recipe_for(model.config, recipe)
     adapter = get_adapter(model)
     if calib is None:
         c = recipe.calibration
@@ -240,6 +274,8 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
     total = unique_parameters(model)
     before = group_counts(adapter)
     start = time.perf_counter()
+    n = calib.ids.shape[0]  # chunks of 8 windows (`_chunked`, `collect_stats`), then the rest
+    adapter.prepare_calls(calib.ids.shape[1], {min(n, 8), n % 8 or min(n, 8)})  # before the model is spread
     placement = Placement(model, adapter, dev, offload)
     calib = Calibration(calib.ids.to(dev), calib.eval_ids.to(dev), calib.source)
     log.info("compressing %d blocks with recipe '%s' (%s) on %s (%s%s)", len(adapter.blocks()), recipe.name,

@@ -33,6 +33,7 @@ Each swap is exact up to float rounding (tests compare against the dense materia
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -87,75 +88,124 @@ def fully_folded(p: nn.Module) -> bool:
     return isinstance(p, FOLDED) and p.fully_folded()
 
 
+@dataclass(frozen=True)
+class Rope:
+    """A block's rotary tables: RoPE's frequencies (one per rotated pair; fewer than head_dim / 2
+    with partial rotary, the remaining dimensions pass unrotated) and its attention scaling."""
+
+    inv_freq: Tensor
+    scaling: float = 1.0
+
+
+@dataclass(frozen=True)
+class HeadNorm:
+    """An RMS norm applied to each head of a projection's output (Qwen 3's and Gemma 3's q_norm /
+    k_norm): ``norm(x) = x * g / sqrt(mean(x^2) + eps)``, ``g`` whatever the module's own weighting is."""
+
+    norm: nn.Module
+    eps: float
+
+
 class IRCAttention(nn.Module):
-    """Causal self-attention of a block whose Q and K are fully folded (see the module docstring)."""
+    """Causal self-attention of a block whose Q and K are fully folded (see the module docstring).
+
+    A per-head RMS norm after the projection (`HeadNorm`) keeps the form: with ``Q_h = s q_h``,
+    ``norm(s q_h) = t_h(s) u_h`` where ``u_h = q_h * g`` and ``t_h(s) = s / sqrt(s^2 mean(q_h^2) + eps)``,
+    so each head gets its own token scalar, a function of the same ``s`` (``sign(s)`` up to the eps).
+    """
 
     def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module, *, n_heads: int,
-                 n_kv: int, head_dim: int, layer_idx: int, rope: nn.Module | None, prefill: str = "sdpa") -> None:
+                 n_kv: int, head_dim: int, layer_idx: int, rope: Rope | None, scaling: float | None = None,
+                 q_norm: HeadNorm | None = None, k_norm: HeadNorm | None = None, prefill: str = "sdpa") -> None:
         super().__init__()
         if prefill not in ("sdpa", "offset"):
             raise ValueError(f"prefill kernel must be 'sdpa' or 'offset', got {prefill!r}")
         self.prefill = prefill
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
         self.n_heads, self.n_kv, self.head_dim, self.layer_idx = n_heads, n_kv, head_dim, layer_idx
-        self.scaling = head_dim ** -0.5
-        self.rope = rope  # the model's rotary module (inv_freq, attention_scaling) or None
+        self.scaling = head_dim ** -0.5 if scaling is None else scaling
+        self.q_norm, self.k_norm = q_norm, k_norm
+        for name, hn in (("q_norm_module", q_norm), ("k_norm_module", k_norm)):
+            if hn is not None:  # registered, so the norm's weight moves with the module (.to, .cuda)
+                self.add_module(name, hn.norm)
+        self.rope = rope  # the tables; the frequencies are a buffer, so they move with the module
+        if rope is not None:
+            self.register_buffer("inv_freq", rope.inv_freq.detach().float().clone(), persistent=False)
+            if 2 * rope.inv_freq.numel() > head_dim:
+                raise ValueError(f"{rope.inv_freq.numel()} rotary frequencies for head_dim {head_dim}")
         if rope is not None and (q.bias is not None or k.bias is not None):
             raise ValueError("IRC attention with RoPE supports projections without bias only")
 
     def _vectors(self) -> tuple[Tensor, Tensor]:
+        """Per head, the vectors the token scalars multiply: (heads, head_dim) for Q and for K (K's
+        repeated over its query group), after the head norm's weighting where there is one."""
         groups = self.n_heads // self.n_kv
-        q = self.q_proj.head_vector().float().view(self.n_heads, self.head_dim)
-        k = self.k_proj.head_vector().float().view(self.n_kv, self.head_dim).repeat_interleave(groups, 0)
-        return q, k
+        q = _normed(self.q_proj.head_vector().float().view(self.n_heads, self.head_dim), self.q_norm)
+        k = _normed(self.k_proj.head_vector().float().view(self.n_kv, self.head_dim), self.k_norm)
+        return q, k.repeat_interleave(groups, 0)
+
+    def head_scalars(self, s: Tensor, side: str) -> Tensor:
+        """(b, heads, T): each head's token scalar from the tokens' scalars `s` (b, T)."""
+        proj, hn, n = (self.q_proj, self.q_norm, self.n_heads) if side == "q" else (self.k_proj, self.k_norm, self.n_kv)
+        if hn is None:
+            return s[:, None, :].expand(-1, self.n_heads, -1)
+        m = proj.head_vector().float().view(n, self.head_dim).pow(2).mean(-1)  # (n,)
+        t = s[:, None, :] * torch.rsqrt(s[:, None, :] ** 2 * m[None, :, None] + hn.eps)
+        return t.repeat_interleave(self.n_heads // n, 1)
+
+    def _pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """RoPE's per-pair products of the head vectors: A, B (heads, pairs) and the unrotated part's
+        dot product c (heads,)."""
+        q, k = self._vectors()
+        half = self.inv_freq.numel()
+        q1, q2, k1, k2 = q[:, :half], q[:, half:2 * half], k[:, :half], k[:, half:2 * half]
+        c = (q[:, 2 * half:] * k[:, 2 * half:]).sum(-1)
+        return q1 * k1 + q2 * k2, q2 * k1 - q1 * k2, c
 
     def _offset_table(self, n: int) -> Tensor:
         """(n, heads): f(D) for offsets D = 0..n-1 (query later than key by D)."""
-        q, k = self._vectors()
-        half = self.head_dim // 2
-        q1, q2, k1, k2 = q[:, :half], q[:, half:], k[:, :half], k[:, half:]
-        a, b = q1 * k1 + q2 * k2, q2 * k1 - q1 * k2  # (heads, half)
-        angles = torch.arange(n, dtype=torch.float32, device=q.device)[:, None] * self.rope.inv_freq.float()[None, :]
-        scale = float(getattr(self.rope, "attention_scaling", 1.0)) ** 2
-        return scale * (torch.cos(angles) @ a.t() - torch.sin(angles) @ b.t())
+        a, b, c = self._pairs()
+        angles = torch.arange(n, dtype=torch.float32, device=a.device)[:, None] * self.inv_freq[None, :]
+        return self.rope.scaling ** 2 * (torch.cos(angles) @ a.t() - torch.sin(angles) @ b.t()) + c[None, :]
 
     def scores(self, s_q: Tensor, p_q: Tensor, s_k: Tensor, p_k: Tensor) -> Tensor:
         """(batch, heads, Tq, Tk) pre-softmax scores from feature sums and positions (future keys are
         not masked here)."""
-        outer = (s_q * self.scaling)[:, None, :, None] * s_k[:, None, None, :]  # (b, 1, Tq, Tk)
+        tq, tk = self.head_scalars(s_q, "q"), self.head_scalars(s_k, "k")
+        outer = (tq * self.scaling)[..., :, None] * tk[..., None, :]  # (b, heads, Tq, Tk)
         if self.rope is None:
             q, k = self._vectors()
             c = (q * k).sum(-1)  # (heads,)
             if self.q_proj.bias is None:
                 return outer * c[None, :, None, None]
             e = (self.q_proj.bias.float().view_as(q) * k).sum(-1) * self.scaling
-            return outer * c[None, :, None, None] + e[None, :, None, None] * s_k[:, None, None, :]
+            return outer * c[None, :, None, None] + e[None, :, None, None] * tk[..., None, :]
         offsets = (p_q[:, :, None] - p_k[:, None, :]).clamp_min(0)  # (b, Tq, Tk); negative ones are masked
         table = self._offset_table(int(offsets.max()) + 1).t().contiguous()  # (heads, n)
         return table[:, offsets].transpose(0, 1) * outer  # gathered per head: (b, heads, Tq, Tk)
 
     def rank_vectors(self, s_q: Tensor, p_q: Tensor, s_k: Tensor, p_k: Tensor) -> tuple[Tensor, Tensor]:
         """(q~, k~) of shape (b, heads, T, E) with q~_i . k~_j equal to the scores before scaling, built
-        element-wise from the sums and the rotation tables: E = 1 without RoPE (the scores have rank
-        one), E = head_dim with it (q~ is the same for every head)."""
-        q, k = self._vectors()
+        element-wise from the scalars and the rotation tables: E = 1 without RoPE (the scores have
+        rank one), E = 2 * pairs (+ 1 with partial rotary) with it."""
+        tq, tk = self.head_scalars(s_q, "q"), self.head_scalars(s_k, "k")
         if self.rope is None:
+            q, k = self._vectors()
             c = (q * k).sum(-1)
             e = torch.zeros_like(c) if self.q_proj.bias is None else (self.q_proj.bias.float().view_as(q) * k).sum(-1)
-            qt = s_q[:, None, :, None] * c[None, :, None, None] + e[None, :, None, None]
-            return qt, s_k[:, None, :, None].expand(-1, self.n_heads, -1, -1)
-        half = self.head_dim // 2
-        q1, q2, k1, k2 = q[:, :half], q[:, half:], k[:, :half], k[:, half:]
-        a, b = q1 * k1 + q2 * k2, q2 * k1 - q1 * k2  # (heads, half)
-        inv = self.rope.inv_freq.float()
-        cq, sq = torch.cos(p_q[..., None] * inv), torch.sin(p_q[..., None] * inv)  # (b, Tq, half)
-        ck, sk = torch.cos(p_k[..., None] * inv), torch.sin(p_k[..., None] * inv)
-        scale = float(getattr(self.rope, "attention_scaling", 1.0)) ** 2
-        qt = (s_q[..., None] * torch.cat([cq, sq], -1))[:, None].expand(-1, self.n_heads, -1, -1)
-        ck, sk, sw = ck[:, None], sk[:, None], (scale * s_k)[:, None, :, None]
+            return (tq * c[None, :, None] + e[None, :, None])[..., None], tk[..., None]
+        a, b, c = self._pairs()
+        inv = self.inv_freq
+        cq, sq = torch.cos(p_q[..., None] * inv)[:, None], torch.sin(p_q[..., None] * inv)[:, None]  # (b, 1, Tq, pairs)
+        ck, sk = torch.cos(p_k[..., None] * inv)[:, None], torch.sin(p_k[..., None] * inv)[:, None]
+        sw = (self.rope.scaling ** 2 * tk)[..., None]
         a, b = a[None, :, None, :], b[None, :, None, :]
-        kt = sw * torch.cat([a * ck + b * sk, a * sk - b * ck], -1)  # (b, heads, Tk, head_dim)
-        return qt, kt
+        qt = [tq[..., None] * cq, tq[..., None] * sq]
+        kt = [sw * (a * ck + b * sk), sw * (a * sk - b * ck)]  # (b, heads, Tk, pairs) each
+        if 2 * inv.numel() < self.head_dim:  # partial rotary: the unrotated dimensions add s_i s_j c
+            qt.append(tq[..., None])
+            kt.append(tk[..., None] * c[None, :, None, None])
+        return torch.cat(qt, -1), torch.cat(kt, -1)
 
     def forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, **kwargs) -> tuple[Tensor, None]:
@@ -280,6 +330,19 @@ class SparseProjection(Projection):
         flat = x.reshape(-1, x.shape[-1])
         y = (csr @ flat.t()).t().reshape(*x.shape[:-1], self.d_out)
         return y + self.bias if self.bias is not None else y
+
+
+def _normed(vectors: Tensor, hn: HeadNorm | None) -> Tensor:
+    """``u_h = q_h * g``: the norm's weighting of each head vector without its 1/rms (the rms goes into
+    the token scalar), from the module itself: ``norm(q_h) * sqrt(mean(q_h^2) + eps)``."""
+    if hn is None:
+        return vectors
+    rms = (vectors.pow(2).mean(-1, keepdim=True) + hn.eps).sqrt()
+    return hn.norm(vectors.to(_param_dtype(hn.norm))).float() * rms
+
+
+def _param_dtype(m: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in m.parameters()), torch.float32)
 
 
 STRUCTURED_MODULES = (IRCAttention, DiagonalProjection, SparseProjection)

@@ -3,6 +3,7 @@ or a folder written by ``smartprune compress --out``."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -17,7 +18,6 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from smartprune.adapters import adapter_class
 from smartprune.errors import ModelError, did_you_mean
 from smartprune.nn import report_non_finite
 from smartprune.paths import apply_umask, cache_dir, read_json
@@ -59,11 +59,14 @@ def _builtin_gguf(name: str) -> Path:
     return path
 
 
-def _check_architecture(model_type: str, where: str) -> None:
-    try:
-        adapter_class(model_type)
-    except ModelError as exc:
-        raise ModelError(f"{where}: {exc}") from None
+def _check_architecture(config, where: str) -> None:
+    """Any causal LM transformers ships loads (evaluation, generation and the baselines need nothing
+    more); the paper's methods check their adapter entry when they start."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelError(f"{where}: model type '{config.model_type}' is not a causal language model that "
+                         "transformers can run (smartprune compresses decoder-only LMs)")
 
 
 def _from_gguf(path: Path):
@@ -71,7 +74,7 @@ def _from_gguf(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    _check_architecture(config.model_type, str(path))
+    _check_architecture(config, str(path))
     quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # A GGUF-loaded model refuses save_pretrained, so rebuild it as a plain model from its config.
@@ -88,11 +91,28 @@ def converted_builtin(name: str) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
-    gguf = _builtin_gguf(name)
+    return _convert(_builtin_gguf(name), target)
+
+
+def converted_gguf(path: Path) -> Path:
+    """The fp32 Hugging Face folder of a GGUF file, converted once and cached: dequantizing a 250 MB
+    file takes longer than loading the folder. Keyed by the file's absolute path, size and modification
+    time, so a replaced file is converted again."""
+    target = _gguf_cache(path)
+    return target if (target / "config.json").is_file() else _convert(path, target)
+
+
+def _gguf_cache(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / "gguf" / f"{path.stem}-{key}"
+
+
+def _convert(gguf: Path, target: Path) -> Path:
     log.info("converting %s to an fp32 folder in %s (once)", gguf.name, target)
     model, tokenizer = _from_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -114,12 +134,13 @@ def read_config(path: Path):
                          "architectures that transformers ships, never code from a model folder")
     if not isinstance(raw.get("model_type"), str):
         raise ModelError(f"{path / 'config.json'} names no model_type")
-    _check_architecture(raw["model_type"], str(path))
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise ModelError(f"{path / 'config.json'} cannot be read as a {raw['model_type']} config "
                          f"({_first_line(exc)})") from None
+    _check_architecture(config, str(path))
+    return config
 
 
 def _first_line(exc: BaseException) -> str:
@@ -201,7 +222,7 @@ def _from_hub(repo_id: str):
         raise ModelError(f"no local path '{repo_id}', and it cannot be loaded from the Hugging Face hub "
                          f"(no network, or no such model): "
                          f"{type(exc).__name__}") from None
-    _check_architecture(config.model_type, repo_id)
+    _check_architecture(config, repo_id)
     model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(repo_id)
 
@@ -252,6 +273,24 @@ def check_model(spec: str | os.PathLike) -> str:
     return "hub"
 
 
+def model_config(spec: str | os.PathLike):
+    """The config of a local MODEL without reading its weights (None for a hub id), for checks made
+    before the model loads."""
+    from transformers import AutoConfig
+
+    kind = check_model(spec)
+    path = Path(spec).expanduser()
+    if kind == "builtin":
+        target = cache_dir() / "models" / str(spec)
+        return read_config(target) if (target / "config.json").is_file() else \
+            AutoConfig.from_pretrained(_builtin_gguf(str(spec)).parent, gguf_file=BUILTINS[str(spec)].gguf)
+    if kind == "gguf":
+        cached = _gguf_cache(path)
+        return read_config(cached) if (cached / "config.json").is_file() else \
+            AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    return None if kind == "hub" else read_config(path)
+
+
 def _from_compressed(path: Path):
     from transformers import AutoTokenizer
 
@@ -261,18 +300,26 @@ def _from_compressed(path: Path):
 
 
 # kind (from check_model) -> loader of its local path; a built-in is a converted, cached folder
-LOADERS = {"builtin": _from_folder, "gguf": _from_gguf, "compressed": _from_compressed, "folder": _from_folder}
+LOADERS = {"builtin": _from_folder, "gguf": _from_folder, "compressed": _from_compressed, "folder": _from_folder}
+
+
+def use_sdpa(model: nn.Module) -> None:
+    """SDPA attention (causal when no mask is given) where the family has it; others (Bloom) keep
+    their eager attention, since their mask code must match the attention they run."""
+    if getattr(model, "_supports_sdpa", False):
+        model.config._attn_implementation = "sdpa"
 
 
 def load_model(spec: str | os.PathLike) -> LoadedModel:
-    """Load MODEL as fp32 in eval mode, with SDPA attention (causal when no mask is given)."""
+    """Load MODEL as fp32 in eval mode, with SDPA attention where the family has it."""
     spec = str(spec)
     kind = check_model(spec)
-    path = converted_builtin(spec) if kind == "builtin" else Path(spec).expanduser()
+    path = Path(spec).expanduser()
+    path = converted_builtin(spec) if kind == "builtin" else converted_gguf(path) if kind == "gguf" else path
     if kind == "hub":
         model, tokenizer = _from_hub(spec)
     else:
         model, tokenizer = LOADERS[kind](path)
-    model.config._attn_implementation = "sdpa"
+    use_sdpa(model)
     model.eval()
     return LoadedModel(model, tokenizer, spec, str(path.resolve()) if kind != "hub" else spec)

@@ -189,7 +189,8 @@ FOLDED = (FoldedProjection, ColumnFoldedProjection)  # the two readings of IRC
 
 class MaskedEmbedding(nn.Embedding, Maskable):
     """An embedding table with an FPP mask. It shares the original ``weight`` Parameter, so a
-    tied output head (Llama's ``lm_head``) keeps pointing at the same, pruned, tensor."""
+    tied output head (Llama's ``lm_head``) keeps pointing at the same, pruned, tensor. A table that
+    scales its lookups (Gemma's ``embed_scale``, sqrt(hidden)) keeps scaling them."""
 
     def __init__(self, base: nn.Embedding) -> None:
         nn.Module.__init__(self)
@@ -199,24 +200,59 @@ class MaskedEmbedding(nn.Embedding, Maskable):
         self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
         self.weight = base.weight
         self.register_buffer("mask", None)
+        scale = getattr(base, "embed_scale", None)
+        self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).detach().clone(),
+                             persistent=False)
+        self._native = [base]  # in a list: the original module, for export, is not a submodule
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out = super().forward(ids)
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
 
     def plain(self) -> nn.Embedding:
-        """A vanilla nn.Embedding sharing this weight (for export)."""
-        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, _weight=self.weight.data)
+        """The model's own embedding class again, sharing this weight (for export)."""
+        emb = self._native[0]
         emb.weight = self.weight
         return emb
 
 
 class FusedProjections(nn.Module):
-    """GPT-2's fused ``c_attn`` split into separate Q, K, V projections whose outputs are
-    concatenated again, so each can be compressed on its own."""
+    """A native layer that computes several projections at once (GPT-2's ``c_attn``, Phi-3's
+    ``qkv_proj`` and ``gate_up_proj``, GPT-NeoX's ``query_key_value``) split into one `Projection`
+    per role, so each is compressed on its own; their outputs are concatenated back into the
+    native layout: one after another, or per head (``heads``: GPT-NeoX's ``[q_h k_h v_h]`` rows)."""
 
-    def __init__(self, q: Projection, k: Projection, v: Projection) -> None:
+    def __init__(self, parts: dict[str, Projection], heads: int | None = None) -> None:
         super().__init__()
-        self.q, self.k, self.v = q, k, v
+        self.roles = tuple(parts)
+        self.heads = heads
+        for role, part in parts.items():
+            self.add_module(role, part)
+
+    def parts(self) -> list[nn.Module]:
+        return [getattr(self, r) for r in self.roles]
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        outs = [p(x) for p in self.parts()]
+        if self.heads is None:
+            return torch.cat(outs, dim=-1)
+        per_head = [o.reshape(*o.shape[:-1], self.heads, -1) for o in outs]
+        return torch.cat(per_head, dim=-1).flatten(-2)
+
+    @staticmethod
+    def split_rows(t: Tensor, sizes: list[int], heads: int | None) -> list[Tensor]:
+        """The native output axis (dim 0) of `t` cut into the parts' rows, in `roles` order."""
+        if heads is None:
+            return list(t.split(sizes, dim=0))
+        per_head = t.reshape(heads, sum(sizes) // heads, *t.shape[1:])
+        return [c.reshape(-1, *t.shape[1:]) for c in per_head.split([n // heads for n in sizes], dim=1)]
+
+    @staticmethod
+    def join_rows(parts: list[Tensor], heads: int | None) -> Tensor:
+        """Inverse of `split_rows`."""
+        if heads is None:
+            return torch.cat(parts, dim=0)
+        return torch.cat([p.reshape(heads, -1, *p.shape[1:]) for p in parts], dim=1).reshape(-1, *parts[0].shape[1:])
 
 
 def mask_gradients(model: nn.Module) -> None:

@@ -1,48 +1,110 @@
-"""The one place architecture differences live.
+"""What methods, the engine and structured inference ask of a model family.
 
-An adapter converts a Hugging Face model's native layers into smartprune's modules
-(`Projection` in the paper's ``d_in x d_out`` orientation, `MaskedEmbedding`), exposes each block's
-attention projections, feed-forward projections and the embeddings, and runs a block one sublayer
-at a time. Every supported family is pre-norm: ``h += attn(norm1(h)); h += ff(norm2(h))``, so the
-base class composes blocks and a subclass only says where things are and how attention is called.
+An adapter converts a Hugging Face model's native layers into smartprune's modules (`Projection`
+in the paper's ``d_in x d_out`` orientation, `MaskedEmbedding`), says where each block's
+projections are, and runs a model one block (or one sublayer) at a time. Two kinds exist: the
+layout adapter (`adapters.layout`), driven by one entry per ``model_type`` of the table in
+`adapters.table`, which knows each block's attention and feed-forward roles and so supports the
+paper's methods; and the generic adapter (`adapters.generic`), which finds the blocks and their
+linear layers of any causal LM from its module tree, enough for the unstructured baselines.
+
+Blocks and attention modules are called with the arguments the model itself passes them (position
+embeddings, masks: Gemma 3's sliding-window layers get theirs), captured once per window length
+from one forward of a dummy window (`CallCapture`), so no adapter re-implements a model's forward.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
-from smartprune.inference import IRCAttention, fully_folded
-from smartprune.nn import FusedProjections, MaskedEmbedding, Projection
+from smartprune.nn import MaskedEmbedding, Projection
 
-
-@dataclass
-class AttentionProjections:
-    """The four projections of one attention block (all `Projection` after `prepare`)."""
-
-    q: Projection
-    k: Projection
-    v: Projection
-    o: Projection
-
-    def as_dict(self) -> dict[str, Projection]:
-        return {"q": self.q, "k": self.k, "v": self.v, "o": self.o}
+# Keyword arguments never replayed: the input itself and any KV cache (captured with use_cache=False).
+_NOT_REPLAYED = ("hidden_states", "cache", "past_key_values", "past_key_value", "layer_past", "use_cache")
 
 
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it needed was seen."""
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-class Adapter(ABC):
-    """Architecture access for one model family, keyed by ``config.model_type``."""
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
-    model_types: ClassVar[tuple[str, ...]]
+
+class CallCapture:
+    """The positional and keyword arguments (after the hidden states) that the model passes to the
+    modules at `paths` for a window of a given length, from one forward pass of a dummy window.
+
+    Arguments captured for one sequence broadcast over a batch in every table family; where they
+    may not (`per_batch`: Bloom's ALiBi tensor is laid out batch x heads), they are captured per
+    batch size."""
+
+    def __init__(self, model: nn.Module, paths: list[str], per_batch: bool = False) -> None:
+        self.model, self.paths, self.per_batch = model, paths, per_batch
+        self._seen: dict[tuple[int, int], dict[str, tuple[tuple, dict]]] = {}
+        self._moved: dict[tuple[int, int, str, torch.device], tuple[tuple, dict]] = {}
+
+    def capture(self, seqlen: int, batch: int = 1) -> None:
+        """Run the dummy window (once per shape; call it while the whole model sits on one device)."""
+        shape = (batch if self.per_batch else 1, seqlen)
+        if shape in self._seen:
+            return
+        found: dict[str, tuple[tuple, dict]] = {}
+
+        def recorder(path: str):
+            def hook(_module, args, kwargs):
+                kw = {k: v for k, v in kwargs.items() if k not in _NOT_REPLAYED}
+                found[path] = (tuple(args) if "hidden_states" in kwargs else tuple(args[1:]), kw)
+            return hook
+
+        hooks = [self.model.get_submodule(p).register_forward_pre_hook(recorder(p), with_kwargs=True)
+                 for p in self.paths]
+        try:
+            with torch.no_grad():
+                self.model(input_ids=torch.zeros(shape, dtype=torch.long, device=_device(self.model)), use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        self._seen[shape] = found
+
+    def call(self, path: str, x: Tensor) -> Tensor:
+        """The module at `path` on `x` (batch, seqlen, d) with the arguments the model gives it."""
+        shape = (x.shape[0] if self.per_batch else 1, x.shape[1])
+        self.capture(shape[1], shape[0])
+        key = (*shape, path, x.device)
+        if key not in self._moved:
+            self._moved[key] = _to(self._seen[shape][path], x.device)
+        args, kwargs = self._moved[key]
+        out = self.model.get_submodule(path)(x, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class Adapter(ABC):
+    """Architecture access for one model (see the module docstring)."""
+
     ff_size_key: ClassVar[str] = "intermediate_size"  # the config field of the feed-forward width
+    sublayers: ClassVar[bool] = True  # False: blocks are compressed whole (roles unknown)
+    parallel_residual: bool = False  # GPT-NeoX: attention and feed-forward both read the block input
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -50,125 +112,56 @@ class Adapter(ABC):
 
     # ---- where things are -------------------------------------------------------------------
     @abstractmethod
-    def blocks(self) -> nn.ModuleList: ...
+    def blocks_path(self) -> str: ...
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.blocks_path())
+
+    def block_path(self, i: int) -> str:
+        return f"{self.blocks_path()}.{i}"
 
     @abstractmethod
     def embedding_paths(self) -> list[str]:
-        """Dotted paths of the embedding tables (token, and position where the model has one)."""
+        """Dotted paths of the embedding tables FPP may prune (token, and a plain position table)."""
 
     @abstractmethod
-    def attention_paths(self, i: int) -> dict[str, str]:
-        """Paths of block `i`'s native q/k/v/o layers, relative to the model, in data-flow order
-        (the output projection last: the baselines prune in this order)."""
+    def linear_paths(self, i: int) -> dict[str, str]:
+        """Every linear role of block `i` (path by role), in data-flow order."""
 
     @abstractmethod
-    def ff_paths(self, i: int) -> dict[str, str]:
-        """Paths of block `i`'s native feed-forward layers, relative to the model, in data-flow order
-        (the output projection last)."""
+    def accounting_groups(self, i: int) -> dict[str, list[str]]:
+        """Paths of block `i`'s linear layers by accounting group (`smartprune.accounting.GROUPS`)."""
 
-    # ---- how a block runs ----------------------------------------------------------------------
     @abstractmethod
+    def prune_groups(self, scope: str, roles: list[str]) -> list[list[str]]:
+        """`roles` of a sublayer in data-flow groups: each group reads the same input, earlier groups
+        feed later ones (the baselines prune group by group)."""
+
+    # ---- how a model runs, one piece at a time ---------------------------------------------------
     def embed(self, ids: Tensor) -> Tensor:
-        """Hidden states entering block 0."""
+        """Hidden states entering block 0 (the model's own embedding code, stopped at block 0)."""
+        seen: list[Tensor] = []
+
+        def stop(_module, args, kwargs):
+            seen.append(args[0] if args else kwargs["hidden_states"])
+            raise _Stop
+
+        hook = self.blocks()[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+        return seen[0]
 
     @abstractmethod
-    def attn_norm(self, i: int) -> nn.Module: ...
-
-    @abstractmethod
-    def ff_norm(self, i: int) -> nn.Module: ...
-
-    @abstractmethod
-    def attention(self, i: int, x: Tensor) -> Tensor:
-        """Block `i`'s causal self-attention on normalized input `x` (batch, seq, d)."""
-
-    def feed_forward(self, i: int, x: Tensor) -> Tensor:
-        return self.blocks()[i].mlp(x)
+    def run_block(self, i: int, h: Tensor) -> Tensor:
+        """Block `i` on its input hidden states."""
 
     @abstractmethod
     def head(self, h: Tensor) -> Tensor:
         """Logits from the last block's output (final norm, then output head)."""
-
-    # ---- conversion ------------------------------------------------------------------------------
-    @abstractmethod
-    def _to_projection(self, native: nn.Module) -> Projection: ...
-
-    @abstractmethod
-    def _to_native(self, proj: Projection) -> nn.Module: ...
-
-    def prepare(self) -> None:
-        """Turn native layers into smartprune modules (idempotent)."""
-        for path in self.embedding_paths():
-            emb = self.model.get_submodule(path)
-            if not isinstance(emb, MaskedEmbedding):
-                _set(self.model, path, MaskedEmbedding(emb))
-        for i in range(len(self.blocks())):
-            for path in [*self.attention_paths(i).values(), *self.ff_paths(i).values()]:
-                mod = self.model.get_submodule(path)
-                if not isinstance(mod, Projection):
-                    _set(self.model, path, self._to_projection(mod))
-
-    def materialize(self) -> None:
-        """Turn smartprune modules back into native dense layers holding the effective weights."""
-        for path in self.embedding_paths():
-            emb = self.model.get_submodule(path)
-            if isinstance(emb, MaskedEmbedding):
-                _set(self.model, path, emb.plain())
-        for i in range(len(self.blocks())):
-            for path in [*self.attention_paths(i).values(), *self.ff_paths(i).values()]:
-                mod = self.model.get_submodule(path)
-                if isinstance(mod, Projection):
-                    _set(self.model, path, self._to_native(mod))
-
-    # ---- typed access after prepare() -------------------------------------------------------------
-    def embeddings(self) -> dict[str, MaskedEmbedding]:
-        return {p: self.model.get_submodule(p) for p in self.embedding_paths()}
-
-    def attention_projections(self, i: int) -> AttentionProjections:
-        return AttentionProjections(**{k: self.model.get_submodule(p) for k, p in self.attention_paths(i).items()})
-
-    def ff_projections(self, i: int) -> dict[str, Projection]:
-        return {k: self.model.get_submodule(p) for k, p in self.ff_paths(i).items()}
-
-    # ---- structured inference (smartprune.inference) ---------------------------------------------
-    @abstractmethod
-    def attention_module_path(self, i: int) -> str:
-        """Path of block `i`'s whole attention module (what structured inference replaces)."""
-
-    def rotary(self) -> nn.Module | None:
-        """The model's rotary-embedding module (with ``inv_freq``), or None without RoPE."""
-        return None
-
-    def structured_attention(self, i: int) -> nn.Module | None:
-        """An `IRCAttention` for block `i` when its Q and K are fully folded, else None."""
-        try:
-            a = self.attention_projections(i)
-        except AttributeError:  # not converted (prepare() not run): nothing is folded
-            return None
-        if not (fully_folded(a.q) and fully_folded(a.k)):
-            return None
-        rope = self.rotary()
-        if rope is not None and (a.q.bias is not None or a.k.bias is not None):
-            return None  # RoPE with a Q/K bias (Qwen2) has no closed offset form here: keep the reference path
-        c = self.config
-        heads = c.num_attention_heads
-        return IRCAttention(a.q, a.k, a.v, a.o, n_heads=heads, n_kv=getattr(c, "num_key_value_heads", None) or heads,
-                            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, layer_idx=i, rope=rope)
-
-    def ff_intermediate_size(self, i: int) -> int:
-        """Block `i`'s feed-forward width (smaller than the config's after structured FPP)."""
-        *_, down = (self.model.get_submodule(p) for p in self.ff_paths(i).values())
-        if isinstance(down, Projection):
-            return down.d_in
-        return down.in_features if isinstance(down, nn.Linear) else down.weight.shape[0]  # GPT-2 Conv1D: d_in x d_out
-
-    def replace(self, path: str, module: nn.Module) -> None:
-        """Swap the module at `path` (methods use it to install a `FoldedProjection`)."""
-        _set(self.model, path, module)
-
-    # ---- whole-model helpers ---------------------------------------------------------------------
-    def run_block(self, i: int, h: Tensor) -> Tensor:
-        h = h + self.attention(i, self.attn_norm(i)(h))
-        return h + self.feed_forward(i, self.ff_norm(i)(h))
 
     def forward_logits(self, ids: Tensor) -> Tensor:
         """The model's logits computed block by block (equals the model's own forward)."""
@@ -177,11 +170,76 @@ class Adapter(ABC):
             h = self.run_block(i, h)
         return self.head(h)
 
+    @abstractmethod
+    def prepare_calls(self, seqlen: int, batches: set[int]) -> None:
+        """Capture the arguments blocks are called with for windows of `seqlen` tokens, in batches of
+        the given sizes, now (before the model is spread over devices)."""
 
-def positions(x: Tensor) -> Tensor:
-    """Position ids 0..seq-1 for a (batch, seq, ...) tensor."""
-    return torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    # ---- conversion ------------------------------------------------------------------------------
+    @abstractmethod
+    def conv1d(self, path: str) -> bool:
+        """Whether the native layer at `path` is a GPT-2-style ``Conv1D`` (weight stored d_in x d_out)."""
+
+    def to_projection(self, native: nn.Module, path: str) -> Projection:
+        w = native.weight.detach()
+        return Projection(w if self.conv1d(path) else w.t(), None if native.bias is None else native.bias.detach())
+
+    def to_native(self, proj: Projection, path: str) -> nn.Module:
+        w = proj.dense_weight()
+        if self.conv1d(path):
+            layer = Conv1D(proj.d_out, proj.d_in)
+            layer.weight.data = w.clone()
+        else:
+            layer = nn.Linear(proj.d_in, proj.d_out, bias=proj.bias is not None)
+            layer.weight.data = w.t().contiguous().clone()
+        if proj.bias is not None:
+            layer.bias.data = proj.bias.detach().clone()
+        return layer
+
+    def prepare(self) -> None:
+        """Turn native layers into smartprune modules (idempotent)."""
+        for path in self.embedding_paths():
+            emb = self.model.get_submodule(path)
+            if not isinstance(emb, MaskedEmbedding):
+                set_module(self.model, path, MaskedEmbedding(emb))
+        for i in range(len(self.blocks())):
+            for path in self.linear_paths(i).values():
+                mod = self.model.get_submodule(path)
+                if not isinstance(mod, Projection):
+                    set_module(self.model, path, self.to_projection(mod, path))
+
+    def materialize(self) -> None:
+        """Turn smartprune modules back into native dense layers holding the effective weights."""
+        for path in self.embedding_paths():
+            emb = self.model.get_submodule(path)
+            if isinstance(emb, MaskedEmbedding):
+                set_module(self.model, path, emb.plain())
+        for i in range(len(self.blocks())):
+            for path in self.linear_paths(i).values():
+                mod = self.model.get_submodule(path)
+                if isinstance(mod, Projection):
+                    set_module(self.model, path, self.to_native(mod, path))
+
+    # ---- typed access after prepare() -------------------------------------------------------------
+    def embeddings(self) -> dict[str, MaskedEmbedding]:
+        return {p: self.model.get_submodule(p) for p in self.embedding_paths()}
+
+    def replace(self, path: str, module: nn.Module) -> None:
+        """Swap the module at `path` (methods use it to install a `FoldedProjection`)."""
+        set_module(self.model, path, module)
+
+    def ff_intermediate_size(self, i: int) -> int | None:
+        """Block `i`'s feed-forward width (smaller than the config's after structured FPP); None
+        where the roles are unknown."""
+        return None
+
+    def structured_reason(self, i: int) -> str | None:
+        """Why block `i`'s attention keeps the reference path, or None when a structured one applies."""
+        return "no adapter entry: the attention's roles are unknown"
+
+    def structured_attention(self, i: int) -> tuple[str, nn.Module] | None:
+        """(path, module): a structured replacement of block `i`'s attention module, or None."""
+        return None
 
 
-# GPT-2's fused c_attn is split on conversion; its three parts are addressed as path + ".q" etc.
-__all__ = ["Adapter", "AttentionProjections", "FusedProjections", "positions"]
+__all__ = ["Adapter", "CallCapture", "set_module"]

@@ -16,8 +16,9 @@ from smartprune.methods.magnitude import MagnitudeStage
 from smartprune.methods.sparsegpt import SparseGPTStage
 from smartprune.methods.wanda import WandaStage
 
-SCOPES = ("embedding", "attention", "ff")
-BLOCK_LINEARS = ("attention", "ff")
+# "block": a whole block at once, for models without an adapter entry (their roles are unknown)
+SCOPES = ("embedding", "attention", "ff", "block")
+BLOCK_LINEARS = ("attention", "ff", "block")
 
 
 @dataclass(frozen=True)

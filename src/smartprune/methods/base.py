@@ -46,7 +46,7 @@ class Sublayer:
     local objective its calibration input and the dense output to fit."""
 
     adapter: Adapter
-    scope: str  # "embedding" | "attention" | "ff"
+    scope: str  # "embedding" | "attention" | "ff" | "block"
     block: int | None
     paths: dict[str, str]
     inputs: Tensor | None = None
@@ -87,6 +87,8 @@ class Sublayer:
             return a.attention(self.block, x)
         if self.scope == "ff":
             return a.feed_forward(self.block, x)
+        if self.scope == "block":
+            return a.run_block(self.block, x)
         return a.embed(x)
 
     def snapshot(self) -> dict[str, nn.Module]:

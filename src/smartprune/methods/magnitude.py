@@ -36,8 +36,8 @@ class MagnitudeStage(OneShotStage):
         shared = self.sub.shared
         if "magnitude_threshold" not in shared:  # weights are not updated, so the dense values serve
             a = self.sub.adapter
-            weights = [p.weight for i in range(len(a.blocks()))
-                       for p in [*a.attention_projections(i).as_dict().values(), *a.ff_projections(i).values()]]
+            weights = [a.model.get_submodule(p).weight for i in range(len(a.blocks()))
+                       for p in a.linear_paths(i).values()]
             shared["magnitude_threshold"] = list(global_threshold(weights, self.cfg.sparsity))
         t, ties_left = shared["magnitude_threshold"]
         prune = score < t

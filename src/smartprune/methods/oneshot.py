@@ -20,9 +20,8 @@ from smartprune.recipes.schema import PruneConfig
 
 
 def prune_groups(sub: Sublayer) -> list[list[str]]:
-    """Projection roles of a sublayer in data-flow order: inputs first, the output projection last."""
-    roles = list(sub.paths)
-    return [roles[:-1], roles[-1:]]
+    """Projection roles of a sublayer in data-flow groups: inputs first, the output projection last."""
+    return sub.adapter.prune_groups(sub.scope, list(sub.paths))
 
 
 def collect_stats(sub: Sublayer, roles: list[str], chunk: int = 8) -> dict[str, InputStats]:
