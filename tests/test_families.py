@@ -59,6 +59,9 @@ def test_generic_adapter_finds_blocks_linears_and_data_flow_groups():
     assert roles == ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
                      "mlp.dense_4h_to_h"]
     assert adapter.prune_groups("block", roles) == [[r] for r in roles]  # each reads a new tensor
+    from smartprune.figures import layer_weights
+
+    assert list(layer_weights(adapter.model, 1)) == roles  # the before/after pictures need no roles either
     generic = GenericAdapter(family_model("qwen3", vocab=100), "test")
     assert generic.prune_groups("block", list(generic.linear_paths(0)))[:3] == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],

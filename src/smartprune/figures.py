@@ -54,13 +54,15 @@ def layer_weights(model: nn.Module, block: int, embedding_rows: int = 256) -> di
     """Block `block`'s Q, K, V, first feed-forward matrix and the first rows of the token embedding,
     in the paper's d_in x d_out orientation (the model is converted in place if it is not yet)."""
     adapter = get_adapter(model)
-    adapter.prepare()
-    a = adapter.attention_projections(block)
-    ff_name, ff = next(iter(adapter.ff_projections(block).items()))
+    paths = adapter.linear_paths(block)
+    if "q" not in paths:  # no table entry, roles unknown: the block's first four linear layers by name
+        return {role: model.get_submodule(path).dense_weight() for role, path in list(paths.items())[:4]}
+    ff_name, ff_path = next(iter(adapter.ff_paths(block).items()))
+    out = {name: model.get_submodule(paths[role]).dense_weight() for name, role in (("Q", "q"), ("K", "k"), ("V", "v"))}
+    out[f"FF ({ff_name})"] = model.get_submodule(ff_path).dense_weight()
     emb_path = adapter.embedding_paths()[0]
-    emb = model.get_submodule(emb_path).weight.detach()[:embedding_rows]
-    return {"Q": a.q.dense_weight(), "K": a.k.dense_weight(), "V": a.v.dense_weight(),
-            f"FF ({ff_name})": ff.dense_weight(), f"embedding (first {embedding_rows} rows)": emb}
+    out[f"embedding (first {embedding_rows} rows)"] = model.get_submodule(emb_path).weight.detach()[:embedding_rows]
+    return out
 
 
 def weight_figure(before: dict[str, Tensor], after: dict[str, Tensor], title: str) -> Figure:
