@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from smartprune.adapters import Adapter
 from smartprune.errors import RecipeError
 from smartprune.methods.fpp import criterion_score, lookup_counts
+from smartprune.nn import forward_pre_hooks, run_in_chunks
 from smartprune.recipes.schema import OverallConfig
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,8 @@ def _input_norms(model: nn.Module, ids: Tensor, paths: list[str]) -> dict[str, T
             sums[path] = sq if sums[path] is None else sums[path] + sq
         return add
 
-    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
-    try:
-        with torch.no_grad():
-            for s in range(0, ids.shape[0], 8):
-                model(ids[s:s + 8])
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_pre_hooks((model.get_submodule(p), hook(p)) for p in paths):
+        run_in_chunks(model, ids)
     return {p: v.sqrt() for p, v in sums.items()}
 
 

@@ -10,7 +10,9 @@ the fit loop multiplies gradients by the mask, so they stay zero through every o
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -276,3 +278,21 @@ def report_non_finite(model: nn.Module, where: str) -> int:
         logging.getLogger(__name__).warning("%s: %d non-finite weight values in %d tensors (first: %s)", where,
                                             sum(bad.values()), len(bad), first)
     return sum(bad.values())
+
+
+@contextlib.contextmanager
+def forward_pre_hooks(hooks: Iterable[tuple[nn.Module, Callable]], *, with_kwargs: bool = False) -> Iterator[None]:
+    """Forward pre-hooks on modules for the duration of a ``with`` block, removed however it ends."""
+    handles = [m.register_forward_pre_hook(h, with_kwargs=with_kwargs) for m, h in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_in_chunks(fn: Callable[[Tensor], object], x: Tensor, chunk: int = 8) -> None:
+    """`fn` on `x` a chunk of windows at a time, without gradients (for what hooks observe)."""
+    with torch.no_grad():
+        for s in range(0, x.shape[0], chunk):
+            fn(x[s:s + chunk])

@@ -15,6 +15,7 @@ from one forward of a dummy window (`CallCapture`), so no adapter re-implements 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from smartprune.nn import MaskedEmbedding, Projection
+from smartprune.device import model_device
+from smartprune.nn import MaskedEmbedding, Projection, forward_pre_hooks
 
 # Keyword arguments never replayed: the input itself and any KV cache (captured with use_cache=False).
 _NOT_REPLAYED = ("hidden_states", "cache", "past_key_values", "past_key_value", "layer_past", "use_cache")
@@ -45,10 +47,6 @@ def _to(obj: Any, device: torch.device) -> Any:
 def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class CallCapture:
@@ -77,14 +75,9 @@ class CallCapture:
                 found[path] = (tuple(args) if "hidden_states" in kwargs else tuple(args[1:]), kw)
             return hook
 
-        hooks = [self.model.get_submodule(p).register_forward_pre_hook(recorder(p), with_kwargs=True)
-                 for p in self.paths]
-        try:
-            with torch.no_grad():
-                self.model(input_ids=torch.zeros(shape, dtype=torch.long, device=_device(self.model)), use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        with torch.no_grad(), forward_pre_hooks(((self.model.get_submodule(p), recorder(p)) for p in self.paths),
+                                                with_kwargs=True):
+            self.model(input_ids=torch.zeros(shape, dtype=torch.long, device=model_device(self.model)), use_cache=False)
         self._seen[shape] = found
 
     def call(self, path: str, x: Tensor) -> Tensor:
@@ -146,13 +139,8 @@ class Adapter(ABC):
             seen.append(args[0] if args else kwargs["hidden_states"])
             raise _Stop
 
-        hook = self.blocks()[0].register_forward_pre_hook(stop, with_kwargs=True)
-        try:
+        with contextlib.suppress(_Stop), forward_pre_hooks([(self.blocks()[0], stop)], with_kwargs=True):
             self.model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            hook.remove()
         return seen[0]
 
     @abstractmethod

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from smartprune.adapters.base import Adapter, CallCapture
+from smartprune.device import model_device
 from smartprune.errors import ModelError
-from smartprune.nn import Projection
+from smartprune.nn import Projection, forward_pre_hooks
 
 _LINEAR = (nn.Linear, Conv1D, Projection)
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -65,14 +66,9 @@ class GenericAdapter(Adapter):
             if id(module) in names and names[id(module)] not in {c[0] for c in calls}:
                 calls.append((names[id(module)], args[0]))
 
-        hooks = [m.register_forward_pre_hook(record) for m in block.modules() if id(m) in names]
-        try:
-            with torch.no_grad():
-                self.model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=next(self.model.parameters()).device),
-                           use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        dummy = torch.zeros(1, 4, dtype=torch.long, device=model_device(self.model))
+        with torch.no_grad(), forward_pre_hooks((m, record) for m in block.modules() if id(m) in names):
+            self.model(input_ids=dummy, use_cache=False)
         if not calls:
             raise ModelError(f"found no linear layers in the blocks of this {self.config.model_type} model")
         groups: list[list[str]] = []

@@ -34,7 +34,7 @@ from smartprune.errors import RecipeError
 from smartprune.methods.base import Stage, Sublayer
 from smartprune.methods.oneshot import collect_stats
 from smartprune.methods.sparsegpt import inverse_hessian_factor, sparsegpt
-from smartprune.nn import Maskable, Projection
+from smartprune.nn import Maskable, Projection, forward_pre_hooks, run_in_chunks
 from smartprune.recipes import FPPConfig, StrategyConfig
 
 
@@ -136,14 +136,8 @@ def lookup_counts(embed: Callable[[Tensor], Tensor], ids: Tensor, embeddings: li
             c.add_(torch.bincount(args[0].flatten(), minlength=c.numel()).to(c.device))
         return hook
 
-    hooks = [e.register_forward_pre_hook(counter(c)) for e, c in zip(embeddings, counts, strict=True)]
-    try:
-        with torch.no_grad():
-            for s in range(0, ids.shape[0], 8):
-                embed(ids[s:s + 8])
-    finally:
-        for h in hooks:
-            h.remove()
+    with forward_pre_hooks((e, counter(c)) for e, c in zip(embeddings, counts, strict=True)):
+        run_in_chunks(embed, ids)
     return counts
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from smartprune.methods.base import InputStats, Stage, Sublayer
-from smartprune.nn import Projection
+from smartprune.nn import Projection, forward_pre_hooks, run_in_chunks
 from smartprune.recipes import StrategyConfig
 from smartprune.recipes.schema import PruneConfig
 
@@ -26,19 +26,10 @@ def prune_groups(sub: Sublayer) -> list[list[str]]:
 
 def collect_stats(sub: Sublayer, roles: list[str], chunk: int = 8) -> dict[str, InputStats]:
     """Input statistics of each projection in `roles`, from the sublayer run on its calibration input."""
-    stats: dict[str, InputStats] = {}
-    hooks = []
-    for role in roles:
-        mod = sub.module(role)
-        stats[role] = InputStats(mod.d_in)
-        hooks.append(mod.register_forward_pre_hook(lambda _m, args, s=stats[role]: s.add_batch(args[0])))
-    try:
-        with torch.no_grad():
-            for s in range(0, sub.inputs.shape[0], chunk):
-                sub.forward(sub.inputs[s:s + chunk])
-    finally:
-        for h in hooks:
-            h.remove()
+    stats = {role: InputStats(sub.module(role).d_in) for role in roles}
+    hooks = [(sub.module(role), lambda _m, args, s=stats[role]: s.add_batch(args[0])) for role in roles]
+    with forward_pre_hooks(hooks):
+        run_in_chunks(sub.forward, sub.inputs, chunk)
     return stats
 
 
