@@ -86,9 +86,13 @@ def _from_gguf(path: Path):
     return model, tokenizer
 
 
+def _builtin_cache(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
 def converted_builtin(name: str) -> Path:
     """The fp32 Hugging Face folder of a built-in model, converted once and cached."""
-    target = cache_dir() / "models" / name
+    target = _builtin_cache(name)
     if (target / "config.json").is_file():
         return target
     return _convert(_builtin_gguf(name), target)
@@ -246,7 +250,7 @@ def check_model(spec: str | os.PathLike) -> str:
     spec = str(spec)
     path = Path(spec).expanduser()
     if spec in BUILTINS:
-        if not (cache_dir() / "models" / spec / "config.json").is_file():
+        if not (_builtin_cache(spec) / "config.json").is_file():
             _builtin_gguf(spec)
         return "builtin"
     if path.is_file() and path.suffix == ".gguf":
@@ -278,17 +282,16 @@ def model_config(spec: str | os.PathLike):
     before the model loads."""
     from transformers import AutoConfig
 
+    spec = str(spec)
     kind = check_model(spec)
     path = Path(spec).expanduser()
-    if kind == "builtin":
-        target = cache_dir() / "models" / str(spec)
-        return read_config(target) if (target / "config.json").is_file() else \
-            AutoConfig.from_pretrained(_builtin_gguf(str(spec)).parent, gguf_file=BUILTINS[str(spec)].gguf)
-    if kind == "gguf":
-        cached = _gguf_cache(path)
-        return read_config(cached) if (cached / "config.json").is_file() else \
-            AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    return None if kind == "hub" else read_config(path)
+    if kind not in ("builtin", "gguf"):
+        return None if kind == "hub" else read_config(path)
+    cached = _builtin_cache(spec) if kind == "builtin" else _gguf_cache(path)
+    if (cached / "config.json").is_file():
+        return read_config(cached)
+    gguf = _builtin_gguf(spec) if kind == "builtin" else path
+    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def _from_compressed(path: Path):
