@@ -6,7 +6,7 @@ A `Layout` says where things are; this class does the rest, the same way for eve
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +62,7 @@ class Layout:
     qk_norm: tuple[str, str] | None = None  # per-head norms after Q and K, within the attention module
     ff_size_key: str = "intermediate_size"
     parallel_residual: str | None = None  # the config flag that turns the parallel residual on
-    requires: tuple[tuple[str, object, str], ...] = field(default=())  # (config field, value, what breaks)
+    requires: tuple[tuple[str, object, str], ...] = ()  # (config field, value required, what breaks otherwise)
 
     def unsupported(self, config) -> str | None:
         """Why the paper's methods cannot run on a model with `config`, or None."""
