@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from smartprune.artifact import load, save, write_dense
+from smartprune.artifact import save, write_dense
 from smartprune.engine import compress
 from smartprune.errors import ArtifactError, OutputError
+from smartprune.loader import load
 from smartprune.recipes import load_recipe
 
 from .conftest import tiny_model

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from smartprune.bench import BenchSettings, bench, metric_units, write_outputs
+from smartprune.errors import DataError
 
 
 def test_metric_names_follow_lengths_and_batches():
@@ -42,3 +43,29 @@ def test_bad_bench_settings_are_refused(model_dirs):
         BenchSettings(batches=())
     with pytest.raises(DeviceError, match="unknown compute dtype"):
         bench([str(model_dirs["llama"])], BenchSettings(rss=False, compute_dtypes=("float8",)), progress=False)
+
+
+def test_compressed_folders_are_measured_per_residency_with_load_time_and_rss(calib, tmp_path):
+    from smartprune.artifact import save
+    from smartprune.engine import compress
+    from smartprune.recipes import load_recipe
+
+    from .conftest import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    model = tiny_model("llama")
+    compress(model, None, load_recipe("paper"), calib=calib, progress=False)
+    save(model, tmp_path / "paper")
+    settings = BenchSettings(repeats=1, lengths=(16,), new_tokens=4, batches=(2,), device="cpu")
+    result = bench([str(tmp_path / "dense"), str(tmp_path / "paper")], settings, progress=False)
+    by_name = {m["name"]: m for m in result.models}
+    paper = tmp_path / "paper"
+    assert list(by_name) == [str(tmp_path / "dense"), f"{paper} [compact]", f"{paper} [dense]"]
+    compact, dense = by_name[f"{paper} [compact]"], by_name[f"{paper} [dense]"]
+    assert "finetune_seq_per_s" not in compact["metrics"] and "finetune_seq_per_s" in dense["metrics"]
+    assert compact["metrics"]["resident_bytes"] < dense["metrics"]["resident_bytes"]
+    for m in result.models:  # a fresh process per model and residency
+        assert m["metrics"]["peak_rss_bytes"] > 10_000_000 and 0 < m["metrics"]["load_seconds"] < 60
+    assert "| n/a |" in result.summary() and "loading time (s)" in result.summary()
+    with pytest.raises(DataError, match="unknown residency 'tiny'"):
+        BenchSettings(residencies=("tiny",))

@@ -258,7 +258,8 @@ def test_loaded_compressed_model_matches_its_dense_export(arch, calib, tmp_path)
     in bfloat16 the structured model is as close to the float32 export as the export in bfloat16 is."""
     from transformers import AutoModelForCausalLM
 
-    from smartprune.artifact import load, save, write_dense
+    from smartprune.artifact import save, write_dense
+    from smartprune.loader import load
 
     model = tiny_model(arch)
     compress(model, None, load_recipe("paper"), calib=calib, progress=False)
@@ -289,7 +290,8 @@ def test_cached_positions_survive_the_cache_dtype(dtype):
 def test_column_folded_irc_runs_structured_and_round_trips(arch, calib, tmp_path):
     """The other reading of IRC (W = q 1^T): the same IRC attention, with x . q as each token's scalar
     and a vector of ones per head, equals the dense materialization; the folder round-trips."""
-    from smartprune.artifact import load, save
+    from smartprune.artifact import save
+    from smartprune.loader import load
     from smartprune.nn import ColumnFoldedProjection
     from smartprune.recipes.schema import build_recipe
 

@@ -42,7 +42,7 @@ def test_out_and_dense_out_round_trip_on_the_real_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from smartprune.api import compress_model
-    from smartprune.artifact import load
+    from smartprune.loader import load
 
     run = compress_model("smollm2-135m", "fpp-emb", out=tmp_path / "c", dense_out=tmp_path / "d",
                          calib_samples=4, calib_seqlen=64, progress=False)

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from smartprune.artifact import load, save
+from smartprune.artifact import save
 from smartprune.cli.main import main
 from smartprune.data import Calibration
 from smartprune.engine import compress
+from smartprune.loader import load
 from smartprune.nn import FoldedProjection, Maskable
 from smartprune.recipes import load_recipe
 from smartprune.recipes.schema import RecoverConfig

@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "smartprune.artifact",
+    "load": "smartprune.loader",
     "save": "smartprune.artifact",
     "write_dense": "smartprune.artifact",
     "compress": "smartprune.engine",

@@ -275,9 +275,11 @@ class EvalTable:
 
 
 def evaluate_models(models: list[str], *, tasks: list[str], settings=None, json_path: str | Path | None = None,
-                    device: str = "auto", compute_dtype: str = "auto", progress: bool = True) -> EvalTable:
+                    device: str = "auto", compute_dtype: str = "auto", progress: bool = True,
+                    resident: str = "dense") -> EvalTable:
     """Every task on every model (loaded one at a time), side by side with the first model, on
-    `device` with forward passes in `compute_dtype` (``auto``: bfloat16 on a GPU, float32 on a CPU)."""
+    `device` with forward passes in `compute_dtype` (``auto``: bfloat16 on a GPU, float32 on a CPU);
+    compressed folders held `resident` "dense" (fastest) or "compact" (smallest, inference only)."""
     from smartprune.device import autocast, resolve_compute_dtype
     from smartprune.evaluation.suite import EvalSettings, check_tasks, evaluate
 
@@ -285,6 +287,9 @@ def evaluate_models(models: list[str], *, tasks: list[str], settings=None, json_
     dtype = resolve_compute_dtype(compute_dtype, dev)
     settings = settings or EvalSettings()
     tasks = check_tasks(tasks)
+    if resident == "compact" and settings.mode == "finetune":
+        raise DataError("--resident compact holds models for inference only; fine-tuned classification needs "
+                        "--resident dense")
     for t in tasks:  # missing perplexity texts fail before any model loads
         if t in EVAL_TEXTS:
             eval_text(t)
@@ -292,7 +297,7 @@ def evaluate_models(models: list[str], *, tasks: list[str], settings=None, json_
         check_model(spec)
     results: dict[str, dict[str, dict]] = {}
     for spec in models:
-        loaded = load_model(spec)
+        loaded = load_model(spec, resident=resident)
         if loaded.tokenizer is None:
             raise DataError(f"model {spec} has no tokenizer files; evaluation needs one")
         log.info("evaluating %s on %s (%s, %s)", spec, ", ".join(tasks), dev, str(dtype).removeprefix("torch."))

@@ -11,7 +11,11 @@ A compressed-model folder holds:
   (kind ``folded``; ``folded_columns`` for the column reading: the shared column and unfolded columns);
   a projection made smaller by structured pruning (whole neurons removed) as its smaller dense
   matrix; everything else as is. Floating-point tensors are stored in the chosen ``dtype``
-  (float32, float16 or bfloat16) and loaded as float32. Tied tensors are stored once;
+  (float32, float16 or bfloat16) and loaded as float32. With ``int8`` every weight matrix (its
+  surviving values, when masked) is stored as symmetric 8-bit integers with one float32 scale per
+  output channel (``<tensor>.scale``; the record's ``quant`` or the manifest's ``quantized`` names the
+  axis), and the remaining floating-point tensors (norms, biases, IRC vectors) as float32.
+  Tied tensors are stored once;
 - the tokenizer files, when the model has a tokenizer, and ``report.json`` from the run.
 
 ``smartprune.json`` also records the SHA-256 of ``model.safetensors``; `load` verifies it, so flipped
@@ -20,6 +24,7 @@ bytes are refused rather than evaluated. The same model and seed give a byte-ide
 
 `write_dense` instead writes a plain Hugging Face folder with every compressed weight materialized.
 Every folder is written under a temporary name beside its target and moved into place at the end.
+Reading a folder back is `smartprune.loader.load`.
 """
 
 from __future__ import annotations
@@ -35,20 +40,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from smartprune.adapters import get_adapter
+from smartprune.compact import quantize
 from smartprune.errors import ArtifactError, OutputError, did_you_mean
-from smartprune.nn import ColumnFoldedProjection, FoldedProjection, Maskable, Projection, report_non_finite
+from smartprune.nn import ColumnFoldedProjection, FoldedProjection, Maskable, Projection
 from smartprune.paths import apply_umask, read_json, umask
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 FORMAT = "smartprune"
 VERSION = 2
-READABLE = (1, 2)  # version 1: bitmask only, float32, no resized projections; the loader reads it unchanged
+QUANTIZED_VERSION = 3  # 8-bit values (their scales, the "quant" records) need a reader of version 3
+READABLE = (1, 2, 3)  # version 1: bitmask only, float32, no resized projections; the loader reads it unchanged
 MANIFEST = "smartprune.json"
 TENSORS = "model.safetensors"
 KINDS = ("masked", "folded", "folded_columns", "projection")
@@ -161,23 +168,56 @@ def _sparse_encoding(shape: tuple[int, int], alive: int, value_bytes: int) -> st
     return "csr" if csr < bitmask else "bitmask"
 
 
-def _encode_masked(name: str, w: Tensor, mask: Tensor, dtype: torch.dtype) -> tuple[dict, dict[str, Tensor]]:
-    values = w.detach()[mask].to(dtype).contiguous()
+def channel_axis(module: nn.Module) -> int:
+    """The output-channel axis of a module's weight: columns for ``d_in x d_out`` layouts
+    (`Projection`, GPT-2's ``Conv1D``), rows for ``nn.Linear`` and embedding tables."""
+    return 1 if isinstance(module, Projection | Conv1D) else 0
+
+
+def _encode_masked(name: str, w: Tensor, mask: Tensor, dtype: torch.dtype, axis: int
+                   ) -> tuple[dict, dict[str, Tensor]]:
+    rec = {"kind": "masked", "shape": list(mask.shape)}
+    extra: dict[str, Tensor] = {}
+    if dtype == torch.int8 and mask.dim() == 2:
+        q, scale = quantize(w, axis)
+        values = q[mask].contiguous()
+        rec["quant"] = {"bits": 8, "axis": axis}
+        extra[f"{name}.weight.scale"] = scale
+    else:
+        values = w.detach()[mask].to(torch.float32 if dtype == torch.int8 else dtype).contiguous()
     enc = _sparse_encoding(tuple(mask.shape), values.numel(), values.element_size()) if mask.dim() == 2 else "bitmask"
-    rec = {"kind": "masked", "shape": list(mask.shape), "encoding": enc}
+    rec["encoding"] = enc
     if enc == "bitmask":
-        return rec, {f"{name}.weight.values": values, f"{name}.weight.mask": _pack(mask.cpu())}
+        return rec, {f"{name}.weight.values": values, f"{name}.weight.mask": _pack(mask.cpu()), **extra}
     counts = mask.sum(1)
     indptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int32)
     indptr[1:] = counts.cumsum(0).to(torch.int32)
     indices = mask.nonzero()[:, 1].to(_index_dtype(mask.shape[1])).contiguous()
-    return rec, {f"{name}.weight.values": values, f"{name}.weight.indices": indices, f"{name}.weight.indptr": indptr}
+    return rec, {f"{name}.weight.values": values, f"{name}.weight.indices": indices, f"{name}.weight.indptr": indptr,
+                 **extra}
+
+
+def _encode_plain(model: nn.Module, key: str, t: Tensor, dtype: torch.dtype, quantized: dict[str, int]
+                  ) -> dict[str, Tensor]:
+    """One unmasked tensor in the stored dtype; in int8, a weight matrix with its scales."""
+    if not t.is_floating_point():
+        return {key: t.detach().contiguous()}
+    if dtype != torch.int8:
+        return {key: t.to(dtype).detach().contiguous()}
+    if t.dim() == 2 and t.numel() and key.endswith("weight"):
+        axis = channel_axis(model.get_submodule(key.rpartition(".")[0]))
+        q, scale = quantize(t, axis)
+        quantized[key] = axis
+        return {key: q.contiguous(), f"{key}.scale": scale}
+    return {key: t.detach().float().contiguous()}
 
 
 def _encode(model: nn.Module, dtype: torch.dtype = torch.float32
-            ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str]]:
-    """Tensors to store, per-module structure records, and tied-tensor aliases (key -> stored key)."""
+            ) -> tuple[dict[str, Tensor], dict[str, dict], dict[str, str], dict[str, int]]:
+    """Tensors to store, per-module structure records, tied-tensor aliases (key -> stored key), and
+    the unmasked 8-bit weights with their channel axis."""
     modules: dict[str, dict] = {}
+    quantized: dict[str, int] = {}
     skip: set[str] = set()
     tensors: dict[str, Tensor] = {}
     seen: dict[tuple[int, int, tuple], str] = {}
@@ -190,7 +230,7 @@ def _encode(model: nn.Module, dtype: torch.dtype = torch.float32
         elif isinstance(mod, Projection):  # its shape may differ from the config's (whole neurons removed)
             modules[name] = {"kind": "projection", "d_in": mod.d_in, "d_out": mod.d_out, "bias": mod.bias is not None}
         if isinstance(mod, Maskable) and mod.mask is not None:
-            rec, stored = _encode_masked(name, mod.weight, mod.mask, dtype)
+            rec, stored = _encode_masked(name, mod.weight, mod.mask, dtype, channel_axis(mod))
             modules[name] = {**rec, **modules.get(name, {})}  # a projection keeps its kind and shape
             tensors.update(stored)
             skip |= {f"{name}.weight", f"{name}.mask"}
@@ -204,8 +244,8 @@ def _encode(model: nn.Module, dtype: torch.dtype = torch.float32
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = (t.to(dtype) if t.is_floating_point() else t).detach().contiguous()
-    return tensors, modules, aliases
+        tensors.update(_encode_plain(model, key, t, dtype, quantized))
+    return tensors, modules, aliases, quantized
 
 
 def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, report: dict | None = None,
@@ -215,9 +255,11 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, report: di
         raise OutputError(f"unknown dtype '{dtype}'{did_you_mean(dtype, DTYPES)}; known: {', '.join(DTYPES)}")
     out = Path(out)
     _check_not_structured(model)
-    tensors, modules, aliases = _encode(model, DTYPES[dtype])
-    manifest = {"format": FORMAT, "version": VERSION, "model_type": model.config.model_type, "dtype": dtype,
-                "modules": modules, "aliases": aliases}
+    tensors, modules, aliases, quantized = _encode(model, DTYPES[dtype])
+    manifest = {"format": FORMAT, "version": QUANTIZED_VERSION if dtype == "int8" else VERSION,
+                "model_type": model.config.model_type, "dtype": dtype, "modules": modules, "aliases": aliases}
+    if quantized:
+        manifest["quantized"] = quantized
     with atomic_dir(out, overwrite) as tmp:
         model.config.save_pretrained(tmp)
         # One metadata key: safetensors writes metadata in hash order, so two keys vary between runs.
@@ -256,6 +298,9 @@ def read_manifest(path: Path) -> dict:
     aliases = manifest.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise ArtifactError(f"{file}: 'aliases' is not an object of tensor names")
+    quantized = manifest.get("quantized", {})
+    if not isinstance(quantized, dict) or not all(v in (0, 1) for v in quantized.values()):
+        raise ArtifactError(f"{file}: 'quantized' is not an object of tensor names and axes 0 or 1")
     return manifest
 
 
@@ -277,129 +322,9 @@ def _check_record(file: Path, name: str, rec) -> None:
             raise ArtifactError(f"{where}: shape {shape!r} is not a list of one or two positive whole numbers")
         if rec.get("encoding", "bitmask") not in ENCODINGS or (rec.get("encoding") == "csr" and len(shape) != 2):
             raise ArtifactError(f"{where}: unknown encoding {rec.get('encoding')!r}")
-
-
-def _verify(path: Path, manifest: dict) -> None:
-    """Compare the stored SHA-256 (folders written before checksums were recorded have none)."""
-    expected = manifest.get("sha256", {}).get(TENSORS) if isinstance(manifest.get("sha256"), dict) else None
-    if expected is None:
-        return
-    if sha256(path / TENSORS) != expected:
-        raise ArtifactError(f"{path / TENSORS} does not match the checksum in {MANIFEST}: the file was changed "
-                            "or damaged after it was written (load with verify=False to read it anyway)")
-
-
-def _indices(tensors: dict[str, Tensor], key: str, size: int, path: Path) -> Tensor:
-    """Stored positions (folded rows or columns), each within [0, size)."""
-    idx = _tensor(tensors, key, path).long()
-    if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size)):
-        raise ArtifactError(f"tensor '{key}' holds positions outside [0, {size})")
-    return idx
-
-
-def _vector(tensors: dict[str, Tensor], key: str, size: int, path: Path) -> Tensor:
-    v = _tensor(tensors, key, path)
-    if tuple(v.shape) != (size,):
-        raise ArtifactError(f"tensor '{key}' has shape {tuple(v.shape)}, expected ({size},)")
-    return v.float()
-
-
-def _tensor(tensors: dict[str, Tensor], key: str, path: Path) -> Tensor:
-    if key not in tensors:
-        raise ArtifactError(f"{path / TENSORS} lacks tensor '{key}' named by {MANIFEST}")
-    return tensors[key]
-
-
-def load(path: str | os.PathLike, *, structured: bool = True, verify: bool = True) -> nn.Module:
-    """Load a folder written by `save` (``smartprune compress --out``) into a ready model.
-
-    ``structured`` (default) swaps in the modules that run the structure instead of its zeros
-    (`smartprune.structure.use_structure`); ``False`` gives the modules compression works on (what
-    `save`, further compression and `write_dense` need). ``verify`` checks the weights file against
-    the SHA-256 in the manifest."""
-    from transformers import AutoModelForCausalLM
-
-    from smartprune.loading import read_config, use_sdpa
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ArtifactError(f"compressed model folder not found: {path}")
-    manifest = read_manifest(path)
-    config = read_config(path)
-    if verify:
-        _verify(path, manifest)
-    try:
-        tensors = load_file(str(path / TENSORS))
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{path / TENSORS} is missing, truncated or corrupt ({exc})") from None
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    use_sdpa(model)
-    adapter = get_adapter(model)
-    names = {n for n, _ in model.named_modules()}
-    state: dict[str, Tensor] = {}
-    for name, rec in manifest["modules"].items():
-        if name not in names:
-            raise ArtifactError(f"{path / MANIFEST} names module '{name}', which a {config.model_type} model lacks")
-        if rec["kind"] in FOLDED_KINDS:
-            cls, positions, folded_axis, q_axis = FOLDED_KINDS[rec["kind"]]
-            folded = torch.zeros(rec[folded_axis], dtype=torch.bool)
-            folded[_indices(tensors, f"{name}.{positions}", rec[folded_axis], path)] = True
-            q = _vector(tensors, f"{name}.q", rec[q_axis], path)
-            bias = tensors.get(f"{name}.bias")
-            adapter.replace(name, cls(torch.zeros(rec["d_in"], rec["d_out"]), None if bias is None else bias.float(),
-                                      folded, q))
-        elif rec["kind"] == "projection":
-            adapter.replace(name, Projection(torch.zeros(rec["d_in"], rec["d_out"]),
-                                             torch.zeros(rec["d_out"]) if rec["bias"] else None))
-        if "shape" in rec:
-            mask = _decode_mask(tensors, name, rec, path)
-            weight = torch.zeros(rec["shape"])
-            values = _tensor(tensors, f"{name}.weight.values", path)
-            if values.numel() != int(mask.sum()):
-                raise ArtifactError(f"tensor '{name}.weight.values' holds {values.numel()} values, its mask "
-                                    f"{int(mask.sum())}")
-            weight[mask] = values.float()
-            state[f"{name}.weight"] = weight
-            state[f"{name}.mask"] = mask
-            model.get_submodule(name).mask = mask
-    for key, t in tensors.items():
-        if not key.endswith((".weight.values", ".weight.mask", ".weight.indices", ".weight.indptr")):
-            state[key] = t.float() if t.is_floating_point() else t
-    for key, target in manifest.get("aliases", {}).items():
-        state[key] = state[target] if target in state else _tensor(tensors, target, path)
-    _load_state(model, state, path)
-    report_non_finite(model, str(path))
-    if structured:
-        from smartprune.structure import use_structure
-
-        use_structure(model)
-    return model.eval()
-
-
-def _decode_mask(tensors: dict[str, Tensor], name: str, rec: dict, path: Path) -> Tensor:
-    shape = tuple(rec["shape"])
-    if rec.get("encoding", "bitmask") == "bitmask":
-        return _unpack(_tensor(tensors, f"{name}.weight.mask", path), shape)
-    indptr = _tensor(tensors, f"{name}.weight.indptr", path).long()
-    indices = _tensor(tensors, f"{name}.weight.indices", path).long()
-    if indptr.numel() != shape[0] + 1 or int(indptr[-1]) != indices.numel():
-        raise ArtifactError(f"CSR tensors of '{name}' do not match its shape {shape}")
-    rows = torch.repeat_interleave(torch.arange(shape[0]), indptr.diff())
-    mask = torch.zeros(shape, dtype=torch.bool)
-    mask[rows, indices] = True
-    return mask
-
-
-def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ArtifactError(f"{path / TENSORS} lacks tensor '{missing[0]}'" +
-                            (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    for key, t in state.items():
-        if key in expected and tuple(expected[key].shape) != tuple(t.shape):
-            raise ArtifactError(f"tensor '{key}' has shape {tuple(t.shape)}, expected {tuple(expected[key].shape)}")
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True)
+    if "quant" in rec and (rec["quant"] != {"bits": 8, "axis": (rec["quant"] or {}).get("axis")}
+                           or rec["quant"]["axis"] not in (0, 1) or len(rec.get("shape", [])) != 2):
+        raise ArtifactError(f"{where}: quant {rec['quant']!r} is not 8 bits along axis 0 or 1 of a matrix")
 
 
 def write_dense(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:

@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from smartprune.compact import PACKED_MODULES, resident_bytes
 from smartprune.data import check_positions
 from smartprune.device import autocast, resolve_compute_dtype, resolve_device
-from smartprune.loading import LoadedModel, load_model
+from smartprune.loading import LoadedModel, is_compressed, load_model
 from smartprune.nn import mask_gradients
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class BenchSettings:
     batches: tuple[int, ...] = (8,)  # throughput batch sizes at the first length (the paper's Table 8: 8 and 32)
     device: str = "auto"
     compute_dtypes: tuple[str, ...] = ("auto",)  # one entry per model and dtype (e.g. float32 and bfloat16)
+    # how a compressed folder is held in memory, one entry per residency (`smartprune.loader`)
+    residencies: tuple[str, ...] = ("compact", "dense")
 
     def __post_init__(self) -> None:
         from smartprune.errors import DataError
@@ -69,6 +72,11 @@ class BenchSettings:
                 or not self.batches or min(self.batches) < 1 or not self.compute_dtypes:
             raise DataError("repeats, new tokens, lengths and batches must be positive, threads 0 (all cores) or "
                             "positive")
+        from smartprune.loader import RESIDENT
+
+        bad = [r for r in self.residencies if r not in RESIDENT]
+        if bad or not self.residencies:
+            raise DataError(f"unknown residency {bad[0] if bad else '(none)'!r}; expected {' or '.join(RESIDENT)}")
 
 
 @dataclass
@@ -85,14 +93,16 @@ class BenchResult:
         several = len({m.get("compute_dtype") for m in self.models}) > 1
         names = [f"{m['name']} [{m['compute_dtype']}]" if several else m["name"] for m in self.models]
         lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        rows = [("size on disk (MB)", lambda m: m["size_bytes"] / 1e6, lambda m: m["ratios"]["size_bytes"])]
-        rows += [(f"{k} ({u})", (lambda m, k=k: m["metrics"][k]), (lambda m, k=k: m["ratios"][k]))
-                 for k, u in self.units.items()]
-        for key, label in (("peak_rss_bytes", "peak RSS (MB)"), ("peak_gpu_bytes", "peak GPU memory (MB)")):
-            if all(key in m["metrics"] for m in self.models):
-                rows.append((label, lambda m, key=key: m["metrics"][key] / 1e6, lambda m, key=key: m["ratios"][key]))
-        for label, value, ratio in rows:
-            cells = [f"{value(m):.4g}" + ("" if m["baseline"] else f" (x{ratio(m):.2f})") for m in self.models]
+        rows = [("size on disk (MB)", "size_bytes", 1e-6), ("held in memory (MB)", "resident_bytes", 1e-6)]
+        rows += [(f"{k} ({u})", k, 1) for k, u in self.units.items()]
+        rows += [("peak RSS, load + one forward (MB)", "peak_rss_bytes", 1e-6), ("loading time (s)", "load_seconds", 1),
+                 ("peak GPU memory (MB)", "peak_gpu_bytes", 1e-6)]
+        for label, key, unit in rows:
+            if not any(key in m["metrics"] for m in self.models):
+                continue
+            cells = [("n/a" if key not in m["metrics"] else f"{m['metrics'][key] * unit:.4g}" +
+                      ("" if m["baseline"] or key not in m["ratios"] else f" (x{m['ratios'][key]:.2f})"))
+                     for m in self.models]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -145,6 +155,8 @@ class _Probe:
         self.new_tokens, self.seed, self.device, self.dtype = new_tokens, seed, device, dtype
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=0.0)  # a real step that leaves the weights as they are
+        # A compact-resident model is for inference: its packed matrices have nothing to train.
+        self.trainable = not any(isinstance(m, PACKED_MODULES) for m in self.model.modules())
 
     def _timed(self, fn: Callable[[], None]) -> float:
         with autocast(self.device, self.dtype):
@@ -186,7 +198,8 @@ def _measure_round(probe: _Probe, lengths: tuple[int, ...], batches: tuple[int, 
         out[f"throughput_b{b}_seq_per_s"] = b / out[f"latency_b{b}_{first}"]
     out["throughput_seq_per_s"] = out.pop(f"throughput_b{batches[0]}_seq_per_s")
     out["generate_tokens_per_s"] = probe.generate()
-    out["finetune_seq_per_s"] = probe.train_step(8, first)
+    if probe.trainable:
+        out["finetune_seq_per_s"] = probe.train_step(8, first)
     return out
 
 
@@ -219,18 +232,22 @@ def _check_lengths(loaded: LoadedModel, s: BenchSettings) -> None:
         raise DataError(f"model {loaded.name}: {exc}") from None
 
 
-def peak_rss(spec: str, threads: int, length: int) -> int:
-    """Peak resident memory of a fresh process that loads `spec` and runs one forward of `length` tokens.
+def fresh_process(spec: str, resident: str, threads: int, length: int) -> dict[str, float]:
+    """Peak resident memory (bytes) of a fresh process that loads `spec` and runs one forward of
+    `length` tokens, and the seconds the load took (imports excluded).
 
     Read from ``VmHWM`` (the high-water mark of the process's own memory), not ``ru_maxrss``: Linux
     carries ``ru_maxrss`` across fork and exec, so a child of a large parent would report the parent's."""
-    code = ("import torch, smartprune\n"
+    code = ("import time, torch, smartprune, transformers\n"
             f"torch.set_num_threads({threads})\n"
-            f"m = smartprune.load_model({spec!r}).model\n"
+            "t = time.perf_counter()\n"
+            f"m = smartprune.load_model({spec!r}, resident={resident!r}).model\n"
+            "t = time.perf_counter() - t\n"
             f"with torch.no_grad(): m(torch.zeros(1, {length}, dtype=torch.long))\n"
-            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n")
+            "print(t, next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) * 1024  # kB
+    seconds, kb = out.stdout.split()[-2:]
+    return {"peak_rss_bytes": int(kb) * 1024, "load_seconds": float(seconds)}
 
 
 def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: bool = True) -> BenchResult:
@@ -239,27 +256,32 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
     dtypes = [resolve_compute_dtype(d, device) for d in s.compute_dtypes]  # bad names fail before loading
     torch.set_num_threads(s.threads or os.cpu_count() or 1)
     torch.manual_seed(s.seed)
-    loaded = [load_model(spec) for spec in specs]
+    # each compressed folder once per residency; other models once
+    held = [(spec, r) for spec in specs for r in (s.residencies if is_compressed(spec) else ("dense",))]
+    loaded = [load_model(spec, resident=r) for spec, r in held]
     for m in loaded:
         _check_lengths(m, s)
         m.model.to(device)
     units = metric_units(s.lengths, s.batches)
-    runs = [(spec, m, dtype, _Probe(m, s.new_tokens, s.seed, device, dtype))
-            for dtype in dtypes for spec, m in zip(specs, loaded, strict=True)]
-    peaks = [_GpuPeak(m.model, device) if device.type == "cuda" else None for _, m, _, _ in runs]
+    runs = [(spec, r, m, dtype, _Probe(m, s.new_tokens, s.seed, device, dtype))
+            for dtype in dtypes for (spec, r), m in zip(held, loaded, strict=True)]
+    peaks = [_GpuPeak(m.model, device) if device.type == "cuda" else None for _, _, m, _, _ in runs]
     result = BenchResult(machine(), units=units)
-    samples: list[dict[str, list[float]]] = [{k: [] for k in units} for _ in runs]
+    samples: list[dict[str, list[float]]] = [{} for _ in runs]
     for round_ in tqdm(range(s.repeats + 1), desc="bench rounds", disable=not progress):
-        for (_, _, _, probe), peak, sink in zip(runs, peaks, samples, strict=True):
+        for (*_, probe), peak, sink in zip(runs, peaks, samples, strict=True):
             with peak or contextlib.nullcontext():
                 values = _measure_round(probe, s.lengths, s.batches)
             if round_ == 0:
                 continue  # warm-up
             for k, v in values.items():
-                sink[k].append(v)
-    for (spec, m, dtype, _), peak, sink in zip(runs, peaks, samples, strict=True):
+                sink.setdefault(k, []).append(v)
+    several = len(held) > len(specs)
+    for (spec, r, m, dtype, _), peak, sink in zip(runs, peaks, samples, strict=True):
         metrics = {k: statistics.median(v) for k, v in sink.items()}
-        entry = {"name": spec, "source": m.source, "size_bytes": size_on_disk(m.source), "metrics": metrics,
+        metrics["resident_bytes"] = resident_bytes(m.model)
+        entry = {"name": f"{spec} [{r}]" if several and is_compressed(spec) else spec, "source": m.source,
+                 "resident": r, "size_bytes": size_on_disk(m.source), "metrics": metrics,
                  "compute_dtype": str(dtype).removeprefix("torch."), "device": str(device),
                  "spreads": {k: {"min": min(v), "max": max(v)} for k, v in sink.items()},
                  "parameters_in_memory": sum(t.numel() for t in m.model.state_dict().values()),
@@ -267,11 +289,11 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
         if peak is not None:
             metrics["peak_gpu_bytes"] = peak.peak
         if s.rss:
-            metrics["peak_rss_bytes"] = peak_rss(spec, torch.get_num_threads(), max(s.lengths))
+            metrics.update(fresh_process(spec, r, torch.get_num_threads(), max(s.lengths)))
         result.models.append(entry)
     for entry in result.models:
         base = next(b for b in result.models if b["baseline"] and b["compute_dtype"] == entry["compute_dtype"])
-        entry["ratios"] = {k: v / base["metrics"][k] for k, v in entry["metrics"].items()}
+        entry["ratios"] = {k: v / base["metrics"][k] for k, v in entry["metrics"].items() if k in base["metrics"]}
         entry["ratios"]["size_bytes"] = entry["size_bytes"] / base["size_bytes"]
     result.machine.update(process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                           repeats=s.repeats, device=str(device), gpu=torch.cuda.get_device_name(device)

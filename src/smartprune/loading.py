@@ -294,16 +294,22 @@ def model_config(spec: str | os.PathLike):
     return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-def _from_compressed(path: Path):
+def _from_compressed(path: Path, resident: str = "dense"):
     from transformers import AutoTokenizer
 
-    from smartprune.artifact import load
+    from smartprune.loader import load
 
-    return load(path), AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+    return load(path, resident=resident), AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
 
 
-# kind (from check_model) -> loader of its local path; a built-in is a converted, cached folder
-LOADERS = {"builtin": _from_folder, "gguf": _from_folder, "compressed": _from_compressed, "folder": _from_folder}
+# kind (from check_model) -> loader of its local path (a built-in is a converted, cached folder); a
+# compressed folder's loader also takes the residency
+LOADERS = {"builtin": _from_folder, "gguf": _from_folder, "folder": _from_folder}
+
+
+def is_compressed(spec: str | os.PathLike) -> bool:
+    """Whether MODEL names a compressed folder (the only kind whose residency can be chosen)."""
+    return check_model(str(spec)) == "compressed"
 
 
 def use_sdpa(model: nn.Module) -> None:
@@ -313,14 +319,22 @@ def use_sdpa(model: nn.Module) -> None:
         model.config._attn_implementation = "sdpa"
 
 
-def load_model(spec: str | os.PathLike) -> LoadedModel:
-    """Load MODEL as fp32 in eval mode, with SDPA attention where the family has it."""
+def load_model(spec: str | os.PathLike, resident: str = "dense") -> LoadedModel:
+    """Load MODEL as fp32 in eval mode, with SDPA attention where the family has it. A compressed
+    folder is held ``resident`` "dense" (unpacked once: fastest, editable) or "compact" (as stored,
+    unpacked per product: smallest; `smartprune.loader`); other models are dense whatever it says."""
+    from smartprune.loader import RESIDENT
+
     spec = str(spec)
+    if resident not in RESIDENT:
+        raise ModelError(f"unknown residency '{resident}'; expected {' or '.join(RESIDENT)}")
     kind = check_model(spec)
     path = Path(spec).expanduser()
     path = converted_builtin(spec) if kind == "builtin" else converted_gguf(path) if kind == "gguf" else path
     if kind == "hub":
         model, tokenizer = _from_hub(spec)
+    elif kind == "compressed":
+        model, tokenizer = _from_compressed(path, resident)
     else:
         model, tokenizer = LOADERS[kind](path)
     use_sdpa(model)

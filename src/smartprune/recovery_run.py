@@ -66,7 +66,7 @@ def _load_student(spec: str):
     """The model to retrain, with editable (not structured-inference) modules, and its tokenizer."""
     from transformers import AutoTokenizer
 
-    from smartprune.artifact import load
+    from smartprune.loader import load
     from smartprune.loading import has_tokenizer, load_model
 
     path = Path(spec).expanduser()

@@ -262,8 +262,8 @@ def sweep_figures(runs, fig_dir: Path, out: Path) -> list[Section]:
 
 
 def weight_figures(runs, fig_dir: Path, out: Path, block: int) -> list[Section]:
-    from smartprune.artifact import load
     from smartprune.figures import layer_weights, save, weight_figure
+    from smartprune.loader import load
     from smartprune.loading import load_model
 
     sections = []

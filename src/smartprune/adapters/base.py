@@ -185,15 +185,16 @@ class Adapter(ABC):
         return layer
 
     def prepare(self) -> None:
-        """Turn native layers into smartprune modules (idempotent)."""
+        """Turn native layers into smartprune modules (idempotent: smartprune's own modules, packed
+        and structured ones included, are left as they are)."""
         for path in self.embedding_paths():
             emb = self.model.get_submodule(path)
-            if not isinstance(emb, MaskedEmbedding):
+            if type(emb) is not MaskedEmbedding and isinstance(emb, nn.Embedding):
                 set_module(self.model, path, MaskedEmbedding(emb))
         for i in range(len(self.blocks())):
             for path in self.linear_paths(i).values():
                 mod = self.model.get_submodule(path)
-                if not isinstance(mod, Projection):
+                if isinstance(mod, nn.Linear | Conv1D):
                     set_module(self.model, path, self.to_projection(mod, path))
 
     def materialize(self) -> None:

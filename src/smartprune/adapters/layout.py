@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from smartprune.adapters.base import Adapter, CallCapture, set_module
 from smartprune.inference import HeadNorm, IRCAttention, Rope, fully_folded
@@ -193,7 +194,7 @@ class LayoutAdapter(Adapter):
         for block in self.blocks():
             for f in self.layout.fused:
                 native = block.get_submodule(f.path)
-                if isinstance(native, FusedProjections):
+                if not isinstance(native, nn.Linear | Conv1D):  # split already (or not a native layer)
                     continue
                 rows = native.weight.detach().t() if self.layout.conv1d else native.weight.detach()  # d_out x d_in
                 b = None if native.bias is None else native.bias.detach()

@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = evaluate_models(args.models, tasks=args.tasks.split(","), settings=_eval_settings(args),
                              json_path=args.json, device=args.device, compute_dtype=args.compute_dtype,
-                             progress=not args.quiet)
+                             progress=not args.quiet, resident=args.resident)
     _out(result.summary())
     return 0
 
@@ -88,7 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from smartprune.api import evaluate_models
 
     result = evaluate_models(args.models, tasks=["generation"], settings=_eval_settings(args), json_path=args.json,
-                             device=args.device, compute_dtype=args.compute_dtype, progress=not args.quiet)
+                             device=args.device, compute_dtype=args.compute_dtype, progress=not args.quiet,
+                             resident=args.resident)
     for model, res in result.results.items():
         for prompt, text in res["generation"]["texts"].items():
             _out(f"--- {model} | {res['generation']['decoding']} | {prompt!r}\n{prompt}{text}\n")
@@ -141,7 +142,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     settings = BenchSettings(repeats=args.repeats, lengths=tuple(args.lengths), threads=args.threads,
                              new_tokens=args.new_tokens, rss=not args.no_rss, batches=tuple(args.batches),
-                             device=args.device, compute_dtypes=tuple(args.compute_dtype))
+                             device=args.device, compute_dtypes=tuple(args.compute_dtype),
+                             residencies=tuple(args.resident))
     result = bench(args.models, settings, progress=not args.quiet)
     if args.json:
         write_outputs(result, Path(args.json))

@@ -80,8 +80,9 @@ def build_parser() -> Parser:
     c.add_argument("--calib-seqlen", type=_positive, help="override the recipe's calibration window length")
     c.add_argument("--target-compression", type=float, help="the overall compression to reach exactly, for a recipe "
                    "with an overall section (e.g. smart): rates per group and layer chosen by measured sensitivity")
-    c.add_argument("--dtype", default="float32", help="stored value precision in --out: float32 (default), float16 "
-                   "or bfloat16 (loaded back as float32)")
+    c.add_argument("--dtype", default="float32", help="stored value precision in --out: float32 (default), float16, "
+                   "bfloat16, or int8 (every weight matrix's surviving values as 8-bit integers with one scale per "
+                   "output channel; norms, biases and IRC vectors float32)")
     c.add_argument("--device", default="auto", help="where compression (and a recipe's recover section) runs: auto "
                    "(a GPU when torch sees one), cpu, cuda or cuda:N")
     c.add_argument("--compute-dtype", default="auto", help="precision of the calibration forward passes and fits: auto "
@@ -182,14 +183,14 @@ def build_parser() -> Parser:
                        "and generation (repetition and meaningless-word rates, see docs/evaluation.md).")
     e.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
     e.add_argument("--tasks", default="wikitext2", help="comma-separated task names (wikitext2)")
-    _eval_options(e, "perplexity", "classification", "mode", "finetune", "generation", "device")
+    _eval_options(e, "perplexity", "classification", "mode", "finetune", "generation", "device", "resident")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate text and measure repetition and meaningless words",
                        description="Continue each prompt with each MODEL (greedy by default, or seeded sampling), "
                        "print the texts, and measure repetition@N and meaningless@N at each --lengths N.")
     g.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
-    _eval_options(g, "generation", "device")
+    _eval_options(g, "generation", "device", "resident")
     g.set_defaults(func=cmd_generate)
 
     f = sub.add_parser("classify", help="fine-tune a classifier, compress it, score it before and after",
@@ -209,7 +210,9 @@ def build_parser() -> Parser:
                        description="Measure each MODEL in one process, interleaved round by round after a warm-up: "
                        "forward latency (batch 1 at 128/512/1024 tokens, batch 8 at 128), greedy generation "
                        "tokens/s with KV cache, throughput (sequences/s), fine-tuning steps (sequences/s), peak "
-                       "RSS (each model in its own subprocess), peak GPU memory on a GPU, and size on disk. Medians, "
+                       "RSS of loading + one forward of the longest length and the loading time (each model in its own "
+                       "subprocess), bytes held in memory, peak GPU memory on a GPU, and size on disk; each compressed "
+                       "folder once per --resident. Medians, "
                        "spreads, and ratios to the first MODEL (the dense baseline) in the same compute dtype.")
     b.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
     b.add_argument("--repeats", type=_positive, default=5, help="measured rounds per metric (5)")
@@ -225,6 +228,9 @@ def build_parser() -> Parser:
     b.add_argument("--compute-dtype", nargs="+", default=["auto"],
                    help="forward/training precision, one entry per model and dtype: auto (bfloat16 on a GPU, "
                    "float32 on a CPU), float32, bfloat16, float16 (e.g. float32 bfloat16)")
+    b.add_argument("--resident", nargs="+", choices=["compact", "dense"], default=["compact", "dense"],
+                   help="how each compressed folder is held, one entry per residency: compact (as stored, "
+                   "unpacked per product; no fine-tuning step) and dense (unpacked once) (default: both)")
     b.add_argument("--json", help="write the results to this JSON file and a Markdown twin beside it")
     b.set_defaults(func=cmd_bench)
 
@@ -309,6 +315,10 @@ def _eval_options(p: argparse.ArgumentParser, *groups: str) -> None:
         p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N")
         p.add_argument("--compute-dtype", default="auto", help="forward precision: auto (default: bfloat16 on a GPU, "
                        "float32 on a CPU), float32, bfloat16 or float16")
+    if "resident" in groups:
+        p.add_argument("--resident", choices=["dense", "compact"], default="dense",
+                       help="how a compressed folder is held in memory: dense (default; unpacked once, fastest) or "
+                       "compact (as stored, unpacked per product: smallest, slower; docs/compact-results.md)")
     p.add_argument("--seed", type=int, default=0, help="seed (0)")
     p.add_argument("--json", help="write the results to this JSON file")
 
