@@ -138,3 +138,20 @@ def test_asking_for_a_gpu_without_one_is_one_line_before_any_work(argv, model_di
     code, _, err = run(capsys, *argv, "--device", "cuda")
     assert code == 2 and "no GPU" in _one_clean_line(err)
     assert not any(tmp_path.iterdir())
+
+
+def test_eval_holds_a_compressed_folder_compact_or_dense_with_equal_results(model_dirs, use_data, tmp_path, capsys):
+    c = tmp_path / "c"
+    code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "paper", "--out", c, "--calib-samples", "4",
+                       "--calib-seqlen", "16")
+    assert code == 0, err
+    ppl = {}
+    for resident in ("compact", "dense"):
+        path = tmp_path / f"{resident}.json"
+        code, _, err = run(capsys, "eval", c, "--tasks", "wikitext2", "--seqlen", "32", "--limit", "2",
+                           "--resident", resident, "--json", path)
+        assert code == 0, err
+        ppl[resident] = json.loads(path.read_text())["results"]["wikitext2"]["perplexity"]
+    assert ppl["compact"] == pytest.approx(ppl["dense"], rel=1e-5)
+    code, _, err = run(capsys, "eval", c, "--tasks", "sst2", "--mode", "finetune", "--resident", "compact")
+    assert code == 2 and "inference only" in _one_clean_line(err)

@@ -43,9 +43,10 @@ def unique_parameters(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def accounting(before: dict[str, int], after: dict[str, int], total: int) -> dict:
+def accounting(before: dict[str, int], after: dict[str, int], total: int, added: int = 0) -> dict:
     """Before/after per group, C%UB (share of the group removed), T% (share of the model removed by
-    the group) and the overall compression (fraction of the model's parameters removed)."""
+    the group) and the overall compression (fraction of the model's parameters removed, net of the
+    `added` ones: an untied or low-rank output head, `smartprune.head`)."""
     groups = {}
     for g in GROUPS:
         if g == "linear" and not before[g]:  # only models without a table entry have this group
@@ -54,9 +55,10 @@ def accounting(before: dict[str, int], after: dict[str, int], total: int) -> dic
         groups[g] = {"before": before[g], "after": after[g],
                      "c_ub": removed / before[g] if before[g] else 0.0,
                      "t": removed / total if total else 0.0}
-    removed = sum(before[g] - after[g] for g in groups)
-    return {"groups": groups, "overall": {"params_before": total, "params_after": total - removed,
-                                          "compression": removed / total if total else 0.0}}
+    removed = sum(before[g] - after[g] for g in groups) - added
+    overall = {"params_before": total, "params_after": total - removed,
+               "compression": removed / total if total else 0.0}
+    return {"groups": groups, "overall": {**overall, "head_params_added": added} if added else overall}
 
 
 def format_table(acc: dict, seconds: dict[str, float] | None = None) -> str:

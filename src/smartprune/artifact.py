@@ -10,12 +10,12 @@ A compressed-model folder holds:
   sparsity with 16-bit indices); a folded (IRC) matrix as its shared vector and its unfolded rows
   (kind ``folded``; ``folded_columns`` for the column reading: the shared column and unfolded columns);
   a projection made smaller by structured pruning (whole neurons removed) as its smaller dense
-  matrix; everything else as is. Floating-point tensors are stored in the chosen ``dtype``
-  (float32, float16 or bfloat16) and loaded as float32. With ``int8`` every weight matrix (its
-  surviving values, when masked) is stored as symmetric 8-bit integers with one float32 scale per
-  output channel (``<tensor>.scale``; the record's ``quant`` or the manifest's ``quantized`` names the
-  axis), and the remaining floating-point tensors (norms, biases, IRC vectors) as float32.
-  Tied tensors are stored once;
+  matrix; a low-rank output head (kind ``low_rank``) as its two factors; everything else as is.
+  Floating-point tensors are stored in the chosen ``dtype`` (float32, float16 or bfloat16). With
+  ``int8`` every weight matrix (its surviving values, when masked) is stored as symmetric 8-bit
+  integers with one float32 scale per output channel (``<tensor>.scale``; the record's ``quant`` or
+  the manifest's ``quantized`` names the axis), and the other floating-point tensors (norms, biases,
+  IRC vectors) as float32. Tied tensors are stored once;
 - the tokenizer files, when the model has a tokenizer, and ``report.json`` from the run.
 
 ``smartprune.json`` also records the SHA-256 of ``model.safetensors``; `load` verifies it, so flipped
@@ -47,6 +47,7 @@ from transformers.pytorch_utils import Conv1D
 from smartprune.adapters import get_adapter
 from smartprune.compact import quantize
 from smartprune.errors import ArtifactError, OutputError, did_you_mean
+from smartprune.head import LowRankHead
 from smartprune.nn import ColumnFoldedProjection, FoldedProjection, Maskable, Projection
 from smartprune.paths import apply_umask, read_json, umask
 
@@ -58,7 +59,7 @@ QUANTIZED_VERSION = 3  # 8-bit values (their scales, the "quant" records) need a
 READABLE = (1, 2, 3)  # version 1: bitmask only, float32, no resized projections; the loader reads it unchanged
 MANIFEST = "smartprune.json"
 TENSORS = "model.safetensors"
-KINDS = ("masked", "folded", "folded_columns", "projection")
+KINDS = ("masked", "folded", "folded_columns", "projection", "low_rank")
 # folded kind -> (module, stored positions, the axis they index, the shared vector's length): the two IRC readings
 FOLDED_KINDS = {"folded": (FoldedProjection, "folded_rows", "d_in", "d_out"),
                 "folded_columns": (ColumnFoldedProjection, "folded_cols", "d_out", "d_in")}
@@ -229,6 +230,9 @@ def _encode(model: nn.Module, dtype: torch.dtype = torch.float32
             modules[name] = {"kind": "folded_columns", "d_in": mod.d_in, "d_out": mod.d_out}
         elif isinstance(mod, Projection):  # its shape may differ from the config's (whole neurons removed)
             modules[name] = {"kind": "projection", "d_in": mod.d_in, "d_out": mod.d_out, "bias": mod.bias is not None}
+        elif isinstance(mod, LowRankHead):
+            modules[name] = {"kind": "low_rank", "d_in": mod.down.in_features, "d_out": mod.up.out_features,
+                             "rank": mod.rank, "bias": mod.up.bias is not None}
         if isinstance(mod, Maskable) and mod.mask is not None:
             rec, stored = _encode_masked(name, mod.weight, mod.mask, dtype, channel_axis(mod))
             modules[name] = {**rec, **modules.get(name, {})}  # a projection keeps its kind and shape
@@ -314,6 +318,8 @@ def _check_record(file: Path, name: str, rec) -> None:
         raise ArtifactError(f"{where} has no known kind ({', '.join(KINDS)})")
     if rec["kind"] != "masked" and not (_positive_int(rec.get("d_in")) and _positive_int(rec.get("d_out"))):
         raise ArtifactError(f"{where}: d_in and d_out must be positive whole numbers")
+    if rec["kind"] == "low_rank" and not _positive_int(rec.get("rank")):
+        raise ArtifactError(f"{where}: a low-rank head needs a positive whole rank")
     if rec["kind"] == "masked" and "shape" not in rec:
         raise ArtifactError(f"{where}: a masked module needs a shape")
     if "shape" in rec:
@@ -340,6 +346,9 @@ def write_dense(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, ove
                           "plain Hugging Face config holds one size, so only the compressed format can store this")
     setattr(dense.config, adapter.ff_size_key, sizes.pop())
     adapter.materialize()
+    head = dense.get_output_embeddings()
+    if isinstance(head, LowRankHead):  # a plain Linear holding up @ down (config already untied)
+        dense.set_output_embeddings(head.to_linear())
     with atomic_dir(out, overwrite) as tmp:
         dense.save_pretrained(tmp)
         if tokenizer is not None:

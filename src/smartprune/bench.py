@@ -98,11 +98,12 @@ class BenchResult:
         rows += [("peak RSS, load + one forward (MB)", "peak_rss_bytes", 1e-6), ("loading time (s)", "load_seconds", 1),
                  ("peak GPU memory (MB)", "peak_gpu_bytes", 1e-6)]
         for label, key, unit in rows:
-            if not any(key in m["metrics"] for m in self.models):
+            values = [m["metrics"].get(key, m.get(key)) for m in self.models]  # size_bytes: beside the metrics
+            if all(v is None for v in values):
                 continue
-            cells = [("n/a" if key not in m["metrics"] else f"{m['metrics'][key] * unit:.4g}" +
+            cells = [("n/a" if v is None else f"{v * unit:.4g}" +
                       ("" if m["baseline"] or key not in m["ratios"] else f" (x{m['ratios'][key]:.2f})"))
-                     for m in self.models]
+                     for m, v in zip(self.models, values, strict=True)]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 

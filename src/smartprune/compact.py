@@ -30,10 +30,31 @@ class Quant:
 
 
 def unpack_bits(packed: Tensor, start: int, count: int) -> Tensor:
-    """Entries ``start .. start+count`` (``start`` a multiple of 8) of a packed boolean mask."""
+    """Entries ``start .. start+count`` of a packed boolean mask."""
     first, last = start // 8, (start + count + 7) // 8
     bits = (packed[first:last].unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.view(-1)[:count].bool()
+    return bits.view(-1)[start % 8:start % 8 + count].bool()
+
+
+def _popcount(b: Tensor) -> Tensor:
+    """Set bits of each byte, in uint8 arithmetic (no wider copy of the mask)."""
+    b = b - ((b >> 1) & 0x55)
+    b = (b & 0x33) + ((b >> 2) & 0x33)
+    return (b + (b >> 4)) & 0x0F
+
+
+def _row_counts(bits: Tensor, rows: int, cols: int) -> Tensor:
+    """Stored values per row of a packed mask, a slab of rows at a time. Byte-aligned rows are
+    counted byte by byte: unpacking them would make short-lived buffers 8x the mask's size, which the
+    C allocator keeps (measured: ~70 MB of a 3.5 MB mask stayed resident after loading)."""
+    slabs = []
+    for r in range(0, rows, HEAD_SLAB_ROWS):
+        n = min(rows, r + HEAD_SLAB_ROWS) - r
+        if cols % 8 == 0:
+            slabs.append(_popcount(bits[r * cols // 8:(r + n) * cols // 8]).view(n, cols // 8).sum(1))
+        else:
+            slabs.append(unpack_bits(bits, r * cols, n * cols).view(n, cols).sum(1))
+    return torch.cat(slabs)
 
 
 class PackedMatrix(nn.Module):
@@ -54,9 +75,8 @@ class PackedMatrix(nn.Module):
         rows, cols = self.shape
         if indptr is not None:
             row_ptr = indptr.long()
-        elif bits is not None:  # one pass over the mask, a slab at a time, to count each row's values
-            counts = torch.cat([unpack_bits(bits, r * cols, (min(rows, r + HEAD_SLAB_ROWS) - r) * cols)
-                                .view(-1, cols).sum(1) for r in range(0, rows, HEAD_SLAB_ROWS)])
+        elif bits is not None:
+            counts = _row_counts(bits, rows, cols)
             row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         else:
             row_ptr = torch.arange(rows + 1) * cols
@@ -170,11 +190,14 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float())
 
     def forward(self, h: Tensor) -> Tensor:
-        rows = self.out_features
-        out = h.new_empty(*h.shape[:-1], rows)
+        rows, flat = self.out_features, h.reshape(-1, h.shape[-1])
+        # Each slab's product is written straight into its rows of the transposed output (contiguous
+        # there), so no slab-sized product is allocated beside the logits.
+        out_t = h.new_empty(rows, flat.shape[0])
         for r in range(0, rows, HEAD_SLAB_ROWS):
             end = min(rows, r + HEAD_SLAB_ROWS)
-            out[..., r:end] = h @ self.packed.rows(r, end, h.dtype).t()
+            torch.mm(self.packed.rows(r, end, h.dtype), flat.t(), out=out_t[r:end])
+        out = out_t.t().view(*h.shape[:-1], rows)
         return out + self.bias.to(h.dtype) if self.bias is not None else out
 
 

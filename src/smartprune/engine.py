@@ -37,6 +37,7 @@ from smartprune.data import Calibration, calibration, check_positions
 from smartprune.device import autocast, model_device, resolve_compute_dtype, resolve_device
 from smartprune.errors import DataError, ModelError
 from smartprune.evaluation.perplexity import perplexity_of_ids
+from smartprune.head import head_gram, low_rank_head, untie_head
 from smartprune.methods import METHODS
 from smartprune.methods.base import Sublayer
 from smartprune.methods.fit import Fitter, Objective, lm_objective, local_objective, relative_error
@@ -237,6 +238,10 @@ def _check_offload(recipe: Recipe) -> None:
 def check_recipe_for(config, recipe: Recipe) -> None:
     """The paper's methods and the allocation need a table entry's roles; the baselines do not
     (one line naming what is missing, before any work)."""
+    hidden = getattr(config, "hidden_size", None)
+    if recipe.head is not None and recipe.head.kind == "low-rank" and hidden and recipe.head.rank >= hidden:
+        raise ModelError(f"recipe '{recipe.name}': head rank {recipe.head.rank} is not below the hidden size "
+                         f"{hidden}; a low-rank head needs a smaller rank")
     why = paper_methods_unsupported(config)
     if why is None:
         return
@@ -274,6 +279,7 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
     total = unique_parameters(model)
     before = group_counts(adapter)
     start = time.perf_counter()
+    added = untie_head(model) if recipe.head is not None and recipe.head.kind == "untie" else 0
     n = calib.ids.shape[0]  # chunks of 8 windows (`_chunked`, `collect_stats`), then the rest
     adapter.prepare_calls(calib.ids.shape[1], {min(n, 8), n % 8 or min(n, 8)})  # before the model is spread
     placement = Placement(model, adapter, dev, offload)
@@ -291,7 +297,9 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
             run.compress_blocks()
     finally:
         placement.restore()
-    report = accounting(before, group_counts(adapter), total)
+    if recipe.head is not None and recipe.head.kind == "low-rank":
+        added = low_rank_head(model, recipe.head.rank, head_gram(model, calib.ids.to(model_device(model))))
+    report = accounting(before, group_counts(adapter), total, added)
     report.update({
         "recipe": recipe.name, "recipe_config": recipe.to_dict(), "seed": seed,
         "calibration": {"text": calib.source, "samples": int(calib.ids.shape[0]), "seqlen": int(calib.ids.shape[1]),

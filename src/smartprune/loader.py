@@ -29,6 +29,7 @@ from smartprune.adapters import get_adapter, paper_methods_unsupported
 from smartprune.artifact import FOLDED_KINDS, MANIFEST, TENSORS, read_manifest, sha256
 from smartprune.compact import PackedEmbedding, PackedLinear, PackedMatrix, PackedProjection, Quant, dequantize
 from smartprune.errors import ArtifactError
+from smartprune.head import LowRankHead
 from smartprune.nn import Projection, report_non_finite
 
 RESIDENT = ("compact", "dense")
@@ -146,6 +147,9 @@ class _Reader:
             bias = self.tensors.get(f"{name}.bias")
             self.adapter.replace(name, cls(torch.zeros(rec["d_in"], rec["d_out"]),
                                            None if bias is None else bias.float(), folded, q))
+        elif rec["kind"] == "low_rank":
+            with parameters_on_meta():
+                self.adapter.replace(name, LowRankHead(rec["d_in"], rec["d_out"], rec["rank"], bool(rec.get("bias"))))
         elif rec["kind"] == "projection":
             self.adapter.replace(name, Projection(torch.empty(rec["d_in"], rec["d_out"], device="meta"),
                                                   torch.empty(rec["d_out"], device="meta") if rec["bias"] else None))

@@ -234,6 +234,16 @@ class OverallConfig:
         return tuple(self.max_rate * k / self.points for k in range(1, self.points + 1))
 
 
+@dataclass(frozen=True)
+class HeadConfig:
+    """The output head (`smartprune.head`): ``untie`` keeps it dense while FPP prunes the input table;
+    ``low-rank`` replaces it, after the stages, by a rank-`rank` factorization fitted to the model's
+    final hidden states on the calibration windows (cheaper per token)."""
+
+    kind: str = _opt("low-rank", "untie | low-rank", choices=("untie", "low-rank"))
+    rank: int = _opt(128, "low-rank: the head's rank (below the hidden size)", lo=1, hi=1_000_000)
+
+
 # Stage key -> config class. The order is the order stages run within their scope.
 STAGE_TYPES: dict[str, type[FitConfig]] = {
     "fpp_emb": FPPConfig,
@@ -247,7 +257,7 @@ STAGE_TYPES: dict[str, type[FitConfig]] = {
 SECTION_TYPES: dict[str, type] = {"strategy": StrategyConfig, "calibration": CalibrationConfig}
 PRUNING_STAGES = ("magnitude", "wanda", "sparsegpt")
 # Sections that are absent (None) unless the recipe names them.
-OPTIONAL_SECTIONS: dict[str, type] = {"recover": RecoverConfig, "overall": OverallConfig}
+OPTIONAL_SECTIONS: dict[str, type] = {"recover": RecoverConfig, "overall": OverallConfig, "head": HeadConfig}
 
 
 @dataclass(frozen=True)
@@ -260,6 +270,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     recover: RecoverConfig | None = None  # retraining after the compression stages
     overall: OverallConfig | None = None  # allocation of per-matrix rates by measured sensitivity
+    head: HeadConfig | None = None  # an untied or low-rank output head
     description: str = ""
 
     def to_dict(self) -> dict[str, Any]:
