@@ -4,6 +4,7 @@ batch sizes of the paper's Table 8, and on a GPU its peak memory."""
 import json
 
 import pytest
+import torch
 
 from smartprune.bench import BenchSettings, bench, metric_units, write_outputs
 from smartprune.errors import DataError
@@ -43,6 +44,9 @@ def test_bad_bench_settings_are_refused(model_dirs):
         BenchSettings(batches=())
     with pytest.raises(DeviceError, match="unknown compute dtype"):
         bench([str(model_dirs["llama"])], BenchSettings(rss=False, compute_dtypes=("float8",)), progress=False)
+    if not torch.cuda.is_available():  # refused before any model loads
+        with pytest.raises(DeviceError, match="semi-structured"):
+            bench(["no/such/model"], BenchSettings(rss=False, device="cpu", semi_structured=True), progress=False)
 
 
 def test_compressed_folders_are_measured_per_residency_with_load_time_and_rss(calib, tmp_path):

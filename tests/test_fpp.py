@@ -8,6 +8,7 @@ from smartprune.errors import RecipeError
 from smartprune.methods.base import Sublayer
 from smartprune.methods.fpp import FPPStage, fpp_rates, sign_balanced_mask
 from smartprune.recipes import FPPConfig, StrategyConfig
+from smartprune.recipes.schema import build_recipe
 
 from .conftest import tiny_model
 
@@ -184,3 +185,41 @@ def test_lookups_count_tokens_for_the_token_table_and_positions_for_the_position
     # the position table is looked up once per batch (positions broadcast over the windows): by position,
     # not by token id
     assert positions[:3].tolist() == [1, 1, 1] and int(positions[3:].sum()) == 0
+
+
+def test_nm_pattern_takes_positives_first_within_each_groups_room_by_hand():
+    from smartprune.methods.fpp import nm_balanced_mask
+
+    w = torch.tensor([[0.1, -0.2, 0.3, -0.4, 0.5, 0.6, 0.7, 0.8],
+                      [-0.1, -0.2, -0.3, -0.4, 0.9, -0.05, 0.01, 0.02]])
+    # groups of 4 along axis 1. Positives (4): of each group's room of 2, the lowest positives are
+    # eligible: 0.1, 0.3 | 0.5, 0.6 | none | 0.01, 0.02; the 4 lowest go: 0.01, 0.02, 0.1, 0.3.
+    # Negatives (4): only the third group has room (-0.1, -0.2). The 2 still missing come from
+    # either sign where room is left: the second group's 0.5 and 0.6.
+    keep = nm_balanced_mask(w, None, 4, 4, "magnitude", None, (2, 4), axis=1)
+    assert keep.int().tolist() == [[0, 1, 0, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1, 0, 0]]
+    # the same matrix laid out d_in x d_out (axis 0): the same choice, transposed
+    assert torch.equal(nm_balanced_mask(w.T, None, 4, 4, "magnitude", None, (2, 4), axis=0), keep.T)
+
+
+def test_fpp_with_a_2_4_pattern_ends_with_exactly_two_of_every_four_inputs(calib):
+    from smartprune.engine import compress
+    from smartprune.nn import Projection
+
+    model = tiny_model("llama")
+    recipe = build_recipe({"fpp_emb": {"pattern": "2:4", "steps": 1}, "fpp_ff": {"pattern": "2:4", "steps": 1}},
+                          "r", "test")
+    assert recipe.stages["fpp_ff"].target_sparsity == 0.5
+    compress(model, None, recipe, calib=calib, progress=False)
+    masks = [m.mask.T for m in model.modules() if type(m) is Projection and m.mask is not None]  # (out, in)
+    masks.append(model.get_input_embeddings().mask)  # (vocab, hidden): hidden are the tied head's inputs
+    assert len(masks) == 7  # gate, up, down of 2 blocks; the table
+    for mask in masks:
+        assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+def test_nm_pattern_excludes_neuron_structure_and_allocation():
+    with pytest.raises(RecipeError, match="neuron"):
+        build_recipe({"fpp_ff": {"pattern": "2:4", "structure": "neuron"}}, "r", "test")
+    with pytest.raises(RecipeError, match="N:M"):
+        build_recipe({"fpp_emb": {"pattern": "2:4"}, "sparsegpt": {}, "overall": {"target": 0.5}}, "r", "test")

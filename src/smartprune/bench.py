@@ -64,6 +64,8 @@ class BenchSettings:
     compute_dtypes: tuple[str, ...] = ("auto",)  # one entry per model and dtype (e.g. float32 and bfloat16)
     # how a compressed folder is held in memory, one entry per residency (`smartprune.loader`)
     residencies: tuple[str, ...] = ("compact", "dense")
+    # run every 2:4 projection of a compressed folder on the GPU's semi-structured sparse kernels
+    semi_structured: bool = False
 
     def __post_init__(self) -> None:
         from smartprune.errors import DataError
@@ -156,8 +158,12 @@ class _Probe:
         self.new_tokens, self.seed, self.device, self.dtype = new_tokens, seed, device, dtype
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=0.0)  # a real step that leaves the weights as they are
-        # A compact-resident model is for inference: its packed matrices have nothing to train.
-        self.trainable = not any(isinstance(m, PACKED_MODULES) for m in self.model.modules())
+        # A compact-resident model is for inference: its packed matrices have nothing to train; nor have
+        # semi-structured sparse weights (frozen, and torch has no backward through them for the input).
+        from smartprune.semistructured import SemiStructuredProjection
+
+        self.trainable = not any(isinstance(m, (*PACKED_MODULES, SemiStructuredProjection))
+                                 for m in self.model.modules())
 
     def _timed(self, fn: Callable[[], None]) -> float:
         with autocast(self.device, self.dtype):
@@ -255,14 +261,24 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
     s = settings or BenchSettings()
     device = resolve_device(s.device)
     dtypes = [resolve_compute_dtype(d, device) for d in s.compute_dtypes]  # bad names fail before loading
+    if s.semi_structured and device.type != "cuda":
+        from smartprune.errors import DeviceError
+
+        raise DeviceError(f"--semi-structured needs a CUDA GPU (semi-structured sparse kernels); device is {device}")
     torch.set_num_threads(s.threads or os.cpu_count() or 1)
     torch.manual_seed(s.seed)
     # each compressed folder once per residency; other models once
     held = [(spec, r) for spec in specs for r in (s.residencies if is_compressed(spec) else ("dense",))]
     loaded = [load_model(spec, resident=r) for spec, r in held]
-    for m in loaded:
+    swapped: dict[int, list[str]] = {}  # id(model) -> its projections on semi-structured kernels
+    for (spec, _), m in zip(held, loaded, strict=True):
         _check_lengths(m, s)
         m.model.to(device)
+        if s.semi_structured and is_compressed(spec):
+            from smartprune.semistructured import use_semi_structured
+
+            half = next((d for d in dtypes if d in (torch.float16, torch.bfloat16)), torch.bfloat16)
+            swapped[id(m.model)] = use_semi_structured(m.model, half)
     units = metric_units(s.lengths, s.batches)
     runs = [(spec, r, m, dtype, _Probe(m, s.new_tokens, s.seed, device, dtype))
             for dtype in dtypes for (spec, r), m in zip(held, loaded, strict=True)]
@@ -286,6 +302,7 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
                  "compute_dtype": str(dtype).removeprefix("torch."), "device": str(device),
                  "spreads": {k: {"min": min(v), "max": max(v)} for k, v in sink.items()},
                  "parameters_in_memory": sum(t.numel() for t in m.model.state_dict().values()),
+                 "semi_structured": len(swapped.get(id(m.model), [])),
                  "baseline": spec == specs[0]}
         if peak is not None:
             metrics["peak_gpu_bytes"] = peak.peak

@@ -201,10 +201,19 @@ class PackedLinear(nn.Module):
         return out + self.bias.to(h.dtype) if self.bias is not None else out
 
 
+def _storages(t: Tensor) -> list[Tensor]:
+    """The tensors that hold `t`'s memory: itself, or for a wrapper subclass without storage of its own
+    (torch's semi-structured sparse tensors) its inner tensors (packed values, metadata)."""
+    if type(t) in (Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [x for n in names if getattr(t, n, None) is not None for x in _storages(getattr(t, n))]
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of every distinct parameter and buffer the model holds (shared ones counted once)."""
     seen: dict[tuple[int, int], int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in (x for p in [*model.parameters(), *model.buffers()] for x in _storages(p)):
         if t.device.type != "meta":
             seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
     return sum(seen.values())

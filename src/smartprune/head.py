@@ -31,6 +31,14 @@ class LowRankHead(nn.Module):
     def rank(self) -> int:
         return self.down.out_features
 
+    @property
+    def in_features(self) -> int:
+        return self.down.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.up.out_features
+
     def forward(self, h: Tensor) -> Tensor:
         return self.up(self.down(h))
 

@@ -23,6 +23,9 @@ class Maskable(nn.Module):
 
     weight: nn.Parameter
     mask: Tensor | None
+    # The weight's axis that runs over a product's inputs, along which N:M groups are counted: rows of
+    # a d_in x d_out projection; the hidden columns of a table that also serves as the output head.
+    input_axis: int = 0
 
     def set_mask(self, mask: Tensor | None) -> None:
         """Freeze the entries where `mask` is False: they become and stay exactly zero."""
@@ -193,6 +196,8 @@ class MaskedEmbedding(nn.Embedding, Maskable):
     """An embedding table with an FPP mask. It shares the original ``weight`` Parameter, so a
     tied output head (Llama's ``lm_head``) keeps pointing at the same, pruned, tensor. A table that
     scales its lookups (Gemma's ``embed_scale``, sqrt(hidden)) keeps scaling them."""
+
+    input_axis = 1
 
     def __init__(self, base: nn.Embedding) -> None:
         nn.Module.__init__(self)

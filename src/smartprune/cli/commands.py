@@ -143,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(repeats=args.repeats, lengths=tuple(args.lengths), threads=args.threads,
                              new_tokens=args.new_tokens, rss=not args.no_rss, batches=tuple(args.batches),
                              device=args.device, compute_dtypes=tuple(args.compute_dtype),
-                             residencies=tuple(args.resident))
+                             residencies=tuple(args.resident), semi_structured=args.semi_structured)
     result = bench(args.models, settings, progress=not args.quiet)
     if args.json:
         write_outputs(result, Path(args.json))

@@ -231,6 +231,9 @@ def build_parser() -> Parser:
     b.add_argument("--resident", nargs="+", choices=["compact", "dense"], default=["compact", "dense"],
                    help="how each compressed folder is held, one entry per residency: compact (as stored, "
                    "unpacked per product; no fine-tuning step) and dense (unpacked once) (default: both)")
+    b.add_argument("--semi-structured", action="store_true",
+                   help="GPU only: run every 2:4 matrix of each compressed folder (recipes with pattern: 2:4) on "
+                   "torch's semi-structured sparse kernels (cuSPARSELt), in bfloat16 or float16")
     b.add_argument("--json", help="write the results to this JSON file and a Markdown twin beside it")
     b.set_defaults(func=cmd_bench)
 

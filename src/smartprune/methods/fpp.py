@@ -65,6 +65,55 @@ def sign_balanced_mask(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: i
     return alive.view_as(weight)
 
 
+def _rank_key(weight: Tensor, criterion: str, score: Tensor | None) -> Tensor:
+    """The value whose lowest entries of either sign go first: the criterion's score, else |W| for
+    magnitude (closest to zero) and -|W| for literal (the extremes of each sign)."""
+    if score is not None:
+        return score.detach()
+    w = weight.detach().abs()
+    return w if criterion == "magnitude" else -w
+
+
+def nm_balanced_mask(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: int, criterion: str,
+                     score: Tensor | None, nm: tuple[int, int], axis: int) -> Tensor:
+    """`sign_balanced_mask` under an N:M pattern: no group of M consecutive entries along `axis` (a
+    product's inputs) ever loses more than N. Positives go first, then negatives, each among the
+    entries their group still has room for (the lowest of the group first); what a sign could not give
+    is then taken from the lowest of either sign, so the count is exact whenever the groups have room
+    (they do up to sparsity N/M, FPP's target under a pattern)."""
+    n, m = nm
+    alive = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.clone()
+    if weight.shape[axis] % m:
+        raise RecipeError(f"FPP pattern {n}:{m}: a matrix with {weight.shape[axis]} inputs is not a multiple of {m}")
+    key = _rank_key(weight, criterion, score).float()
+    negative = weight.detach() < 0
+
+    def grouped(t: Tensor) -> Tensor:  # (outputs, groups, m) view of a matrix-shaped tensor
+        t = t if axis == 1 else t.T
+        return t.reshape(t.shape[0], -1, m)
+
+    def take(count: int, sign: Tensor | None) -> int:
+        """Remove up to `count` of the lowest entries of `sign` (None: either) that fit their group."""
+        if count <= 0:
+            return 0
+        ok = alive if sign is None else alive & sign
+        room = n - (m - grouped(alive).sum(-1, keepdim=True))  # each group's remaining prunable entries
+        k = torch.where(grouped(ok), grouped(key), torch.inf)
+        eligible = grouped(ok) & (k.argsort(-1).argsort(-1) < room)
+        flat = torch.where(eligible, k, torch.inf).flatten()
+        count = min(count, int(eligible.sum()))
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        chosen[torch.topk(flat, count, largest=False).indices] = True
+        removed = chosen.view_as(eligible).reshape(alive.shape[1 - axis], alive.shape[axis])
+        alive.mul_(~(removed if axis == 1 else removed.T))
+        return count
+
+    got_pos = take(n_pos, ~negative)
+    got_neg = take(n_neg + n_pos - got_pos, negative)
+    take(n_pos + n_neg - got_pos - got_neg, None)
+    return alive
+
+
 def fpp_rates(cfg: FPPConfig, target: float | None = None) -> list[float]:
     """Cumulative sparsity after each iteration: ``it * (p_pos + p_neg)``, capped at the target
     (`target`, else the configured one)."""
@@ -116,10 +165,14 @@ def criterion_score(weight: Tensor, criterion: str, observed: Tensor | None) -> 
 
 
 def fpp_increment(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: int, criterion: str,
-                  observed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  observed: Tensor | None = None, nm: tuple[int, int] | None = None,
+                  axis: int = 0) -> tuple[Tensor, Tensor]:
     """One FPP increment on a ``d_in x d_out`` matrix: (new weights, new alive mask). With ``obs`` the
-    survivors of each output absorb what the removed weights did (SparseGPT's sweep, mask given)."""
-    alive = sign_balanced_mask(weight, mask, n_pos, n_neg, criterion, criterion_score(weight, criterion, observed))
+    survivors of each output absorb what the removed weights did (SparseGPT's sweep, mask given).
+    `nm`: keep an N:M pattern along `axis` (the matrix's inputs)."""
+    score = criterion_score(weight, criterion, observed)
+    alive = sign_balanced_mask(weight, mask, n_pos, n_neg, criterion, score) if nm is None else \
+        nm_balanced_mask(weight, mask, n_pos, n_neg, criterion, score, nm, axis)
     if criterion != "obs":
         return weight.detach() * alive, alive
     new_t, _ = sparsegpt(weight.detach().T, observed, 0.0, fixed=~alive.T)
@@ -181,7 +234,8 @@ class FPPStage(Stage):
         for m, observed, final in zip(self.targets, self._observe(), self.final_rates(), strict=True):
             n = m.weight.numel()
             new = max(0, round(min(rate, final) * n) - (n - m.alive()))
-            weight, alive = fpp_increment(m.weight, m.mask, *self._split(new), self.cfg.criterion, observed)
+            weight, alive = fpp_increment(m.weight, m.mask, *self._split(new), self.cfg.criterion, observed,
+                                          self.cfg.nm, m.input_axis)
             with torch.no_grad():
                 m.weight.copy_(weight)
             m.set_mask(alive)

@@ -88,6 +88,20 @@ class FPPConfig(FitConfig):
                           "|E| x sqrt(1 + lookups))", choices=CRITERIA)
     structure: str = _opt("weight", "weight (single entries) | neuron (whole feed-forward neurons, fpp_ff only: "
                           "the matrices become smaller and dense; beyond the paper)", choices=("weight", "neuron"))
+    pattern: str = _opt("unstructured", "unstructured | N:M (N zeros in every M consecutive inputs of each output, "
+                        "e.g. 2:4, which GPUs run as semi-structured sparse tensors; target_sparsity becomes N/M; "
+                        "beyond the paper)")
+
+    def __post_init__(self) -> None:
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            if self.structure == "neuron":
+                raise ValueError("pattern: an N:M pattern prunes single weights; it excludes structure 'neuron'")
+            object.__setattr__(self, "target_sparsity", nm[0] / nm[1])
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -398,7 +412,7 @@ def _check_overall(stages: dict[str, FitConfig], overall: OverallConfig | None, 
     if sum(k in PRUNING_STAGES for k in stages) > 1:
         raise RecipeError(f"recipe {source}: overall: one pruning stage at most")
     if getattr(stages.get("magnitude"), "scope", "matrix") == "global" or any(
-            getattr(stages.get(k), "nm", None) for k in PRUNING_STAGES):
+            getattr(stages.get(k), "nm", None) for k in (*PRUNING_STAGES, "fpp_emb")):
         raise RecipeError(f"recipe {source}: overall: per-matrix rates exclude magnitude scope 'global' and N:M "
                           "patterns")
 
