@@ -24,3 +24,11 @@ done
   --out $R/memory
 [ -f $R/quality/quality.json ] || $PY benchmarks/compact_quality.py smollm2-135m $R/paper $R/paper-structured \
   --threads 1 --out $R/quality
+# the same profile with glibc returning blocks of 1 MiB and more to the system at once (not set by smartprune)
+[ -f $R/memory-mmap/memory.json ] || MALLOC_MMAP_THRESHOLD_=1048576 $PY benchmarks/memory_profile.py smollm2-135m \
+  $R/paper $R/paper-int8 --resident compact --out $R/memory-mmap
+[ -f $R/eval-lowrank.json ] || sp eval $R/paper-structured-lowrank $R/paper-structured --tasks wikitext2 --limit 8 \
+  --json $R/eval-lowrank.json
+# what the 2:4 pattern costs FPP against the same 50% unstructured (quality only: the speed needs a GPU)
+[ -f $R/ff24-compare.json ] || sp compare smollm2-135m --limit 4 --json $R/ff24-compare.json \
+  --methods dense,benchmarks/recipes/ff-2of4.yaml,benchmarks/recipes/ff-50.yaml
