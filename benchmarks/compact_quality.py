@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from smartprune.adapters import get_adapter
-from smartprune.artifact import save, write_json, write_text
+from smartprune.artifact import save, write_results
 from smartprune.bench import size_on_disk
 from smartprune.data import calibration
 from smartprune.evaluation import perplexity
@@ -133,9 +133,7 @@ def main() -> None:
             result["dtypes"] += stored_values(spec, dense.tokenizer, args.limit, Path(work))
             result["heads"] += heads(spec, args.models[0], dense.tokenizer, args.ranks, args.limit, calib.ids,
                                      args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "quality.json", result)
-    write_text(args.out / "quality.md", markdown(result))
+    write_results(args.out, "quality", result, markdown(result))
     print(markdown(result))
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smartprune.artifact import write_json, write_text
+from smartprune.artifact import write_results
 from smartprune.loading import is_compressed
 
 # Run in the fresh process: the steps of a load and a forward, with VmRSS (MB) after each.
@@ -70,9 +70,8 @@ def main() -> None:
     args = p.parse_args()
     rows = [profile(spec, r, args.length, args.every) for spec in args.models
             for r in (args.resident if is_compressed(spec) else ["dense"])]
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "memory.json", {"settings": {"length": args.length, "every": args.every}, "models": rows})
-    write_text(args.out / "memory.md", markdown(rows, args.length))
+    write_results(args.out, "memory", {"settings": {"length": args.length, "every": args.every}, "models": rows},
+                  markdown(rows, args.length))
     print(markdown(rows, args.length))
 
 

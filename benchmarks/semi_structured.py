@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from smartprune.artifact import write_json, write_text
+from smartprune.artifact import write_results
 from smartprune.semistructured import _to_semi_structured, use_semi_structured
 
 SMOLLM2_FF = [(576, 1536), (1536, 576)]  # (d_in, d_out): gate/up, down
@@ -124,9 +124,7 @@ def main() -> None:
               "repeats": args.repeats, "products": products(weights, args.tokens, args.repeats, dtype)}
     if args.model:
         result["model"] = whole_model(args.model, args.batch, args.repeats, dtype)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "semi.json", result)
-    write_text(args.out / "semi.md", markdown(result))
+    write_results(args.out, "semi", result, markdown(result))
     print(markdown(result))
 
 

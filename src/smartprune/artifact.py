@@ -148,6 +148,12 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
+def write_results(folder: Path, stem: str, data: dict, markdown: str) -> None:
+    """A measurement as ``folder/stem.json`` and its readable twin ``folder/stem.md`` (benchmark scripts)."""
+    write_json(folder / f"{stem}.json", data)
+    write_text(folder / f"{stem}.md", markdown)
+
+
 def _pack(mask: Tensor) -> Tensor:
     return torch.from_numpy(np.packbits(mask.flatten().numpy()))
 
