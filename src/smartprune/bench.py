@@ -270,6 +270,8 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
     # each compressed folder once per residency; other models once
     held = [(spec, r) for spec in specs for r in (s.residencies if is_compressed(spec) else ("dense",))]
     loaded = [load_model(spec, resident=r) for spec, r in held]
+    # the semi-structured kernels' dtype: the first 16-bit compute dtype asked for, else bfloat16
+    half = next((d for d in dtypes if d in (torch.float16, torch.bfloat16)), torch.bfloat16)
     swapped: dict[int, list[str]] = {}  # id(model) -> its projections on semi-structured kernels
     for (spec, _), m in zip(held, loaded, strict=True):
         _check_lengths(m, s)
@@ -277,7 +279,6 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
         if s.semi_structured and is_compressed(spec):
             from smartprune.semistructured import use_semi_structured
 
-            half = next((d for d in dtypes if d in (torch.float16, torch.bfloat16)), torch.bfloat16)
             swapped[id(m.model)] = use_semi_structured(m.model, half)
     units = metric_units(s.lengths, s.batches)
     runs = [(spec, r, m, dtype, _Probe(m, s.new_tokens, s.seed, device, dtype))

@@ -52,9 +52,7 @@ class SemiStructuredProjection(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x.to(self.bias.dtype if self.bias is not None else self.weight.dtype).contiguous(),
-                     self.weight, self.bias)
-        return y.to(x.dtype)
+        return F.linear(x.to(self.weight.dtype).contiguous(), self.weight, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, 2:4 semi-structured"
@@ -65,7 +63,7 @@ def _weight_of(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
     if type(module) is Projection:
         return module.weight.detach(), module.bias
     if isinstance(module, PackedProjection):
-        return module.packed.dense(torch.float32).to(module.packed.values.device), module.bias
+        return module.packed.dense(torch.float32), module.bias
     return None
 
 

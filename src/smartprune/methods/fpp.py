@@ -96,10 +96,10 @@ def nm_balanced_mask(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: int
         """Remove up to `count` of the lowest entries of `sign` (None: either) that fit their group."""
         if count <= 0:
             return 0
-        ok = alive if sign is None else alive & sign
+        ok = grouped(alive if sign is None else alive & sign)
         room = n - (m - grouped(alive).sum(-1, keepdim=True))  # each group's remaining prunable entries
-        k = torch.where(grouped(ok), grouped(key), torch.inf)
-        eligible = grouped(ok) & (k.argsort(-1).argsort(-1) < room)
+        k = torch.where(ok, grouped(key), torch.inf)
+        eligible = ok & (k.argsort(-1).argsort(-1) < room)
         flat = torch.where(eligible, k, torch.inf).flatten()
         count = min(count, int(eligible.sum()))
         chosen = torch.zeros_like(flat, dtype=torch.bool)

@@ -67,12 +67,38 @@ class DWCConfig(FitConfig):
     train_rest: bool = _opt(True, "also optimize the attention's other weights after the fold")
 
 
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M): N zeros in every group of M consecutive inputs."""
+    if pattern == "unstructured":
+        return None
+    n, sep, m = pattern.partition(":")
+    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+        return int(n), int(m)
+    raise ValueError(f"pattern: {pattern!r} is neither 'unstructured' nor 'N:M' with 0 < N < M (e.g. 2:4)")
+
+
+class NMPattern:
+    """A stage with a ``pattern`` field (FPP, the pruning baselines): ``nm`` is the parsed pattern, and an
+    N:M pattern fixes the stage's rate (its ``rate_field``) to N/M."""
+
+    pattern: str
+    rate_field: ClassVar[str]
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    def _rate_from_pattern(self) -> None:
+        if self.nm is not None:
+            object.__setattr__(self, self.rate_field, self.nm[0] / self.nm[1])
+
+
 CRITERIA = ("magnitude", "literal", "wanda", "obs", "frequency")
 ACTIVATION_CRITERIA = ("wanda", "obs")  # need a layer's input activations: not for an embedding
 
 
 @dataclass(frozen=True)
-class FPPConfig(FitConfig):
+class FPPConfig(NMPattern, FitConfig):
     """Forward Propagation Pruning (Algorithm 2) of embedding or feed-forward matrices."""
 
     rate_field: ClassVar[str] = "target_sparsity"  # the field a sweep varies
@@ -93,29 +119,13 @@ class FPPConfig(FitConfig):
                         "beyond the paper)")
 
     def __post_init__(self) -> None:
-        nm = parse_pattern(self.pattern)
-        if nm is not None:
-            if self.structure == "neuron":
-                raise ValueError("pattern: an N:M pattern prunes single weights; it excludes structure 'neuron'")
-            object.__setattr__(self, "target_sparsity", nm[0] / nm[1])
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        return parse_pattern(self.pattern)
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M): N zeros in every group of M consecutive inputs."""
-    if pattern == "unstructured":
-        return None
-    n, sep, m = pattern.partition(":")
-    if sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
-        return int(n), int(m)
-    raise ValueError(f"pattern: {pattern!r} is neither 'unstructured' nor 'N:M' with 0 < N < M (e.g. 2:4)")
+        if self.nm is not None and self.structure == "neuron":
+            raise ValueError("pattern: an N:M pattern prunes single weights; it excludes structure 'neuron'")
+        self._rate_from_pattern()
 
 
 @dataclass(frozen=True)
-class PruneConfig(FitConfig):
+class PruneConfig(NMPattern, FitConfig):
     """A one-shot pruning baseline on every linear layer of every block (no re-fitting by default)."""
 
     rate_field: ClassVar[str] = "sparsity"  # the field a sweep varies
@@ -125,13 +135,7 @@ class PruneConfig(FitConfig):
     pattern: str = _opt("unstructured", "unstructured | N:M (N zeros in every M consecutive inputs, e.g. 2:4)")
 
     def __post_init__(self) -> None:
-        nm = parse_pattern(self.pattern)
-        if nm is not None:
-            object.__setattr__(self, "sparsity", nm[0] / nm[1])
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        return parse_pattern(self.pattern)
+        self._rate_from_pattern()
 
 
 @dataclass(frozen=True)
