@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 
 from smartprune.adapters import get_adapter
-from smartprune.artifact import save, write_results
-from smartprune.bench import size_on_disk
 from smartprune.data import calibration
 from smartprune.evaluation import perplexity
-from smartprune.head import head_gram, low_rank_head, tied
-from smartprune.loader import load
-from smartprune.loading import is_compressed, load_model
+from smartprune.files import write_results
+from smartprune.modules.head import head_gram, low_rank_head, tied
+from smartprune.runs.bench import size_on_disk
+from smartprune.storage.load import load
+from smartprune.storage.save import save
+from smartprune.storage.sources import is_compressed, load_model
 
 
 def _median_time(fn, repeats: int) -> float:

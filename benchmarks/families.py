@@ -1,5 +1,5 @@
 """Every family of the adapter table (and one without an entry) through compression: the tiny random
-model of each (`smartprune.tiny`, two blocks of width 32, GPT-2 vocabulary) compressed with the
+model of each (`smartprune.testing`, two blocks of width 32, GPT-2 vocabulary) compressed with the
 paper's recipe and with SparseGPT at 50%, on 8 calibration windows of 32 tokens of WikiText-2 train.
 Per family and recipe: seconds to compress (`compress()` alone, after one warm-up run of the same
 family so that first-use costs are not counted), the compression reached, what structured inference
@@ -36,11 +36,11 @@ def measure(name: str, recipe_name: str, calib, tokenizer) -> dict:
     from transformers import AutoModelForCausalLM
 
     import smartprune
-    from smartprune.engine import compress
+    from smartprune.adapters.install import coverage, use_structure
+    from smartprune.compression.engine import compress
     from smartprune.errors import ModelError
     from smartprune.recipes import load_recipe
-    from smartprune.structure import coverage, use_structure
-    from smartprune.tiny import family_model
+    from smartprune.testing import family_model
 
     recipe = load_recipe(recipe_name) if recipe_name == "paper" else _sparsegpt()
     model = family_model(name)
@@ -71,7 +71,7 @@ def measure(name: str, recipe_name: str, calib, tokenizer) -> dict:
 
 
 def _sparsegpt():
-    from smartprune.recipes.loader import build_recipe
+    from smartprune.recipes.resolve import build_recipe
 
     return build_recipe({"sparsegpt": {"sparsity": 0.5}}, "sparsegpt-50", "benchmarks/families.py")
 
@@ -97,7 +97,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from smartprune.paths import data_dir
-    from smartprune.tiny import FAMILIES
+    from smartprune.testing import FAMILIES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/families", help="folder for families.json and families.md")

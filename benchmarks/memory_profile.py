@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smartprune.artifact import write_results
-from smartprune.loading import is_compressed
+from smartprune.files import write_results
+from smartprune.storage.sources import is_compressed
 
 # Run in the fresh process: the steps of a load and a forward, with VmRSS (MB) after each.
 PROBE = """
@@ -25,7 +25,7 @@ def rss():
     return next(int(l.split()[1]) // 1024 for l in open('/proc/self/status') if l.startswith('VmRSS'))
 steps = []
 import torch, transformers, smartprune
-from smartprune.loading import load_model
+from smartprune.storage.sources import load_model
 torch.set_num_threads(1)
 steps.append(("imports (torch, transformers, smartprune)", rss()))
 loaded = load_model(SPEC, resident=RESIDENT)

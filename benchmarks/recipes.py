@@ -17,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from smartprune.api import environment
-from smartprune.artifact import save, write_json, write_text
-from smartprune.engine import compress
+from smartprune.compression.engine import compress
 from smartprune.evaluation import perplexity
-from smartprune.loading import load_model
+from smartprune.files import write_json, write_text
 from smartprune.recipes import load_recipe
+from smartprune.runs.environment import environment
+from smartprune.storage.save import save
+from smartprune.storage.sources import load_model
 
 
 def table(results: dict) -> str:

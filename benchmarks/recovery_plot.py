@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from smartprune.figures import recovery_figure, save
+from smartprune.reporting.figures import recovery_figure, save
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from smartprune.artifact import write_results
-from smartprune.semistructured import _to_semi_structured, use_semi_structured
+from smartprune.files import write_results
+from smartprune.modules.semistructured import _to_semi_structured, use_semi_structured
 
 SMOLLM2_FF = [(576, 1536), (1536, 576)]  # (d_in, d_out): gate/up, down
 
@@ -67,7 +67,7 @@ def products(weights: dict[str, torch.Tensor], tokens: list[int], repeats: int, 
 
 
 def whole_model(spec: str, batch: int, repeats: int, dtype: torch.dtype) -> dict:
-    from smartprune.loading import load_model
+    from smartprune.storage.sources import load_model
 
     dense = load_model(spec, resident="dense").model.to("cuda", dtype)
     sparse = copy.deepcopy(dense)
@@ -112,7 +112,7 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     if args.model:
-        from smartprune.loading import load_model
+        from smartprune.storage.sources import load_model
 
         model = load_model(args.model, resident="dense").model
         block = model.get_decoder().layers[0].mlp

@@ -3,7 +3,7 @@
 For each shape (d_in x d_out), token count and sparsity, times ``x @ W`` dense (the masked matrix as
 is) and through ``torch.sparse`` CSR, interleaved, median of --repeats; writes JSON and Markdown with
 the speed-up (dense time / CSR time) and, per shape and token count, the lowest sparsity from which
-CSR is faster at every higher sparsity measured (the crossover that `smartprune.inference` uses).
+CSR is faster at every higher sparsity measured (the crossover that `smartprune.modules.structured` uses).
 
     python benchmarks/sparse_crossover.py --out runs/crossover
 """

@@ -123,6 +123,10 @@ def data_dir(tmp_path_factory) -> Path:
     (root / "wikitext-2-raw").mkdir()
     raw = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
     (root / "wikitext-2-raw" / "wiki.test.raw").write_text(raw.read_text()[:40_000] if raw.is_file() else text[:40_000])
+    (root / "ptb").mkdir()
+    for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
+        src = SHARED_DATA / "ptb" / name
+        (root / "ptb" / name).write_text(src.read_text()[:40_000] if src.is_file() else text[:40_000])
     _write_classification_data(root)
     if GPT2_TOKENIZER.is_dir():
         shutil.copytree(GPT2_TOKENIZER, root / "gpt2-tokenizer")
@@ -157,6 +161,14 @@ def use_data(monkeypatch, data_dir) -> Path:
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that take the `device` fixture are marked `device`: `pytest -m device -k cuda` runs them
+    on a GPU alone (benchmarks/gpu.py)."""
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
 
 
 @pytest.fixture(params=DEVICES)

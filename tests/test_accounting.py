@@ -3,9 +3,9 @@
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from smartprune.accounting import accounting, group_counts, unique_parameters
 from smartprune.adapters import get_adapter
-from smartprune.nn import FoldedProjection
+from smartprune.compression.accounting import accounting, group_counts, unique_parameters
+from smartprune.modules.masked import FoldedProjection
 
 
 def test_gpt2_small_groups_match_table_4():

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from smartprune.adapters import get_adapter
 from smartprune.errors import ModelError
-from smartprune.nn import FusedProjections, Projection
+from smartprune.modules.masked import FusedProjections, Projection
 
 from .conftest import tiny_model
 

@@ -3,8 +3,8 @@ and recipes that cannot be allocated refused."""
 
 import pytest
 
-from smartprune.allocation import Unit, _hull, allocate
-from smartprune.engine import compress
+from smartprune.compression.allocation import Unit, _hull, allocate
+from smartprune.compression.engine import compress
 from smartprune.errors import RecipeError
 from smartprune.recipes import load_recipe
 from smartprune.recipes.schema import build_recipe

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from smartprune.artifact import save, write_dense
-from smartprune.engine import compress
+from smartprune.compression.engine import compress
 from smartprune.errors import ArtifactError, OutputError
-from smartprune.loader import load
 from smartprune.recipes import load_recipe
+from smartprune.storage.load import load
+from smartprune.storage.save import save, write_dense
 
 from .conftest import tiny_model
 
@@ -176,7 +176,7 @@ def _rounded(model, dtype):
 @pytest.mark.parametrize("recipe", ["paper", "paper-structured"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_every_structure_and_dtype_round_trips(recipe, dtype, kind, calib, tmp_path):
-    from smartprune.artifact import DTYPES
+    from smartprune.storage.format import DTYPES
 
     model = tiny_model(kind)
     compress(model, None, load_recipe(recipe), calib=calib, progress=False)
@@ -193,12 +193,12 @@ def test_every_structure_and_dtype_round_trips(recipe, dtype, kind, calib, tmp_p
 
 
 def test_csr_is_chosen_only_when_smaller_and_round_trips(tmp_path):
-    from smartprune.artifact import _sparse_encoding
-    from smartprune.nn import Projection
+    from smartprune.modules.masked import Projection
+    from smartprune.storage.format import sparse_encoding
 
     # 100 x 100 fp32: bitmask = 4a + 1250 bytes, CSR (int16 indices) = 6a + 404: CSR wins below a = 423
-    assert _sparse_encoding((100, 100), 422, 4) == "csr"
-    assert _sparse_encoding((100, 100), 424, 4) == "bitmask"
+    assert sparse_encoding((100, 100), 422, 4) == "csr"
+    assert sparse_encoding((100, 100), 424, 4) == "bitmask"
     from smartprune.adapters import get_adapter
 
     model = tiny_model("llama")

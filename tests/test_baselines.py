@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smartprune.engine import compress
+from smartprune.compression.engine import compress
 from smartprune.methods.base import InputStats
 from smartprune.methods.pruning import lowest_in_matrix, lowest_n_of_m, lowest_per_row, spread
 from smartprune.methods.sparsegpt import sparsegpt

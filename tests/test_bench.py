@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from smartprune.bench import BenchSettings, bench, metric_units, write_outputs
 from smartprune.errors import DataError
+from smartprune.runs.bench import BenchSettings, bench, metric_units, write_outputs
 
 
 def test_metric_names_follow_lengths_and_batches():
@@ -50,9 +50,9 @@ def test_bad_bench_settings_are_refused(model_dirs):
 
 
 def test_compressed_folders_are_measured_per_residency_with_load_time_and_rss(calib, tmp_path):
-    from smartprune.artifact import save
-    from smartprune.engine import compress
+    from smartprune.compression.engine import compress
     from smartprune.recipes import load_recipe
+    from smartprune.storage.save import save
 
     from .conftest import tiny_model
 

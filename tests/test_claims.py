@@ -1,6 +1,6 @@
 """The claim checks on hand-made sweeps: verdicts follow the numbers, in both metric directions."""
 
-from smartprune.claims import check_claims, compare_variants, moderate_compression_helps
+from smartprune.reporting.claims import check_claims, compare_variants, moderate_compression_helps
 
 
 def _sweep(method, points, task="wikitext2", metric="perplexity"):

@@ -39,7 +39,8 @@ def test_recipes_lists_one_line_each(capsys):
     code, out, _ = run(capsys, "recipes")
     assert code == 0
     lines = out.strip().splitlines()
-    assert len(lines) == 9 and {"paper-structured", "smart", "smart-50"} <= {line.split()[0] for line in lines}
+    names = {line.split()[0] for line in lines}
+    assert len(lines) == 10 and {"paper-structured", "smart", "smart-50", "slim-40"} <= names
 
 
 def _one_clean_line(err: str) -> str:

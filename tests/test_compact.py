@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from smartprune import compact
-from smartprune.artifact import save
-from smartprune.compact import PackedEmbedding, PackedLinear, PackedMatrix, PackedProjection, Quant, quantize
-from smartprune.engine import compress
+from smartprune.compression.engine import compress
 from smartprune.errors import ArtifactError
-from smartprune.loader import load, parameters_on_meta
+from smartprune.modules import packed as compact
+from smartprune.modules.packed import PackedEmbedding, PackedLinear, PackedMatrix, PackedProjection, Quant, quantize
 from smartprune.recipes import load_recipe
+from smartprune.storage.load import load, parameters_on_meta
+from smartprune.storage.save import save
 
 from .conftest import tiny_model
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from smartprune.engine import compress
-from smartprune.nn import FoldedProjection
+from smartprune.compression.engine import compress
+from smartprune.modules.masked import FoldedProjection
 from smartprune.recipes import load_recipe
 from smartprune.recipes.schema import build_recipe
 

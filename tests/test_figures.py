@@ -2,9 +2,9 @@
 
 import torch
 
-from smartprune.engine import compress
-from smartprune.figures import curve_figure, layer_weights, save, weight_figure
+from smartprune.compression.engine import compress
 from smartprune.recipes import load_recipe
+from smartprune.reporting.figures import curve_figure, layer_weights, save, weight_figure
 
 from .conftest import tiny_model
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from smartprune.methods.config import FitConfig
 from smartprune.methods.fit import Fitter
-from smartprune.nn import Projection
-from smartprune.recipes import FitConfig
+from smartprune.modules.masked import Projection
 
 
 def _masked_projection():

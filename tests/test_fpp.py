@@ -6,8 +6,8 @@ import torch
 from smartprune.adapters import get_adapter
 from smartprune.errors import RecipeError
 from smartprune.methods.base import Sublayer
-from smartprune.methods.fpp import FPPStage, fpp_rates, sign_balanced_mask
-from smartprune.recipes import FPPConfig, StrategyConfig
+from smartprune.methods.config import StrategyConfig
+from smartprune.methods.fpp import FPPConfig, FPPStage, fpp_rates, sign_balanced_mask
 from smartprune.recipes.schema import build_recipe
 
 from .conftest import tiny_model
@@ -72,8 +72,8 @@ def test_neuron_scores_are_signed_norms_by_hand():
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_structured_fpp_leaves_smaller_dense_matrices_and_still_generates(arch, calib):
-    from smartprune.engine import compress
-    from smartprune.nn import Projection
+    from smartprune.compression.engine import compress
+    from smartprune.modules.masked import Projection
     from smartprune.recipes import load_recipe
 
     from .conftest import tiny_model
@@ -158,7 +158,7 @@ def test_criteria_that_do_not_fit_the_matrix_are_refused(recipe, message):
 
 @pytest.mark.parametrize("criterion", ["wanda", "obs"])
 def test_the_engine_runs_each_criterion_and_obs_fits_the_blocks_best(criterion, kind, calib):
-    from smartprune.engine import compress
+    from smartprune.compression.engine import compress
     from smartprune.recipes.schema import build_recipe
 
     errors = {}
@@ -203,8 +203,8 @@ def test_nm_pattern_takes_positives_first_within_each_groups_room_by_hand():
 
 
 def test_fpp_with_a_2_4_pattern_ends_with_exactly_two_of_every_four_inputs(calib):
-    from smartprune.engine import compress
-    from smartprune.nn import Projection
+    from smartprune.compression.engine import compress
+    from smartprune.modules.masked import Projection
 
     model = tiny_model("llama")
     recipe = build_recipe({"fpp_emb": {"pattern": "2:4", "steps": 1}, "fpp_ff": {"pattern": "2:4", "steps": 1}},

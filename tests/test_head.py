@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from smartprune.artifact import save, write_dense
-from smartprune.engine import check_recipe_for, compress
+from smartprune.compression.engine import check_recipe_for, compress
 from smartprune.errors import ModelError
-from smartprune.head import LowRankHead, head_gram, low_rank_head
-from smartprune.loader import load
+from smartprune.modules.head import LowRankHead, head_gram, low_rank_head
 from smartprune.recipes import load_recipe
 from smartprune.recipes.schema import build_recipe
+from smartprune.storage.load import load
+from smartprune.storage.save import save, write_dense
 
 from .conftest import tiny_model
 

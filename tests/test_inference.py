@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from smartprune.adapters import get_adapter
-from smartprune.engine import compress
-from smartprune.inference import DiagonalProjection, IRCAttention, Rope, SparseProjection
-from smartprune.nn import FoldedProjection, Projection
+from smartprune.adapters.install import use_structure
+from smartprune.compression.engine import compress
+from smartprune.modules.masked import FoldedProjection, Projection
+from smartprune.modules.structured import DiagonalProjection, IRCAttention, Rope, SparseProjection
 from smartprune.recipes import load_recipe
-from smartprune.structure import use_structure
 
 from .conftest import tiny_model
 
@@ -123,8 +123,8 @@ def test_sparse_projection_equals_dense_and_still_trains():
 def test_structured_fpp_exports_a_vanilla_folder_and_structured_models_refuse_saving(arch, calib, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from smartprune.artifact import save, write_dense
     from smartprune.errors import OutputError
+    from smartprune.storage.save import save, write_dense
 
     model = tiny_model(arch)
     compress(model, None, load_recipe("paper-structured"), calib=calib, progress=False)
@@ -235,7 +235,7 @@ def test_the_cache_reaches_irc_attention_when_decoding(calib):
 def test_irc_attention_takes_the_cache_under_any_keyword(keyword, calib):
     from transformers import DynamicCache
 
-    from smartprune.inference import CacheNotPassedError
+    from smartprune.modules.structured import CacheNotPassedError
 
     fast, _ = _structured_and_dense("llama", calib)
     attn = next(m for m in fast.modules() if isinstance(m, IRCAttention))
@@ -258,8 +258,8 @@ def test_loaded_compressed_model_matches_its_dense_export(arch, calib, tmp_path)
     in bfloat16 the structured model is as close to the float32 export as the export in bfloat16 is."""
     from transformers import AutoModelForCausalLM
 
-    from smartprune.artifact import save, write_dense
-    from smartprune.loader import load
+    from smartprune.storage.load import load
+    from smartprune.storage.save import save, write_dense
 
     model = tiny_model(arch)
     compress(model, None, load_recipe("paper"), calib=calib, progress=False)
@@ -277,7 +277,7 @@ def test_loaded_compressed_model_matches_its_dense_export(arch, calib, tmp_path)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cached_positions_survive_the_cache_dtype(dtype):
     # bfloat16 holds integers exactly only up to 256: positions are cached as base-256 digits.
-    from smartprune.inference import decode_keys, encode_keys
+    from smartprune.modules.structured import decode_keys, encode_keys
 
     pos = torch.tensor([[0, 255, 256, 257, 1023, 4097, 65_535, 1_000_003]])
     s = torch.linspace(-3, 3, pos.shape[1])[None]
@@ -290,10 +290,10 @@ def test_cached_positions_survive_the_cache_dtype(dtype):
 def test_column_folded_irc_runs_structured_and_round_trips(arch, calib, tmp_path):
     """The other reading of IRC (W = q 1^T): the same IRC attention, with x . q as each token's scalar
     and a vector of ones per head, equals the dense materialization; the folder round-trips."""
-    from smartprune.artifact import save
-    from smartprune.loader import load
-    from smartprune.nn import ColumnFoldedProjection
+    from smartprune.modules.masked import ColumnFoldedProjection
     from smartprune.recipes.schema import build_recipe
+    from smartprune.storage.load import load
+    from smartprune.storage.save import save
 
     model = tiny_model(arch)
     recipe = build_recipe({"irc": {"rate": 1.0, "orientation": "output"}, "dwc": {}}, "t", "test")

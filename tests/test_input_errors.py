@@ -42,9 +42,9 @@ def test_a_run_file_that_is_not_utf8_or_not_an_object(tmp_path, capsys):
 
 def test_an_output_that_cannot_be_written_is_refused_before_compressing(model_dirs, use_data, tmp_path, capsys,
                                                                         monkeypatch):
-    import smartprune.api
+    import smartprune.runs.compress
 
-    monkeypatch.setattr(smartprune.api, "compress", _fail_if_called)
+    monkeypatch.setattr(smartprune.runs.compress, "compress", _fail_if_called)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "irc", "--out", blocker / "out")
@@ -54,9 +54,9 @@ def test_an_output_that_cannot_be_written_is_refused_before_compressing(model_di
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_an_output_under_a_read_only_folder_is_refused_before_compressing(model_dirs, use_data, tmp_path, capsys,
                                                                           monkeypatch):
-    import smartprune.api
+    import smartprune.runs.compress
 
-    monkeypatch.setattr(smartprune.api, "compress", _fail_if_called)
+    monkeypatch.setattr(smartprune.runs.compress, "compress", _fail_if_called)
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
@@ -137,9 +137,9 @@ def test_report_on_a_compressed_folder_works_from_another_folder(model_dirs, use
 
 
 def test_match_recipe_is_checked_before_any_model_work(model_dirs, use_data, capsys, monkeypatch):
-    import smartprune.compare
+    import smartprune.runs.compare
 
-    monkeypatch.setattr(smartprune.compare, "load_model", _fail_if_called)
+    monkeypatch.setattr(smartprune.runs.compare, "load_model", _fail_if_called)
     code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "dense,magnitude", "--sparsity",
                        "match:papre", "--limit", "1", "--seqlen", "64")
     assert code == 2 and "unknown recipe 'papre' (did you mean 'paper'?)" in _one_clean_line(err)
@@ -147,8 +147,8 @@ def test_match_recipe_is_checked_before_any_model_work(model_dirs, use_data, cap
 
 def test_a_bad_second_eval_model_is_found_before_the_first_is_evaluated(model_dirs, use_data, tmp_path, capsys,
                                                                         monkeypatch):
-    import smartprune.api
+    import smartprune.runs.compress
 
-    monkeypatch.setattr(smartprune.api, "load_model", _fail_if_called)
+    monkeypatch.setattr(smartprune.runs.compress, "load_model", _fail_if_called)
     code, _, err = run(capsys, "eval", model_dirs["gpt2"], tmp_path / "missing", "--seqlen", "32", "--limit", "1")
     assert code == 2 and "model path not found" in _one_clean_line(err)

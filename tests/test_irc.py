@@ -4,9 +4,9 @@ import torch
 
 from smartprune.adapters import get_adapter
 from smartprune.methods.base import InputStats, Sublayer
-from smartprune.methods.irc import IRCStage, least_squares_row
-from smartprune.nn import FoldedProjection
-from smartprune.recipes import IRCConfig, StrategyConfig
+from smartprune.methods.config import StrategyConfig
+from smartprune.methods.irc import IRCConfig, IRCStage, least_squares_row
+from smartprune.modules.masked import FoldedProjection
 
 from .conftest import tiny_model
 
@@ -97,7 +97,7 @@ def test_fit_init_reduces_output_error_below_random_row():
 
 
 def test_column_fold_makes_every_output_the_same_combination():
-    from smartprune.nn import ColumnFoldedProjection
+    from smartprune.modules.masked import ColumnFoldedProjection
 
     q = torch.tensor([1.0, 0.0, -1.0, 2.0])  # a shared column of length d_in
     proj = ColumnFoldedProjection(W, torch.tensor([0.5, 0.0, -0.5]), torch.ones(3, dtype=torch.bool), q)
@@ -114,8 +114,8 @@ def test_column_fold_makes_every_output_the_same_combination():
 
 
 def test_output_orientation_folds_columns_of_q_and_k(calib):
-    from smartprune.engine import compress
-    from smartprune.nn import ColumnFoldedProjection
+    from smartprune.compression.engine import compress
+    from smartprune.modules.masked import ColumnFoldedProjection
     from smartprune.recipes.schema import build_recipe
 
     model = tiny_model("llama")

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from smartprune.artifact import atomic_dir
 from smartprune.errors import OutputError
+from smartprune.files import atomic_dir
 
 from .test_cli import _one_clean_line, run
 
@@ -97,7 +97,7 @@ def test_non_finite_weights_are_reported(caplog):
 
     import torch
 
-    from smartprune.nn import report_non_finite
+    from smartprune.modules.masked import report_non_finite
 
     model = torch.nn.Linear(3, 2)
     with torch.no_grad():

@@ -57,7 +57,7 @@ def test_missing_text_falls_back_to_the_hub_only_when_reachable(monkeypatch, tmp
     import sys
     import types
 
-    import smartprune.loading
+    import smartprune.hf
     from smartprune.data import eval_text
 
     (tmp_path / "d").mkdir()
@@ -67,9 +67,9 @@ def test_missing_text_falls_back_to_the_hub_only_when_reachable(monkeypatch, tmp
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda name, config, split: calls.append((name, config, split)) or {"text": ["a\n", "", "b\n"]}
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    monkeypatch.setattr(smartprune.loading, "hub_reachable", lambda: False)
+    monkeypatch.setattr(smartprune.hf, "hub_reachable", lambda: False)
     with pytest.raises(DataError, match=r"wiki\.test\.raw.*SMARTPRUNE_DATA"):
         eval_text("wikitext2")
-    monkeypatch.setattr(smartprune.loading, "hub_reachable", lambda: True)
+    monkeypatch.setattr(smartprune.hf, "hub_reachable", lambda: True)
     assert eval_text("wikitext2") == "a\n\n\n\n\nb\n"
     assert calls == [("wikitext", "wikitext-2-raw-v1", "test")]

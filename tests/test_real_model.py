@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from smartprune.engine import compress
+from smartprune.compression.engine import compress
 from smartprune.evaluation import perplexity
-from smartprune.loading import load_model
 from smartprune.recipes import load_recipe
+from smartprune.storage.sources import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,8 @@ def test_paper_recipe_accounting_on_the_real_model(smollm):
 def test_out_and_dense_out_round_trip_on_the_real_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from smartprune.api import compress_model
-    from smartprune.loader import load
+    from smartprune.runs.compress import compress_model
+    from smartprune.storage.load import load
 
     run = compress_model("smollm2-135m", "fpp-emb", out=tmp_path / "c", dense_out=tmp_path / "d",
                          calib_samples=4, calib_seqlen=64, progress=False)

@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 
-from smartprune.artifact import save
 from smartprune.cli.main import main
+from smartprune.compression.engine import compress
 from smartprune.data import Calibration
-from smartprune.engine import compress
-from smartprune.loader import load
-from smartprune.nn import FoldedProjection, Maskable
+from smartprune.modules.masked import FoldedProjection, Maskable
 from smartprune.recipes import load_recipe
 from smartprune.recipes.schema import RecoverConfig
-from smartprune.recovery import lr_at, recover, structure_report
+from smartprune.storage.load import load
+from smartprune.storage.save import save
+from smartprune.training.recover import recover, structure_report
+from smartprune.training.schedule import lr_at
 
 from .conftest import VOCAB, tiny_model
 
@@ -88,7 +89,7 @@ def test_resume_after_interrupt_continues_bit_for_bit(compressed, gpt2_tokenizer
 
 
 def test_a_minutes_budget_sizes_the_run_from_the_first_steps(compressed, gpt2_tokenizer, use_data, monkeypatch):
-    import smartprune.recovery as rec
+    import smartprune.training.recover as rec
 
     clock = iter(float(t) for t in range(1000))  # every perf_counter call advances one "second"
     monkeypatch.setattr(rec.time, "perf_counter", lambda: next(clock))
@@ -129,7 +130,7 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(sharding, compr
                                                                   gpt2_tokenizer):
     """Plain data parallel and FSDP (each process holding half of every parameter) both follow the
     single-process loss curve and keep the structure."""
-    from smartprune.recovery_run import recover_model
+    from smartprune.runs.recover import recover_model
 
     model, _ = compressed
     save(model, tmp_path / "c", tokenizer=gpt2_tokenizer)
@@ -206,7 +207,7 @@ def test_recipe_recover_section_is_validated():
 
 
 def test_demo_prints_dense_compressed_and_recovered(model_dirs, use_data, tmp_path):
-    from smartprune.api import run_demo
+    from smartprune.runs.demo import run_demo
 
     run = run_demo(str(model_dirs["llama"]), "paper", quick=True, seqlen=64, recover_steps=4, progress=False,
                    json_path=tmp_path / "demo.json")
@@ -269,7 +270,7 @@ def _fsdp_run(rank: int, port: int, folder, teacher_dir, cfg, ckpt_dir, interrup
 
     import torch.distributed as dist
 
-    from smartprune.loading import load_model
+    from smartprune.storage.sources import load_model
 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
@@ -297,7 +298,7 @@ def _fsdp_run(rank: int, port: int, folder, teacher_dir, cfg, ckpt_dir, interrup
 def test_a_sharded_run_resumes_bit_for_bit(compressed, model_dirs, use_data, tmp_path, gpt2_tokenizer):
     import torch.multiprocessing as mp
 
-    from smartprune.recovery_run import _free_port
+    from smartprune.runs.recover import _free_port
 
     model, _ = compressed
     save(model, tmp_path / "c", tokenizer=gpt2_tokenizer)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from smartprune.errors import DeviceError
-from smartprune.nn import Projection
-from smartprune.semistructured import SemiStructuredProjection, is_two_four, use_semi_structured
+from smartprune.modules.masked import Projection
+from smartprune.modules.semistructured import SemiStructuredProjection, is_two_four, use_semi_structured
 
 
 def test_two_four_is_counted_along_each_outputs_inputs_by_hand():
@@ -62,7 +62,7 @@ def test_on_a_gpu_the_semi_structured_product_equals_the_dense_one():
     ref = net.a(x.bfloat16().float())
     assert use_semi_structured(net) == ["a"]
     assert isinstance(net.a.weight, torch.sparse.SparseSemiStructuredTensor)
-    from smartprune.compact import resident_bytes
+    from smartprune.modules.packed import resident_bytes
 
     assert 0 < resident_bytes(net.a) < 64 * 128 * 2  # half the bf16 values plus their positions
     torch.testing.assert_close(net.a(x), ref, atol=0.1, rtol=0.02)

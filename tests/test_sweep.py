@@ -6,7 +6,7 @@ import pytest
 
 from smartprune.errors import DataError, RecipeError
 from smartprune.recipes import load_recipe
-from smartprune.sweep import SweepSettings, parse_rates, point_recipe, run_sweep
+from smartprune.runs.sweep import SweepSettings, parse_rates, point_recipe, run_sweep
 
 from .test_cli import _one_clean_line, run
 
@@ -50,7 +50,7 @@ def test_sweep_evaluates_each_rate_once_with_monotone_compression(model_dirs, us
 
 
 def test_an_interrupted_sweep_resumes_without_recomputing(model_dirs, use_data, tmp_path, monkeypatch):
-    import smartprune.sweep as sweep
+    import smartprune.runs.sweep as sweep
 
     path = tmp_path / "r.json"
     settings = _settings(model_dirs["gpt2"])

@@ -13,18 +13,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "smartprune.loader",
-    "save": "smartprune.artifact",
-    "write_dense": "smartprune.artifact",
-    "compress": "smartprune.engine",
-    "CompressionResult": "smartprune.engine",
-    "load_model": "smartprune.loading",
+    "load": "smartprune.storage.load",
+    "save": "smartprune.storage.save",
+    "write_dense": "smartprune.storage.save",
+    "compress": "smartprune.compression.engine",
+    "CompressionResult": "smartprune.compression.engine",
+    "load_model": "smartprune.storage.sources",
     "load_recipe": "smartprune.recipes",
     "builtin_recipes": "smartprune.recipes",
     "Recipe": "smartprune.recipes",
     "perplexity": "smartprune.evaluation",
-    "compress_model": "smartprune.api",
-    "run_demo": "smartprune.api",
+    "compress_model": "smartprune.runs.compress",
+    "run_demo": "smartprune.runs.demo",
     "SmartpruneError": "smartprune.errors",
 }
 

@@ -60,7 +60,7 @@ def _from_hub(task: str, missing: DataError) -> str:
     """The test split from the hub with the `datasets` package; re-raises `missing` when offline."""
     import os
 
-    from smartprune.loading import hub_reachable
+    from smartprune.hf import hub_reachable
 
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise missing

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from smartprune.device import model_device
-from smartprune.nn import MaskedEmbedding, Projection, forward_pre_hooks
+from smartprune.modules.masked import MaskedEmbedding, Projection, forward_pre_hooks
 
 # Keyword arguments never replayed: the input itself and any KV cache (captured with use_cache=False).
 _NOT_REPLAYED = ("hidden_states", "cache", "past_key_values", "past_key_value", "layer_past", "use_cache")
@@ -123,7 +125,7 @@ class Adapter(ABC):
 
     @abstractmethod
     def accounting_groups(self, i: int) -> dict[str, list[str]]:
-        """Paths of block `i`'s linear layers by accounting group (`smartprune.accounting.GROUPS`)."""
+        """Paths of block `i`'s linear layers by accounting group (`smartprune.compression.accounting.GROUPS`)."""
 
     @abstractmethod
     def prune_groups(self, scope: str, roles: list[str]) -> list[list[str]]:
@@ -216,6 +218,49 @@ class Adapter(ABC):
     def replace(self, path: str, module: nn.Module) -> None:
         """Swap the module at `path` (methods use it to install a `FoldedProjection`)."""
         set_module(self.model, path, module)
+
+    def keep_blocks(self, keep: list[int]) -> None:
+        """Remove every block not in `keep` (depth pruning): the block list, each kept block's
+        ``layer_idx`` (the KV cache is indexed by it), the config's layer count and per-layer types."""
+        blocks = self.blocks()
+        kept = nn.ModuleList([blocks[i] for i in keep])
+        for new, block in enumerate(kept):
+            for m in block.modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = new
+        set_module(self.model, self.blocks_path(), kept)
+        self.config.num_hidden_layers = len(keep)
+        types = getattr(self.config, "layer_types", None)
+        if types is not None and len(types) == len(blocks):
+            self.config.layer_types = [types[i] for i in keep]
+
+    @contextmanager
+    def without_blocks(self, drop: set[int]) -> Iterator[None]:
+        """The model with the blocks in `drop` skipped, then exactly as it was (depth scoring)."""
+        blocks, n = self.blocks(), self.config.num_hidden_layers
+        types = getattr(self.config, "layer_types", None)
+        idx = [(m, m.layer_idx) for b in blocks for m in b.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        self.keep_blocks([i for i in range(len(blocks)) if i not in drop])
+        try:
+            yield
+        finally:
+            set_module(self.model, self.blocks_path(), blocks)
+            for m, i in idx:
+                m.layer_idx = i
+            self.config.num_hidden_layers = n
+            if types is not None:
+                self.config.layer_types = types
+
+    def block_sizes(self) -> dict[str, set[int]]:
+        """Config field -> the values the blocks have for it now (one value: a standard config holds it)."""
+        return {}
+
+    def sync_config(self) -> None:
+        """Write the blocks' sizes into the config wherever every block agrees (after structured pruning),
+        so the saved config describes the smaller model."""
+        for key, values in self.block_sizes().items():
+            if len(values) == 1:
+                setattr(self.config, key, next(iter(values)))
 
     def ff_intermediate_size(self, i: int) -> int | None:
         """Block `i`'s feed-forward width (smaller than the config's after structured FPP); None

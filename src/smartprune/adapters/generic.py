@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from smartprune.adapters.base import Adapter, CallCapture
-from smartprune.compact import PackedLinear, PackedProjection
 from smartprune.device import model_device
 from smartprune.errors import ModelError
-from smartprune.nn import Projection, forward_pre_hooks
+from smartprune.modules.masked import Projection, forward_pre_hooks
+from smartprune.modules.packed import PackedLinear, PackedProjection
 
 _LINEAR = (nn.Linear, Conv1D, Projection, PackedProjection, PackedLinear)  # packed: a compact-resident load
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")

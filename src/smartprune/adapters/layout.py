@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from smartprune.adapters.base import Adapter, CallCapture, set_module
-from smartprune.inference import HeadNorm, IRCAttention, Rope, fully_folded
-from smartprune.nn import FusedProjections, Projection
+from smartprune.modules.masked import FusedProjections, Projection
+from smartprune.modules.structured import HeadNorm, IRCAttention, Rope, fully_folded
 
 
 @dataclass
@@ -262,6 +262,37 @@ class LayoutAdapter(Adapter):
             a.q, a.k, a.v, a.o, n_heads=heads, n_kv=kv, head_dim=hd, layer_idx=i, rope=self.rope(i),
             scaling=getattr(native, "scaling", None), q_norm=q_norm, k_norm=k_norm)
 
+    def fused_attention(self) -> bool:
+        """Q, K and V computed by one native layer (GPT-2, Phi-3, GPT-NeoX)."""
+        return any("q" in f.roles for f in self.layout.fused)
+
+    def head_counts(self, i: int) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head dim) of block `i` as its projections are now."""
+        hd = head_sizes(self.config)[2]
+        a = self.attention_paths(i)
+        q, k = (self.model.get_submodule(a[r]) for r in ("q", "k"))
+        return _width(q) // hd, _width(k) // hd, hd
+
+    def set_head_counts(self, i: int, heads: int, kv: int) -> None:
+        """Tell block `i`'s attention module its new head counts (it splits heads by its attributes)."""
+        attn = self.model.get_submodule(self.attention_module_path(i))
+        for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv),
+                            ("num_key_value_groups", heads // kv)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+
+    def block_sizes(self) -> dict[str, set[int]]:
+        n = range(len(self.blocks()))
+        sizes = {self.ff_size_key: {self.ff_intermediate_size(i) for i in n}}
+        if not self.fused_attention():
+            counts = {self.head_counts(i) for i in n}
+            sizes.update({"num_attention_heads": {c[0] for c in counts}, "num_key_value_heads": {c[1] for c in counts},
+                          "head_dim": {c[2] for c in counts}})
+            if sizes["num_attention_heads"] == {head_sizes(self.config)[0]} and \
+                    sizes["num_key_value_heads"] == {head_sizes(self.config)[1]}:
+                del sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["head_dim"]  # unchanged
+        return sizes
+
     def ff_intermediate_size(self, i: int) -> int:
         *_, down = (self.model.get_submodule(p) for p in self.ff_paths(i).values())
         if isinstance(down, Projection):
@@ -274,3 +305,8 @@ def _optional(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _width(m: nn.Module) -> int:
+    """Output features of a projection, native or converted."""
+    return m.d_out if isinstance(m, Projection) else m.out_features

@@ -28,7 +28,7 @@ from smartprune.device import model_device
 from smartprune.evaluation.metrics import classification_metrics
 from smartprune.evaluation.tasks import Example, Task
 from smartprune.methods.fit import Objective
-from smartprune.nn import mask_gradients
+from smartprune.modules.masked import mask_gradients
 
 log = logging.getLogger(__name__)
 

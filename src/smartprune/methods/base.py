@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from smartprune.adapters import Adapter
-from smartprune.nn import Maskable, MaskedEmbedding
-from smartprune.recipes import FitConfig, StrategyConfig
+from smartprune.methods.config import FitConfig, StrategyConfig
+from smartprune.modules.masked import Maskable, MaskedEmbedding
 
 
 class InputStats:
@@ -151,6 +151,18 @@ class Stage(ABC):
     def finalize(self) -> None:
         """Called once the schedule is done (e.g. to cut removed structure out of the matrices)."""
         return None
+
+
+class ModelStage(ABC):
+    """A method that changes the model as a whole (scope ``model``, e.g. removing blocks): it runs
+    once, before the per-sublayer stages, measured on the held-out calibration windows."""
+
+    def __init__(self, cfg, adapter: Adapter, held_out: Tensor, shared: dict, progress: bool = True) -> None:
+        self.cfg, self.adapter, self.held_out, self.shared, self.progress = cfg, adapter, held_out, shared, progress
+
+    @abstractmethod
+    def run(self) -> dict:
+        """Change the model; returns what the report keeps of it."""
 
 
 def recursive_rates(target: float, strategy: StrategyConfig) -> list[float]:

@@ -10,12 +10,28 @@ that shrinks), so ``rate = 1`` with ``both`` leaves ``W_V = diag(v)``: ``V = X *
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
-from smartprune.recipes import DWCConfig, StrategyConfig
+from smartprune.methods.config import FitConfig, StrategyConfig, option
 
+
+@dataclass(frozen=True)
+class DWCConfig(FitConfig):
+    """Diagonal Weight Compression of W_V."""
+
+    rate_field: ClassVar[str] = "rate"  # the field a sweep varies
+
+    variant: str = option("both", "which triangle is removed: lower | upper | both", choices=("lower", "upper", "both"))
+    rate: float = option(1.0, "fraction of the removable entries zeroed, farthest from the diagonal first",
+                         lo=0.0, hi=1.0)
+    rect_diagonal: str = option("largest", "input read by each column of a rectangular W_V: largest | strided",
+                                choices=("largest", "strided"))
+    train_rest: bool = option(True, "also optimize the attention's other weights after the fold")
 
 def diagonal_rows(weight: Tensor, rule: str, feature_norms: Tensor | None) -> Tensor:
     """The input row ``d(j)`` each output column keeps on its diagonal."""

@@ -1,6 +1,6 @@
 """Re-optimizing compressed weights: Adam with frozen masks and the paper's cumulative loss.
 
-Readings of ``CumLossFunc(theta, batch, L_prev)`` (METHOD.md):
+Readings of the paper's ``CumLossFunc(theta, batch, L_prev)``, which it leaves open (all three run):
 
 - ``window``: the loss is ``L(B_t) + sum_{j=1..k} L(B_{t-j})``, every term at the current weights, so
   the previous batches really shape the gradient.
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smartprune.nn import Maskable
-from smartprune.recipes import FitConfig
+from smartprune.methods.config import FitConfig
+from smartprune.modules.masked import Maskable
 
 # An objective maps a batch of calibration-sequence indices to a scalar loss.
 Objective = Callable[[Tensor], Tensor]

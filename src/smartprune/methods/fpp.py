@@ -26,17 +26,51 @@ smaller dense ones that any dense kernel runs faster.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from smartprune.errors import RecipeError
 from smartprune.methods.base import Stage, Sublayer
+from smartprune.methods.config import FitConfig, NMPattern, StrategyConfig, option
+from smartprune.methods.neurons import cut_dead_neurons
 from smartprune.methods.oneshot import collect_stats
 from smartprune.methods.sparsegpt import inverse_hessian_factor, sparsegpt
-from smartprune.nn import Maskable, Projection, forward_pre_hooks, run_in_chunks
-from smartprune.recipes import FPPConfig, StrategyConfig
+from smartprune.modules.masked import Maskable, forward_pre_hooks, run_in_chunks
 
+CRITERIA = ("magnitude", "literal", "wanda", "obs", "frequency")
+
+
+ACTIVATION_CRITERIA = ("wanda", "obs")  # need a layer's input activations: not for an embedding
+
+
+@dataclass(frozen=True)
+class FPPConfig(NMPattern, FitConfig):
+    """Forward Propagation Pruning (Algorithm 2) of embedding or feed-forward matrices."""
+
+    rate_field: ClassVar[str] = "target_sparsity"  # the field a sweep varies
+
+    target_sparsity: float = option(0.7, "fraction of each matrix's weights zeroed at the end", lo=0.0, hi=1.0)
+    p_pos: float = option(0.05, "share of the matrix's weights, taken from the positive ones, zeroed per iteration",
+                          lo=0.0, hi=1.0)
+    p_neg: float = option(0.05, "share of the matrix's weights, taken from the negative ones, zeroed per iteration",
+                          lo=0.0, hi=1.0)
+    max_it: int = option(100, "maximum pruning iterations (MaxIt)", lo=1, hi=100_000)
+    criterion: str = option("magnitude", "magnitude (closest to zero) | literal (largest of each sign) | wanda "
+                            "(|W| x input norm) | obs (SparseGPT's score, survivors updated) | frequency (embedding: "
+                            "|E| x sqrt(1 + lookups))", choices=CRITERIA)
+    structure: str = option("weight", "weight (single entries) | neuron (whole feed-forward neurons, fpp_ff only: "
+                            "the matrices become smaller and dense; beyond the paper)", choices=("weight", "neuron"))
+    pattern: str = option("unstructured", "unstructured | N:M (N zeros in every M consecutive inputs of each output, "
+                          "e.g. 2:4, which GPUs run as semi-structured sparse tensors; target_sparsity becomes N/M; "
+                          "beyond the paper)")
+
+    def __post_init__(self) -> None:
+        if self.nm is not None and self.structure == "neuron":
+            raise ValueError("pattern: an N:M pattern prunes single weights; it excludes structure 'neuron'")
+        self._rate_from_pattern()
 
 def sign_balanced_mask(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: int, criterion: str,
                        score: Tensor | None = None) -> Tensor:
@@ -140,14 +174,6 @@ def neuron_scores(inputs: list[Tensor], output: Tensor) -> Tensor:
         sq = sq + w.detach().pow(2).sum(0)
     sign = torch.where(output.detach().sum(1) >= 0, 1.0, -1.0)
     return sign * sq.sqrt()
-
-
-def cut_neurons(inputs: list[Projection], output: Projection, alive: Tensor) -> tuple[list[Projection], Projection]:
-    """Smaller dense projections without the dead neurons (exact: a dead neuron's outgoing row is zero)."""
-    keep = alive.nonzero().flatten()
-    new_in = [Projection(p.weight.detach()[:, keep], None if p.bias is None else p.bias.detach()[keep])
-              for p in inputs]
-    return new_in, Projection(output.weight.detach()[keep], output.bias)
 
 
 def criterion_score(weight: Tensor, criterion: str, observed: Tensor | None) -> Tensor | None:
@@ -268,11 +294,7 @@ class FPPStage(Stage):
     def finalize(self) -> None:
         if self.neurons is None or bool(self.neurons.all()):
             return
-        roles = list(self.sub.modules())
-        *inputs, output = (self.sub.module(r) for r in roles)
-        new_in, new_out = cut_neurons(inputs, output, self.neurons)
-        for role, mod in zip(roles, [*new_in, new_out], strict=True):
-            self.sub.replace(role, mod)
+        cut_dead_neurons(self.sub, self.neurons)
 
     def trainable(self) -> list[nn.Parameter]:
         return self.sub.parameters()

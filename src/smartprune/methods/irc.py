@@ -13,13 +13,31 @@ in sum by the mean), so ``init: fit`` and ``mean-row`` coincide there.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
-from smartprune.nn import FOLDED, ColumnFoldedProjection, FoldedProjection
-from smartprune.recipes import IRCConfig, StrategyConfig
+from smartprune.methods.config import FitConfig, StrategyConfig, option
+from smartprune.modules.masked import FOLDED, ColumnFoldedProjection, FoldedProjection
 
+
+@dataclass(frozen=True)
+class IRCConfig(FitConfig):
+    """Identical Row Compression of W_Q and/or W_K."""
+
+    rate_field: ClassVar[str] = "rate"  # the field a sweep varies
+
+    variant: str = option("qk", "which matrices: q | k | qk", choices=("q", "k", "qk"))
+    rate: float = option(1.0, "fraction of rows replaced by the shared row (1 = full IRC)", lo=0.0, hi=1.0)
+    init: str = option("random-row", "shared row: random-row | mean-row | fit (least squares)",
+                       choices=("random-row", "mean-row", "fit"))
+    orientation: str = option("input", "which reading of IRC: input (rows folded, W = 1 q^T: each token's feature "
+                              "sum times q) | output (columns folded, W = q 1^T: every output is x . q)",
+                              choices=("input", "output"))
+    train_rest: bool = option(True, "also optimize the attention's other weights after the fold")
 
 def least_squares_row(gram: Tensor, weight: Tensor, folded: Tensor) -> Tensor:
     """The shared row that best reproduces the folded part of ``X W`` in least squares:
@@ -81,4 +99,3 @@ class IRCStage(Stage):
 
     def achieved(self) -> float:
         return self.rate
-

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from smartprune.methods.base import InputStats
-from smartprune.methods.oneshot import OneShotStage
+from smartprune.methods.config import option
+from smartprune.methods.oneshot import OneShotStage, PruneConfig
 from smartprune.methods.pruning import lowest_in_matrix, lowest_n_of_m
-from smartprune.nn import Projection
-from smartprune.recipes.schema import MagnitudeConfig
+from smartprune.modules.masked import Projection
 
+
+@dataclass(frozen=True)
+class MagnitudeConfig(PruneConfig):
+    """Magnitude pruning: the smallest |W| per matrix, or over all block linears at once (global)."""
+
+    scope: str = option("matrix", "compare weights within each matrix or across all block linears",
+                        choices=("matrix", "global"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope == "global" and self.nm is not None:
+            raise ValueError("scope: 'global' cannot be combined with an N:M pattern")
 
 def global_threshold(weights: list[Tensor], sparsity: float) -> tuple[float, int]:
     """The |W| value at which ``round(sparsity * total)`` entries of all `weights` are removed, and

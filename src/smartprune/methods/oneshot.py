@@ -9,15 +9,29 @@ as the published "true sequential" variants do.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from smartprune.methods.base import InputStats, Stage, Sublayer
-from smartprune.nn import Projection, forward_pre_hooks, run_in_chunks
-from smartprune.recipes import StrategyConfig
-from smartprune.recipes.schema import PruneConfig
+from smartprune.methods.config import FitConfig, NMPattern, StrategyConfig, option
+from smartprune.modules.masked import Projection, forward_pre_hooks, run_in_chunks
 
+
+@dataclass(frozen=True)
+class PruneConfig(NMPattern, FitConfig):
+    """A one-shot pruning baseline on every linear layer of every block (no re-fitting by default)."""
+
+    rate_field: ClassVar[str] = "sparsity"  # the field a sweep varies
+
+    steps: int = option(0, "Adam steps after pruning (0 = the published one-shot method)", lo=0, hi=100_000)
+    sparsity: float = option(0.5, "fraction of each matrix's weights zeroed (N:M patterns: N/M)", lo=0.0, hi=1.0)
+    pattern: str = option("unstructured", "unstructured | N:M (N zeros in every M consecutive inputs, e.g. 2:4)")
+
+    def __post_init__(self) -> None:
+        self._rate_from_pattern()
 
 def prune_groups(sub: Sublayer) -> list[list[str]]:
     """Projection roles of a sublayer in data-flow groups: inputs first, the output projection last."""

@@ -9,15 +9,24 @@ fraction of its mean diagonal), lazily for the columns beyond the block. Inputs 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from smartprune.methods.base import InputStats
-from smartprune.methods.oneshot import OneShotStage
+from smartprune.methods.config import option
+from smartprune.methods.oneshot import OneShotStage, PruneConfig
 from smartprune.methods.pruning import lowest_in_matrix, lowest_n_of_m
-from smartprune.nn import Projection
-from smartprune.recipes.schema import SparseGPTConfig
+from smartprune.modules.masked import Projection
 
+
+@dataclass(frozen=True)
+class SparseGPTConfig(PruneConfig):
+    """SparseGPT (Frantar & Alistarh 2023): OBS pruning with the layer Hessian X^T X."""
+
+    blocksize: int = option(128, "columns per lazy-update block", lo=1, hi=1_000_000)
+    damp: float = option(0.01, "dampening, as a fraction of the mean Hessian diagonal", lo=0.0, hi=10.0)
 
 def inverse_hessian_factor(gram: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
     """The upper Cholesky factor of ``(H + damping)^-1`` (float64), and the inputs that never fire

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from smartprune.methods.base import InputStats
-from smartprune.methods.oneshot import OneShotStage
+from smartprune.methods.oneshot import OneShotStage, PruneConfig
 from smartprune.methods.pruning import lowest_n_of_m, lowest_per_row
-from smartprune.nn import Projection
-from smartprune.recipes.schema import WandaConfig
+from smartprune.modules.masked import Projection
 
+
+@dataclass(frozen=True)
+class WandaConfig(PruneConfig):
+    """Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, compared within each output."""
 
 def wanda_score(weight_t: Tensor, feature_norms: Tensor) -> Tensor:
     """|W| times the input feature norm, in (d_out, d_in) layout."""

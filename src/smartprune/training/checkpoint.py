@@ -1,0 +1,81 @@
+"""Atomic training checkpoints: a resumed run continues bit for bit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smartprune.errors import DataError
+from smartprune.recipes.schema import RecoverConfig
+from smartprune.training.distributed import world
+from smartprune.training.sharding import full_state, load_full_state
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "recover-checkpoint.pt"
+
+
+@dataclass
+class RecoveryState:
+    """Everything besides weights and optimizer moments that a resumed run needs."""
+
+    step: int = 0
+    total_steps: int = 0  # fixed once (from steps, tokens, or the measured speed for minutes)
+    tokens: int = 0
+    seconds: float = 0.0
+    loss: list[float] = field(default_factory=list)
+    held_out: list[dict] = field(default_factory=list)  # {"step", "tokens", "perplexity"}
+
+
+class Checkpointer:
+    """Atomic checkpoints (write a temporary file, then rename), so a crash or Ctrl-C while saving
+    leaves the previous checkpoint usable."""
+
+    def __init__(self, folder: Path | None, minutes: float, sharded: bool = False) -> None:
+        self.path = None if folder is None else folder / CHECKPOINT
+        self.every = minutes * 60
+        self.last = time.monotonic()
+        self.sharded = sharded  # states are gathered from every process first (all must call save)
+
+    def due(self) -> bool:
+        return self.path is not None and time.monotonic() - self.last >= self.every
+
+    def save(self, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, state: RecoveryState,
+             cfg: RecoverConfig) -> None:
+        if self.path is None:
+            return
+        model_state, opt_state = full_state(model, opt) if self.sharded else (model.state_dict(), opt.state_dict())
+        if world()[0] != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"model": model_state, "optimizer": opt_state, "generator": gen.get_state(),
+                    "state": asdict(state), "config": asdict(cfg)}, tmp)
+        os.replace(tmp, self.path)
+        self.last = time.monotonic()
+        log.info("checkpoint at step %d: %s", state.step, self.path)
+
+    def load(self, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+             cfg: RecoverConfig) -> RecoveryState:
+        if self.path is None or not self.path.is_file():
+            raise DataError(f"nothing to resume: no checkpoint at {self.path}")
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)  # plain tensors and containers
+        if ckpt["config"] != asdict(cfg):
+            changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != asdict(cfg).get(k))
+            raise DataError(f"checkpoint {self.path} was made with other recovery settings ({', '.join(changed)}); "
+                            "resume with the same ones")
+        if self.sharded:
+            load_full_state(model, opt, ckpt["model"], ckpt["optimizer"])
+        else:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["generator"])
+        return RecoveryState(**ckpt["state"])
+
+

@@ -1,0 +1,32 @@
+"""benchmarks/gpu.py --dry-run: the GPU run's steps on this CPU with a tiny model, so the script that
+waits for a GPU cannot rot in between."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_dry_run_runs_every_step(use_data, tmp_path, monkeypatch):
+    if not (use_data / "gpt2-tokenizer").is_dir():
+        pytest.skip("GPT-2 tokenizer not in the data folder")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("gpu", None)
+    import gpu
+
+    code = gpu.main(["--out", str(tmp_path), "--dry-run"])
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert code == 0, {k: v["result"] for k, v in data["steps"].items() if v["status"] != "ok"}
+    steps = data["steps"]
+    assert list(steps) == ["a_tests", "b_compress", "c_recover", "d_table8"]
+    assert "collected" in steps["a_tests"]["result"]["summary"]
+    assert set(steps["b_compress"]["result"]) == {"sparsegpt-50", "smart-50", "paper"}
+    recovered = steps["c_recover"]["result"]
+    assert {"smart", "sparsegpt-match", "dense"} <= set(recovered)
+    assert set(recovered["smart"]["after"]) == {"wikitext2", "ptb"}
+    table = steps["d_table8"]["result"]
+    assert len(table["models"]) == 4 and "energy" in table["machine"]  # measured, or why not
+    assert (tmp_path / "gpu.md").is_file()

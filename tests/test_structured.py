@@ -1,0 +1,210 @@
+"""Structured stages (depth, attention heads, feed-forward neurons), their allocation, and the export
+as a smaller standard model: a Hugging Face folder and a GGUF file that vanilla transformers reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import smartprune
+from smartprune.adapters import get_adapter
+from smartprune.cli.main import main
+from smartprune.errors import RecipeError
+from smartprune.methods.base import Sublayer
+from smartprune.methods.heads import head_importance
+from smartprune.methods.neurons import neuron_importance
+from smartprune.recipes.schema import build_recipe
+from smartprune.testing import family_model
+
+VOCAB = 50257
+MIX = "depth: {rate: 0.5}\nattn_heads: {rate: 0.34}\nff_neurons: {rate: 0.5}\n"
+
+
+def run(capsys, *argv):
+    code = main(["-q", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory, gpt2_tokenizer):
+    root = tmp_path_factory.mktemp("structured")
+    for name in ("llama", "qwen3", "gemma3_text"):
+        family_model(name, layers=4).save_pretrained(root / name)
+        gpt2_tokenizer.save_pretrained(root / name)
+    return root
+
+
+def _ids(n: int = 2, length: int = 20) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_neuron_importance_is_the_squared_output_contribution_by_hand():
+    model = family_model("llama", vocab=100)
+    adapter = get_adapter(model)
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(1))
+    sub = Sublayer(adapter, "ff", 0, adapter.ff_paths(0), inputs=x)
+    gate, up, down = (sub.module(r) for r in ("gate", "up", "down"))
+    with torch.no_grad():
+        h = F.silu(x @ gate.weight) * (x @ up.weight)  # (3, 5, 64): the down projection's input
+        want = h.double().pow(2).sum((0, 1)) * down.weight.double().pow(2).sum(1)
+    assert torch.allclose(neuron_importance(sub, "activation"), want, rtol=1e-6)
+    norms = (gate.weight.pow(2).sum(0) + up.weight.pow(2).sum(0) + down.weight.pow(2).sum(1)).sqrt()
+    assert torch.allclose(neuron_importance(sub, "magnitude").float(), norms, rtol=1e-5)
+
+
+def test_head_importance_is_each_heads_squared_output_contribution_by_hand():
+    model = family_model("llama", vocab=100)
+    adapter = get_adapter(model)
+    adapter.prepare_calls(5, {3})
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(2))
+    sub = Sublayer(adapter, "attention", 0, adapter.attention_paths(0), inputs=x)
+    seen = []
+    handle = sub.module("o").register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        sub.forward(x)
+    handle.remove()
+    o_in, w = seen[0].double(), sub.module("o").weight.detach().double()
+    want = torch.stack([(o_in[..., h * 8:(h + 1) * 8] @ w[h * 8:(h + 1) * 8]).pow(2).sum() for h in range(6)])
+    assert torch.allclose(head_importance(sub, 6, 8, "activation"), want, rtol=1e-6)
+
+
+def test_skipping_a_block_is_the_model_whose_block_adds_nothing():
+    model, ids = family_model("llama", vocab=100, layers=4), torch.randint(0, 100, (2, 12))
+    adapter = get_adapter(model)
+    with torch.no_grad(), adapter.without_blocks({2}):
+        skipped = model(ids, use_cache=False).logits
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4  # restored
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()  # block 2 adds nothing to the residual stream
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+        assert torch.allclose(model(ids, use_cache=False).logits, skipped, atol=1e-5)
+
+
+def test_depth_removes_the_blocks_whose_skipping_costs_least(gpt2_tokenizer):
+    from smartprune.data import Calibration
+    from smartprune.methods.depth import skip_losses
+
+    model = family_model("llama", layers=4)
+    calib = Calibration(torch.randint(0, VOCAB, (4, 16)), torch.randint(0, VOCAB, (2, 16)), "test")
+    losses = skip_losses(get_adapter(model), calib.eval_ids, set(), [0, 1, 2, 3])
+    cheapest = min(losses, key=losses.get)
+    marker = model.model.layers[3 if cheapest != 3 else 2]
+    recipe = build_recipe({"depth": {"rate": 0.25, "iterative": False}}, "t", "test")
+    result = smartprune.compress(model, gpt2_tokenizer, recipe, calib=calib, progress=False)
+    assert result.report["structure"]["depth"]["removed"] == [cheapest]
+    assert model.config.num_hidden_layers == 3 and marker in list(model.model.layers)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]  # the KV cache's index
+    assert result.report["overall"]["params_after"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3_text"])
+def test_structured_export_is_a_smaller_standard_model_vanilla_transformers_loads(name, base_dirs, use_data,
+                                                                                   tmp_path, capsys):
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(MIX)
+    out, dense = tmp_path / "out", tmp_path / "dense"
+    code, _, err = run(capsys, "compress", base_dirs / name, "--recipe", recipe, "--out", out,
+                       "--dense-out", dense, "--calib-samples", "8", "--calib-seqlen", "32")
+    assert code == 0, err
+    vanilla = AutoModelForCausalLM.from_pretrained(dense).eval()
+    c = vanilla.config
+    heads_before = 6 if name == "llama" else 4
+    assert (c.num_hidden_layers, c.intermediate_size) == (2, 32)
+    assert c.num_attention_heads < heads_before and c.num_key_value_heads == 2
+    assert sum(p.numel() for p in vanilla.parameters()) < sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(base_dirs / name).parameters())
+    compressed = smartprune.load(out)
+    with torch.no_grad():
+        assert torch.allclose(compressed(_ids()).logits, vanilla(_ids()).logits, atol=1e-4, rtol=1e-4)
+    greedy = dict(max_new_tokens=8, do_sample=False)  # the KV cache with fewer layers and heads
+    assert torch.equal(compressed.generate(_ids(1, 4), **greedy), vanilla.generate(_ids(1, 4), **greedy))
+    again = smartprune.load(out, structured=False)  # the compressed folder's config says the same sizes
+    assert again.config.num_hidden_layers == 2 and again.config.num_attention_heads == c.num_attention_heads
+
+
+def test_gguf_export_reads_back_in_transformers(base_dirs, use_data, tmp_path, capsys):
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(MIX)
+    dense = tmp_path / "dense"
+    for kind in ("f32", "q8_0"):
+        code, _, err = run(capsys, "compress", base_dirs / "llama", "--recipe", recipe, "--out", tmp_path / kind,
+                           "--gguf-out", tmp_path / f"m-{kind}.gguf", "--gguf-type", kind, "--calib-samples", "8",
+                           "--calib-seqlen", "32", *(("--dense-out", dense) if kind == "f32" else ()))
+        assert code == 0, err
+    vanilla = AutoModelForCausalLM.from_pretrained(dense).eval()
+    with torch.no_grad():
+        want = vanilla(_ids()).logits
+        f32 = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m-f32.gguf").eval()
+        assert f32.config.num_hidden_layers == 2 and f32.config.num_attention_heads == 4
+        assert torch.allclose(f32(_ids()).logits, want, atol=1e-4, rtol=1e-4)
+        q8 = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m-q8_0.gguf").eval()
+        err = (q8(_ids()).logits - want).abs().max() / want.abs().max()
+    assert 0 < err < 0.1  # 8-bit blocks: close, not equal
+
+
+def test_gguf_and_standard_export_refuse_what_a_standard_config_cannot_express(base_dirs, use_data, tmp_path,
+                                                                               capsys, monkeypatch):
+    import smartprune.runs.compress as runs
+
+    monkeypatch.setattr(runs, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = run(capsys, "compress", base_dirs / "llama", "--recipe", "paper", "--out", tmp_path / "o",
+                       "--gguf-out", tmp_path / "m.gguf")
+    assert code == 2 and "stage 'fpp_emb'" in err and err.count("\n") == 1
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(MIX)
+    code, _, err = run(capsys, "compress", base_dirs / "llama", "--recipe", mix, "--out", tmp_path / "o",
+                       "--gguf-out", tmp_path / "m.gguf", "--gguf-type", "q4_k")
+    assert code == 2 and "q4_k" in err
+    (tmp_path / "taken.gguf").write_text("mine")
+    code, _, err = run(capsys, "compress", base_dirs / "llama", "--recipe", mix, "--out", tmp_path / "o",
+                       "--gguf-out", tmp_path / "taken.gguf")
+    assert code == 2 and "exists" in err and (tmp_path / "taken.gguf").read_text() == "mine"
+    code, _, err = run(capsys, "compress", base_dirs / "gemma3_text", "--recipe", mix, "--out", tmp_path / "o",
+                       "--gguf-out", tmp_path / "g.gguf")
+    assert code == 2 and "gemma3_text" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(RecipeError, match="stage 'fpp_ff' leaves unstructured sparsity"):
+        build_recipe({"export": "standard", "depth": {}, "fpp_ff": {}}, "t", "test")
+    with pytest.raises(RecipeError, match="both reshape the same matrices"):
+        build_recipe({"ff_neurons": {}, "fpp_ff": {}}, "t", "test")
+
+
+def test_allocation_meets_the_target_exactly_with_the_least_held_out_loss():
+    from smartprune.data import Calibration
+
+    model = family_model("llama", vocab=100, layers=4)
+    total = sum(p.numel() for p in model.parameters())
+    calib = Calibration(torch.randint(0, 100, (8, 32)), torch.randint(0, 100, (4, 32)), "test")
+    recipe = smartprune.load_recipe("slim-40")  # the built-in structured recipe: 40% of all parameters
+    assert recipe.export == "standard" and recipe.overall.target == 0.4
+    report = smartprune.compress(model, None, recipe, calib=calib, progress=False).report
+    plan = report["structure"]["plan"]
+    chosen = plan["chosen"]
+    assert chosen["held_out_loss"] == min(c["held_out_loss"] for c in plan["candidates"])
+    assert len({(c["blocks_removed"], c["heads_removed_per_group"]) for c in plan["candidates"]}) > 1
+    per_neuron = 3 * 48  # a neuron's gate and up columns and its down row
+    blocks_left = 4 - chosen["blocks_removed"]
+    assert abs(report["overall"]["compression"] - 0.4) <= per_neuron * blocks_left / total
+    assert model.config.num_hidden_layers == blocks_left
+
+
+def test_recover_keeps_the_smaller_shapes_and_writes_the_standard_folder(base_dirs, use_data, tmp_path, capsys):
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(MIX)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "compress", base_dirs / "llama", "--recipe", recipe, "--out", out,
+                       "--calib-samples", "8", "--calib-seqlen", "32")
+    assert code == 0, err
+    code, _, err = run(capsys, "recover", out, "--teacher", base_dirs / "llama", "--out", tmp_path / "rec",
+                       "--dense-out", tmp_path / "rec-dense", "--steps", "2", "--seqlen", "32", "--batch-size", "2",
+                       "--eval-windows", "1")
+    assert code == 0, err
+    report = json.loads((tmp_path / "rec" / "report.json").read_text())
+    assert report["recovery"]["steps"] == 2
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "rec-dense")
+    assert (vanilla.config.num_hidden_layers, vanilla.config.intermediate_size) == (2, 32)
