@@ -2,14 +2,14 @@
 smaller standard Hugging Face folder and timed in vanilla transformers, beside dense and SparseGPT.
 
 Models: depth only, feed-forward width only (uniform) and the allocated mix (``overall`` over depth,
-heads and width) at each --rates share of all parameters removed; heads alone (its largest standard
-step, a third of the query heads, is ~5% of SmolLM2's parameters, so it cannot reach the rates);
-SparseGPT at 50% of the block linears. Each is compressed, scored (WikiText-2), retrained with the
+heads and width) at each --rates share of all parameters removed; SparseGPT at 50% of the block
+linears (heads alone cannot reach the rates: a third of SmolLM2's query heads is ~5% of its
+parameters). Each is compressed, scored (WikiText-2), retrained with the
 same CPU budget (distillation from the dense model: ``--recover-steps`` of 4 x 128 tokens, the demo's
 ``--quick`` budget by default), scored again (WikiText-2 and PTB), and its exported folder benched in
 one process against the dense model (fp32: greedy decoding tokens/s, batch 1, 128 new tokens; 512-token
 prefill; batch-8 throughput; peak RSS of load + forward). A criteria section compares activation and
-magnitude scores, and FPP's own ``structure: neuron`` path, at 40% of the feed-forward neurons.
+magnitude scores at 40% of the feed-forward neurons (one shot, no recovery).
 
     python benchmarks/structured.py --out runs/structured
 
@@ -42,17 +42,16 @@ def recipes(rates: list[float]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r in rates:
         pct = round(100 * r)
-        out[f"depth-{pct}"] = {"overall": {"target": r}, "depth": {}}
+        depth = {"iterative": False}  # blocks ranked once by their skip loss (30 held-out evaluations, not ~350)
+        out[f"depth-{pct}"] = {"overall": {"target": r}, "depth": depth}
         out[f"width-{pct}"] = {"overall": {"target": r}, "ff_neurons": {}}
-        out[f"mix-{pct}"] = {"overall": {"target": r}, "depth": {}, "attn_heads": {}, "ff_neurons": {}}
-    out["heads-1of3"] = {"attn_heads": {"rate": 0.34}}
+        out[f"mix-{pct}"] = {"overall": {"target": r}, "depth": depth, "attn_heads": {}, "ff_neurons": {}}
     out["sparsegpt-50"] = {"sparsegpt": {"sparsity": 0.5}}
     return out
 
 
 CRITERIA = {"width-40-activation": {"ff_neurons": {"rate": 0.4, "criterion": "activation"}},
-            "width-40-magnitude": {"ff_neurons": {"rate": 0.4, "criterion": "magnitude"}},
-            "fpp-neuron-40": {"fpp_ff": {"target_sparsity": 0.4, "structure": "neuron"}}}
+            "width-40-magnitude": {"ff_neurons": {"rate": 0.4, "criterion": "magnitude"}}}
 
 
 def _ppl(folder: Path, task: str, limit: int) -> dict:

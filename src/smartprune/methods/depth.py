@@ -11,7 +11,6 @@ result is a standard model with fewer layers (``num_hidden_layers``); recovery t
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -82,7 +81,7 @@ class DepthStage(ModelStage):
                 ranked = sorted(scores, key=scores.get)
             pick = next(i for i in ranked if i not in gone)
             gone.add(pick)
-            losses.append(scores[pick] if self.cfg.iterative else math.nan)
+            losses.append(scores[pick] if self.cfg.iterative else None)
             bar.update(1)
         bar.close()
         keep = [i for i in range(n) if i not in gone]
