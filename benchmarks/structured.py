@@ -38,7 +38,8 @@ from smartprune.storage.sources import converted_builtin, load_model
 MODEL = "smollm2-135m"
 
 
-def recipes(rates: list[float]) -> dict[str, dict]:
+def recipes(rates: list[float], with_sparsegpt: bool = True, kinds: tuple[str, ...] = ("depth", "width", "mix")
+            ) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r in rates:
         pct = round(100 * r)
@@ -46,7 +47,9 @@ def recipes(rates: list[float]) -> dict[str, dict]:
         out[f"depth-{pct}"] = {"overall": {"target": r}, "depth": depth}
         out[f"width-{pct}"] = {"overall": {"target": r}, "ff_neurons": {}}
         out[f"mix-{pct}"] = {"overall": {"target": r}, "depth": depth, "attn_heads": {}, "ff_neurons": {}}
-    out["sparsegpt-50"] = {"sparsegpt": {"sparsity": 0.5}}
+    out = {name: r for name, r in out.items() if name.split("-")[0] in kinds}
+    if with_sparsegpt:
+        out["sparsegpt-50"] = {"sparsegpt": {"sparsity": 0.5}}
     return out
 
 
@@ -177,6 +180,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=32, help="evaluation windows per task (32)")
     p.add_argument("--recover-steps", type=int, default=DEMO_RECOVERY["quick"]["steps"])
     p.add_argument("--repeats", type=int, default=3, help="bench rounds (3)")
+    p.add_argument("--no-sparsegpt", action="store_true", help="leave out the SparseGPT 50%% row")
+    p.add_argument("--kinds", nargs="+", default=["depth", "width", "mix"], help="structured kinds (depth width mix)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dense_folder = str(converted_builtin(MODEL))
@@ -188,8 +193,7 @@ def main() -> None:
                  "before": {"wikitext2": _ppl(Path(dense_folder), "wikitext2", args.limit)},
                  "after": {t: _ppl(Path(dense_folder), t, args.limit) for t in ("wikitext2", "ptb")}}).items()}}
     models = [run_model(name, recipe, args.out, args.limit, args.recover_steps)
-              for name, recipe in recipes(args.rates).items()]
-    criteria = run_criteria(args.out)
+              for name, recipe in recipes(args.rates, not args.no_sparsegpt, tuple(args.kinds)).items()]
     print("== bench", flush=True)
     names = "-".join(m["name"] for m in models)
     timed = _cached(args.out / f"bench-{hashlib.sha256(names.encode()).hexdigest()[:8]}.json", lambda: bench(
@@ -197,9 +201,12 @@ def main() -> None:
         BenchSettings(repeats=args.repeats, lengths=(512,), batches=(8,), residencies=("dense",), device="cpu",
                       compute_dtypes=("float32",)), progress=False).to_dict())
     data = {"model": MODEL, "limit": args.limit, "steps": args.recover_steps, "dense": dense, "models": models,
-            "criteria": criteria, "bench": timed}
-    write_results(args.out, "structured", data, markdown(data))
+            "criteria": [], "bench": timed}
+    write_results(args.out, "structured", data, markdown(data))  # the speed table first, then the criteria
     plot(data, args.out / "structured.png")
+    print("== criteria", flush=True)
+    data["criteria"] = run_criteria(args.out)
+    write_results(args.out, "structured", data, markdown(data))
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ class Scores:
     heads: list[Tensor]  # per block, one per query head
 
 
-def measure(adapter: Adapter, ids: Tensor, held_out: Tensor, sizes: Sizes) -> Scores:
-    """The dense model's importance scores (see the module docstring)."""
+def measure(adapter: Adapter, ids: Tensor, held_out: Tensor, sizes: Sizes, blocks: bool = True) -> Scores:
+    """The dense model's importance scores (see the module docstring); the blocks' skip losses only
+    when `blocks` (one held-out evaluation per block)."""
     model, n = adapter.model, len(adapter.blocks())
     downs = [model.get_submodule(list(adapter.ff_paths(i).values())[-1]) for i in range(n)]
     outs = [model.get_submodule(adapter.attention_paths(i)["o"]) for i in range(n)]
@@ -87,7 +88,8 @@ def measure(adapter: Adapter, ids: Tensor, held_out: Tensor, sizes: Sizes) -> Sc
     with torch.no_grad(), forward_pre_hooks(hooks):
         run_in_chunks(lambda x: model(input_ids=x, use_cache=False).logits[:, :1], ids)
     neurons = [e * downs[i].weight.detach().double().pow(2).sum(1).cpu() for i, e in enumerate(energy)]
-    return Scores(skip_losses(adapter, held_out, set(), list(range(n))), neurons, heads)
+    skips = skip_losses(adapter, held_out, set(), list(range(n))) if blocks else dict.fromkeys(range(n), 0.0)
+    return Scores(skips, neurons, heads)
 
 
 def _lowest_per_group(scores: Tensor, group: int, r: int) -> Tensor:
@@ -129,7 +131,7 @@ def plan_structure(adapter: Adapter, overall: OverallConfig, ids: Tensor, held_o
     ``overall.target`` of the `total` parameters with the least held-out loss; and the report."""
     sizes = sizes_of(adapter)
     n = len(adapter.blocks())
-    scores = measure(adapter, ids, held_out, sizes)
+    scores = measure(adapter, ids, held_out, sizes, blocks="depth" in kinds)
     ranked = sorted(scores.blocks, key=scores.blocks.get)
     want = overall.target * total
     depths = range(int(overall.max_rate * n) + 1) if "depth" in kinds else [0]
@@ -160,5 +162,6 @@ def plan_structure(adapter: Adapter, overall: OverallConfig, ids: Tensor, held_o
     rates = {"depth": best["blocks_removed"] / n, "attn_heads": best["heads_removed_per_group"] / sizes.group,
              "ff_neurons": best["neurons_removed_per_block"] / sizes.width}
     report = {"target": overall.target, "chosen": best, "candidates": rows,
-              "dense_held_out_loss": held_out_loss(adapter.model, held_out), "skip_one_block_loss": scores.blocks}
+              "dense_held_out_loss": held_out_loss(adapter.model, held_out),
+              **({"skip_one_block_loss": scores.blocks} if "depth" in kinds else {})}
     return {k: v for k, v in rates.items() if k in kinds}, report

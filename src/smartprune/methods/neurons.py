@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
 from smartprune.methods.config import FitConfig, StrategyConfig, option
-from smartprune.methods.oneshot import collect_stats
-from smartprune.modules.masked import Projection
+from smartprune.modules.masked import Projection, forward_pre_hooks, run_in_chunks
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,14 @@ def neuron_importance(sub: Sublayer, criterion: str) -> Tensor:
         for m in inputs:
             sq = sq + m.weight.detach().double().pow(2).sum(0)
         return sq.sqrt()
-    role = list(sub.paths)[-1]
-    energy = collect_stats(sub, [role])[role].gram.diagonal()  # sum_t h_j(t)^2
-    return energy.to(w_out.device) * w_out.pow(2).sum(1)
+    energy = torch.zeros(w_out.shape[0], dtype=torch.float64, device=w_out.device)  # sum_t h_j(t)^2
+
+    def hook(_module, args) -> None:
+        energy.add_(args[0].detach().double().pow(2).reshape(-1, energy.numel()).sum(0).to(energy.device))
+
+    with forward_pre_hooks([(output, hook)]):
+        run_in_chunks(sub.forward, sub.inputs)
+    return energy * w_out.pow(2).sum(1)
 
 
 class NeuronsStage(Stage):
