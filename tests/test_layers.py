@@ -96,17 +96,16 @@ def test_the_layer_test_sees_an_upward_import(tmp_path):
     assert LAYER[_room("smartprune.runs.compress")] > LAYER[_room("smartprune.modules.masked")]
 
 
+def _modules_after(statement: str, heavy: tuple[str, ...] = ()) -> str:
+    """The smartprune upper-layer (and `heavy` top-level) modules a fresh interpreter holds after `statement`."""
+    code = (f"import sys, smartprune; {statement}; print([m for m in sys.modules if m.split('.')[0] in {heavy!r} "
+            "or m.startswith(('smartprune.training', 'smartprune.reporting', 'smartprune.cli', 'smartprune.runs'))])")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_import_smartprune_is_light():
-    code = ("import sys, smartprune; heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') "
-            "or m.startswith(('smartprune.training', 'smartprune.reporting', 'smartprune.cli', 'smartprune.runs'))]; "
-            "print(heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]"
+    assert _modules_after("pass", ("torch", "transformers")) == "[]"
 
 
 def test_loading_a_compressed_model_needs_no_training_reporting_or_cli():
-    code = ("import sys, smartprune; smartprune.load; smartprune.compress; "
-            "print([m for m in sys.modules if m.startswith(('smartprune.training', 'smartprune.reporting', "
-            "'smartprune.cli', 'smartprune.runs'))])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]"
+    assert _modules_after("smartprune.load; smartprune.compress") == "[]"
