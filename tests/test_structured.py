@@ -147,6 +147,46 @@ def test_gguf_export_reads_back_in_transformers(base_dirs, use_data, tmp_path, c
     assert 0 < err < 0.1  # 8-bit blocks: close, not equal
 
 
+def _gguf_ready(name: str):
+    """Tiny Qwen 3 / Gemma 3 in the settings GGUF readers assume (Qwen 3's heads of 128; Gemma 3's
+    query scale 256 and five local layers to one global), which a GGUF file does not carry."""
+    from transformers import Gemma3TextConfig, Qwen3Config
+
+    c = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
+             max_position_embeddings=128)
+    config = Qwen3Config(**c, num_hidden_layers=2, head_dim=128) if name == "qwen3" else \
+        Gemma3TextConfig(**c, num_hidden_layers=6, head_dim=8, sliding_window=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() == 2 else 0.1)  # norms too: Gemma's are written as 1 + w
+    return model
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3_text"])
+def test_gguf_export_of_qwen3_and_gemma3_reads_back_in_transformers(name, use_data, tmp_path, capsys,
+                                                                    gpt2_tokenizer):
+    _gguf_ready(name).save_pretrained(tmp_path / "base")
+    gpt2_tokenizer.save_pretrained(tmp_path / "base")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("attn_heads: {rate: 0.5}\nff_neurons: {rate: 0.5}\n")
+    code, _, err = run(capsys, "compress", tmp_path / "base", "--recipe", recipe, "--out", tmp_path / "o",
+                       "--dense-out", tmp_path / "dense", "--gguf-out", tmp_path / "m.gguf", "--gguf-type", "f32",
+                       "--calib-samples", "8", "--calib-seqlen", "32")
+    assert code == 0, err
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    assert back.config.num_attention_heads == vanilla.config.num_attention_heads < 4
+    assert back.config.intermediate_size == vanilla.config.intermediate_size == 32
+    with torch.no_grad():
+        assert torch.allclose(back(_ids()).logits, vanilla(_ids()).logits, atol=1e-4, rtol=1e-4)
+    if name == "gemma3_text":  # removed blocks break the layer pattern: refused before any work
+        code, _, err = run(capsys, "compress", tmp_path / "base", "--recipe", "slim-40", "--out", tmp_path / "o2",
+                           "--gguf-out", tmp_path / "m2.gguf")
+        assert code == 2 and "stage 'depth'" in err and not (tmp_path / "o2").exists()
+
+
 def test_gguf_and_standard_export_refuse_what_a_standard_config_cannot_express(base_dirs, use_data, tmp_path,
                                                                                capsys, monkeypatch):
     import smartprune.runs.compress as runs
@@ -166,7 +206,7 @@ def test_gguf_and_standard_export_refuse_what_a_standard_config_cannot_express(b
     assert code == 2 and "exists" in err and (tmp_path / "taken.gguf").read_text() == "mine"
     code, _, err = run(capsys, "compress", base_dirs / "gemma3_text", "--recipe", mix, "--out", tmp_path / "o",
                        "--gguf-out", tmp_path / "g.gguf")
-    assert code == 2 and "gemma3_text" in err
+    assert code == 2 and "query_pre_attn_scalar" in err  # the reader would take 256
     assert not (tmp_path / "o").exists()
     with pytest.raises(RecipeError, match="stage 'fpp_ff' leaves unstructured sparsity"):
         build_recipe({"export": "standard", "depth": {}, "fpp_ff": {}}, "t", "test")
@@ -191,6 +231,23 @@ def test_allocation_meets_the_target_exactly_with_the_least_held_out_loss():
     blocks_left = 4 - chosen["blocks_removed"]
     assert abs(report["overall"]["compression"] - 0.4) <= per_neuron * blocks_left / total
     assert model.config.num_hidden_layers == blocks_left
+
+
+def test_the_depth_stage_ranks_blocks_with_the_allocations_measurement(monkeypatch):
+    import smartprune.compression.structured as planner
+    import smartprune.methods.depth as depth
+    from smartprune.data import Calibration
+
+    calls = []
+    for module in (planner, depth):  # who measures the skip losses, and how often
+        monkeypatch.setattr(module, "skip_losses", lambda *a, m=module, f=depth.skip_losses: calls.append(m) or f(*a))
+    model = family_model("llama", vocab=100, layers=4)
+    calib = Calibration(torch.randint(0, 100, (8, 32)), torch.randint(0, 100, (4, 32)), "test")
+    recipe = build_recipe({"overall": {"target": 0.5}, "depth": {"iterative": False}}, "t", "test")
+    report = smartprune.compress(model, None, recipe, calib=calib, progress=False).report["structure"]
+    assert calls == [planner]  # measured once, by the plan
+    ranked = sorted(range(4), key=report["plan"]["skip_one_block_loss"].get)
+    assert report["depth"]["removed"] == sorted(ranked[:2]) and model.config.num_hidden_layers == 2
 
 
 def test_recover_keeps_the_smaller_shapes_and_writes_the_standard_folder(base_dirs, use_data, tmp_path, capsys):

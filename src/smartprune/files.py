@@ -106,8 +106,9 @@ def sha256(path: Path) -> str:
 
 
 def _plain(value):
-    """JSON for what json does not know: a torch.device as its name, numbers (numpy, tensors) as floats."""
-    if type(value).__name__ == "device":
+    """JSON for what json does not know: a torch.device and a path as their names, numbers (numpy,
+    tensors) as floats."""
+    if type(value).__name__ == "device" or isinstance(value, os.PathLike):
         return str(value)
     return float(value)
 

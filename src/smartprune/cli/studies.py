@@ -37,6 +37,11 @@ def add_compare(sub) -> None:
     k.add_argument("--recover-tokens", type=positive, help="also retrain every model with this many WikiText-2 "
                    "train tokens (distillation from the dense model) and add a dense fine-tuned row: the ranking "
                    "at equal size and equal retraining")
+    k.add_argument("--measure", help="also measure every final model's running cost against dense, in one bench "
+                   "run: speed (greedy decoding tokens/s, 512-token prefill, batch-8 throughput), memory (bytes held "
+                   "once loaded, weight files, peak RSS of load + forward); e.g. speed,memory")
+    k.add_argument("--keep", help="with --measure: write the measured models to this new folder (default: a "
+                   "temporary folder, removed after)")
     device(k)
     json_out(k, "write rows to this JSON file, and a Markdown twin beside it")
     k.set_defaults(func=cmd_compare)
@@ -45,12 +50,23 @@ def add_compare(sub) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from smartprune.errors import DataError
     from smartprune.runs.compare import CompareSettings, run_compare, write_outputs
+    from smartprune.runs.cost import parse_measures
 
+    measures = parse_measures(args.measure)
+    if args.keep and not measures:
+        raise DataError("--keep names where the measured models go: it needs --measure")
+    if args.keep:
+        from smartprune.files import check_output, check_outputs_apart
+
+        check_output(Path(args.keep), False)
+        check_outputs_apart(args.keep, args.json, args.model if Path(args.model).exists() else None)
     settings = CompareSettings(model=args.model, methods=args.methods.split(","), sparsities=args.sparsity.split(","),
                                tasks=args.tasks.split(","), limit=args.limit, seqlen=args.seqlen,
                                calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                               recover_tokens=args.recover_tokens, device=args.device)
+                               recover_tokens=args.recover_tokens, device=args.device, measure=measures,
+                               keep=Path(args.keep).expanduser() if args.keep else None)
     result = run_compare(settings, progress=not args.quiet)
     if args.json:
         write_outputs(result, Path(args.json))

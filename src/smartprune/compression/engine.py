@@ -344,6 +344,8 @@ def _whole_model_stages(model: nn.Module, adapter: Adapter, recipe: Recipe, cali
             try:
                 shared["structure"], report["plan"] = plan_structure(adapter, recipe.overall, calib.ids.to(dev), held,
                                                                      kinds, total, progress)
+                # the dense model's skip losses, measured for the plan: the depth stage's first ranking
+                shared["skip_losses"] = report["plan"].get("skip_one_block_loss")
             except ValueError as exc:
                 raise DataError(f"recipe '{recipe.name}': {exc}") from None
         for key in keys:

@@ -77,7 +77,8 @@ class DepthStage(ModelStage):
         ranked = None
         while len(gone) < want:
             if self.cfg.iterative or ranked is None:
-                scores = skip_losses(self.adapter, self.held_out, gone, [i for i in range(n) if i not in gone])
+                known = None if gone else self.shared.get("skip_losses")  # measured by the allocation already
+                scores = known or skip_losses(self.adapter, self.held_out, gone, [i for i in range(n) if i not in gone])
                 ranked = sorted(scores, key=scores.get)
             pick = next(i for i in ranked if i not in gone)
             gone.add(pick)

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from smartprune.modules.kernels import MAX_TOKENS, packed_product
+
+KERNEL_VALUES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # what the kernel reads
 # np.packbits order: the first entry of a byte is its highest bit
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 HEAD_SLAB_ROWS = 4096  # rows of a tied head unpacked at once (4096 x 576 fp32: 9.4 MB for SmolLM2)
@@ -90,6 +93,9 @@ class PackedMatrix(nn.Module):
     def rows(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
         """Rows ``start .. end`` as a dense (end - start, cols) matrix in `dtype`."""
         cols = self.shape[1]
+        if self.bits is None and self.indices is None:  # every entry stored: a view, copied only to convert
+            out = self.values.view(self.shape)[start:end]
+            return out.to(dtype) if self.quant is None else self._scaled(out.to(dtype, copy=True), start, end)
         if self.bits is not None and (start * cols) % 8 == 0:  # the fast path: one masked scatter
             values = self.values[int(self.row_ptr[start]):int(self.row_ptr[end])].to(dtype)
             mask = unpack_bits(self.bits, start * cols, (end - start) * cols)
@@ -153,8 +159,29 @@ class PackedProjection(nn.Module):
         return self.packed.shape[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = x @ self.packed.dense(x.dtype)
+        y = self._few_tokens(x)
+        if y is None:
+            y = x @ self.packed.dense(x.dtype)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+    def _few_tokens(self, x: Tensor) -> Tensor | None:
+        """Decoding's product read straight from the packed form by the compiled kernel (`kernels`),
+        or None where it does not apply (many tokens, CSR storage, not float32 on the CPU)."""
+        p = self.packed
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if p.bits is None or tokens > MAX_TOKENS or x.dtype != torch.float32 or x.device.type != "cpu" \
+                or p.shape[1] % 8 or p.values.dtype not in KERNEL_VALUES:
+            return None
+        op = packed_product()
+        if op is None:
+            return None
+        a = x.reshape(tokens, p.shape[0])
+        if p.quant is not None and p.quant.axis == 0:  # one scale per input row: scale the coefficients
+            a = a * p.scale.to(a.dtype)
+        y = op(a.contiguous(), p.bits, p.values, p.row_ptr, p.shape[1])
+        if p.quant is not None and p.quant.axis == 1:  # one scale per output column
+            y = y * p.scale.to(y.dtype)
+        return y.view(*x.shape[:-1], p.shape[1])
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, stored={self.packed.values.numel()}"

@@ -4,6 +4,8 @@
   model as a dashed line (the paper's Figures 10, 11, 13-16).
 - `weight_figure`: a block's Q, K, V, feed-forward and embedding weights before and after
   compression as heatmaps, before and after sharing one colour scale per matrix (Figures 5-9).
+- `frontier_figure`: quality against running cost, one point per model and residency (``compare
+  --measure``): perplexity against decoding speed and against the bytes held in memory.
 """
 
 from __future__ import annotations
@@ -130,4 +132,34 @@ def recovery_figure(runs: dict[str, list[dict]], title: str) -> Figure:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return fig
+
+
+def frontier_figure(compare: dict) -> Figure:
+    """Perplexity (recovered where retrained) of the first task against greedy decoding tokens/s and
+    against the weight bytes held in memory, one point per measured row and residency; dense a star."""
+    task = compare["settings"]["tasks"][0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    panels = (("generate_tokens_per_s", "greedy decoding tokens/s (batch 1)"),
+              ("resident_bytes", "weights held in memory (MB)"))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for row in (r for r in compare["rows"] if "running" in r):
+            ppl = row.get("recovered", row)["perplexity"][task]
+            dense = row["method"] == "dense"
+            for entry in row["running"]:
+                value = entry["metrics"].get(key)
+                if value is None:
+                    continue
+                x = value / 1e6 if key == "resident_bytes" else value
+                ax.scatter(x, ppl, marker="*" if dense else ("o" if entry["resident"] == "dense" else "s"),
+                           s=160 if dense else 40, color="black" if dense else None)
+                ax.annotate(f"{row['method']} {row['sparsity']}" + ("" if dense else f" [{entry['resident']}]"),
+                            (x, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{task} perplexity" + (" (after recovery)" if any("recovered" in r for r in compare["rows"])
+                                              else ""))
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_title("quality against speed (right is faster)")
+    axes[1].set_title("quality against memory (left is smaller)")
     return fig

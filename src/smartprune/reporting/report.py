@@ -279,6 +279,28 @@ def weight_figures(runs, fig_dir: Path, out: Path, block: int) -> list[Section]:
     return sections
 
 
+def frontier_figures(runs, fig_dir: Path, out: Path) -> list[Section]:
+    """The quality-vs-running-cost frontier of each ``compare --measure`` run."""
+    from smartprune.reporting.figures import frontier_figure, save
+    from smartprune.runs.cost import cost_table
+
+    sections = []
+    for i, (_, path, data) in enumerate(r for r in runs if r[0] == "compare" and any("running" in x
+                                                                                      for x in r[2]["rows"])):
+        name = f"frontier{i}.png"
+        save(frontier_figure(data), fig_dir / name)
+        s = data["settings"]
+        cmd = f"smartprune compare {s['model']} --methods {','.join(s['methods'])} --measure " \
+              f"{','.join(s['measure'])} --json {path}\nsmartprune report {path} --out {out}"
+        lines = cost_table(data["rows"], s.get("measure_length", 512)).splitlines()
+        table = ([c.strip() for c in lines[0].strip("|").split("|")],
+                 [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]])
+        sections.append(Section(f"Quality against running cost ({s['model']})", ours=table, figures=[
+            Figure(f"figures/{name}", "perplexity against decoding speed and bytes held in memory; dense: the star; "
+                   "circles: held as plain dense matrices, squares: held packed", cmd)]))
+    return sections
+
+
 # ------------------------------------------------------------------------------------- rendering
 def _html_table(t: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t[0])
@@ -345,8 +367,8 @@ def write_report(paths: list[str | Path], out: str | Path, *, block: int = 0, ov
         fig_dir.mkdir()
         sections = [table3(runs), table4(runs), table5(runs), table6(runs), table8(runs)]
         extra = [s for s in (comparison(runs), recovery_section(runs), claims_section(runs)) if s]
-        sections += extra + sweep_figures(runs, fig_dir, out) + weight_figures(runs, fig_dir, out,
-                                                                                                     block)
+        sections += extra + frontier_figures(runs, fig_dir, out) + sweep_figures(runs, fig_dir, out)
+        sections += weight_figures(runs, fig_dir, out, block)
         (tmp / "index.html").write_text(render_html(title, sections, intro))
         (tmp / "report.md").write_text(render_md(title, sections, intro))
     return out

@@ -10,8 +10,10 @@ so the methods are compared at equal size.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -106,6 +108,11 @@ class CompareSettings:
     seed: int = 0
     recover_tokens: int | None = None  # equal recovery for every row (and a dense fine-tuned row)
     device: str | torch.device = "auto"
+    measure: tuple[str, ...] = ()  # running cost of every row's final model: "speed", "memory" (`runs.cost`)
+    keep: Path | None = None  # where the measured models are written (None: a temporary folder, removed after)
+    measure_repeats: int = 3  # bench rounds
+    measure_length: int = 512  # prefill and batch-8 throughput length
+    measure_new_tokens: int = 128  # greedy decoding length
 
 
 @dataclass
@@ -117,6 +124,16 @@ class Comparison:
         return {"settings": self.settings, "rows": self.rows}
 
     def table(self) -> str:
+        from smartprune.runs.cost import cost_table
+
+        running = cost_table(self.rows, self.settings.get("measure_length", 512))
+        quality = self.quality_table()
+        if not running:
+            return quality
+        return (f"{quality}\n\nRunning cost of each final model (float32 weights and compute; ratio to dense from "
+                f"the same run; a compressed model held as plain dense matrices and as its packed form):\n\n{running}")
+
+    def quality_table(self) -> str:
         tasks = self.settings["tasks"]
         recovered = any("recovered" in r for r in self.rows)
         extra = [f"{t} ppl recovered" for t in tasks] if recovered else []
@@ -171,7 +188,54 @@ def _baseline_recipe(name: str, fraction: float | None, pattern: str | None) -> 
 
 
 def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparison:
-    """Run every method on the same model, calibration windows and evaluation windows."""
+    """Run every method on the same model, calibration windows and evaluation windows; with
+    ``settings.measure``, then measure every row's final model's running cost in one bench run."""
+    from smartprune.runs.cost import parse_measures
+
+    parse_measures(",".join(settings.measure))  # an unknown word fails before any work
+    if settings.measure_repeats < 1:
+        raise RecipeError(f"measure_repeats must be at least 1, not {settings.measure_repeats}")
+    if settings.measure:
+        with _measured_models(settings.keep) as folder:
+            result = _run_compare(settings, folder, progress)
+            _measure_rows(result, settings, progress)
+        if settings.keep is None:  # the temporary folders are gone: name none of them
+            for row in result.rows:
+                row.pop("folder", None)
+        return result
+    return _run_compare(settings, None, progress)
+
+
+@contextlib.contextmanager
+def _measured_models(keep: Path | None):
+    """The folder the measured models are written to: `keep` (checked first), or a temporary one."""
+    from smartprune.files import check_output
+
+    if keep is not None:
+        check_output(Path(keep), False)
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        yield Path(keep)
+        return
+    with tempfile.TemporaryDirectory(prefix="smartprune-compare-") as tmp:
+        yield Path(tmp)
+
+
+def _measure_rows(result: Comparison, settings: CompareSettings, progress: bool) -> None:
+    from smartprune.runs.cost import measure
+
+    dense = next((r for r in result.rows if r["method"] == "dense"), None)  # the reference, measured first
+    rows = [dense, *(r for r in result.rows if "folder" in r)]
+    specs = [settings.model, *(r["folder"] for r in rows[1:])]
+    entries, machine = measure(specs, settings.measure, repeats=settings.measure_repeats,
+                               length=settings.measure_length, new_tokens=settings.measure_new_tokens,
+                               device=settings.device, progress=progress)
+    for row, per in zip(rows, entries, strict=True):
+        if row is not None:
+            row["running"] = per
+    result.settings["machine"] = machine
+
+
+def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: bool) -> Comparison:
     methods = _resolve_methods(settings.methods)
     sparsities = [parse_sparsity(t) for t in settings.sparsities]
     for label, _, _ in sparsities:  # match:RECIPE names a recipe that must exist before any work
@@ -186,6 +250,10 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
     loaded = load_model(settings.model)
     check_positions(loaded.model, settings.seqlen, "--seqlen")
     check_positions(loaded.model, settings.calib_seqlen, "--calib-seqlen")
+    if settings.measure:  # the running-cost measurement's longest sequence, before any compression
+        from smartprune.runs.cost import longest
+
+        check_positions(loaded.model, longest(settings.measure_length, settings.measure_new_tokens), "--measure")
     tok = loaded.tokenizer
     eval_ids = {t: tokenize(tok, text) for t, text in texts.items()}
     calib = calibration(tok, "wikitext2", settings.calib_samples, settings.calib_seqlen, 4, settings.seed)
@@ -210,6 +278,10 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
                                 "seconds": rec["seconds"], "structure_kept": rec["structure"]["kept"]}
             log.info("%s %s recovered: %s", method, sparsity,
                      ", ".join(f"{t} {v:.2f}" for t, v in row["recovered"]["perplexity"].items()))
+        if keep_dir is not None and method != "dense":  # the final model, for the running-cost measurement
+            from smartprune.runs.cost import folder_name, keep
+
+            row["folder"] = keep(model, tok, keep_dir / folder_name(len(rows), method, sparsity))
         rows.append(row)
 
     def run(method: str, label: str, recipe: Recipe) -> dict:

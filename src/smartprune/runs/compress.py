@@ -23,7 +23,7 @@ from smartprune.recipes import Recipe, load_recipe
 from smartprune.recipes.schema import RecoverConfig, not_standard
 from smartprune.runs.environment import environment
 from smartprune.storage.format import DTYPES
-from smartprune.storage.gguf_writer import check_gguf, write_gguf
+from smartprune.storage.gguf_writer import check_gguf, check_gguf_shape, write_gguf
 from smartprune.storage.save import plain_model, save, write_dense
 from smartprune.storage.sources import load_model, model_config, model_reference
 
@@ -146,6 +146,10 @@ def check_gguf_export(recipe: Recipe, config, gguf_type: str, gguf_out: Path, ov
     if why:
         raise OutputError(f"--gguf-out: recipe '{recipe.name}': {why}")
     check_gguf(config.model_type if config is not None else "", gguf_type)
+    check_gguf_shape(config)
+    if config.model_type == "gemma3_text" and "depth" in recipe.stages:
+        raise OutputError(f"--gguf-out: recipe '{recipe.name}': stage 'depth' changes gemma3_text's pattern of local "
+                          "and global layers, which a GGUF file does not carry; use --dense-out")
     check_output_file(gguf_out, overwrite)
     check_outputs_apart(gguf_out, *others)
 

@@ -7,7 +7,13 @@ permutes them (transformers' GGUF reader undoes it), and the tokenizer goes in a
 merges and special tokens. Types: ``f32``, ``f16``, ``bf16`` (matrices; norms stay f32, as llama.cpp
 keeps them) and ``q8_0`` (8-bit blocks of 32 with one scale each; a matrix whose rows are not a
 multiple of 32 stays f16, as llama.cpp's converter does). Families whose GGUF round trip through
-transformers' reader is checked here: Llama (SmolLM2) and Qwen 3.
+transformers' reader is checked here: Llama (SmolLM2), Qwen 3 and Gemma 3 (whose norms llama.cpp
+stores as ``1 + w``, the scale Gemma applies).
+
+GGUF carries sizes, not every setting: transformers' reader takes the rest from the family's defaults
+(Qwen 3's head size 128; Gemma 3's query scale 256 and its five-local-one-global layer pattern).
+`check_gguf_shape` refuses a config the reader would rebuild differently instead of writing a file
+that loads into another model.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from torch import nn
 from smartprune.errors import OutputError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-ARCHITECTURES = {"llama": "LLAMA", "qwen3": "QWEN3"}  # model_type -> gguf.MODEL_ARCH member
+ARCHITECTURES = {"llama": "LLAMA", "qwen3": "QWEN3", "gemma3_text": "GEMMA3"}  # model_type -> gguf.MODEL_ARCH
+NORM_OFFSET = {"gemma3_text": 1.0}  # llama.cpp stores these families' RMSNorm weights as 1 + w
 
 
 def check_gguf(model_type: str, gguf_type: str) -> None:
@@ -35,10 +42,31 @@ def check_gguf(model_type: str, gguf_type: str) -> None:
 
 
 def check_gguf_shape(config) -> None:
-    """Refuse a shape the GGUF readers would get wrong (after the model is compressed, before writing)."""
+    """Refuse a config the GGUF readers would rebuild differently (before the work, and again after
+    the model is compressed, before writing: removed blocks change Gemma 3's layer pattern)."""
     if config.model_type == "qwen3" and config.head_dim != 128:
         raise OutputError(f"GGUF export of qwen3 with heads of {config.head_dim}: transformers' GGUF reader does not "
                           "read the head size of qwen3 and takes 128 (every released Qwen 3); use --dense-out")
+    if config.model_type == "gemma3_text":
+        default = type(config)(num_hidden_layers=config.num_hidden_layers)  # what the reader fills in
+        for key in ("query_pre_attn_scalar", "layer_types", "final_logit_softcapping", "attn_logit_softcapping"):
+            if getattr(config, key) != getattr(default, key):
+                raise OutputError(f"GGUF export of gemma3_text: its {key} ({getattr(config, key)}) is not in the "
+                                  f"file and transformers' GGUF reader would take {getattr(default, key)}; use "
+                                  "--dense-out")
+        local = config.rope_parameters.get("sliding_attention", {})
+        if local.get("rope_theta") != default.rope_parameters["sliding_attention"]["rope_theta"] or any(
+                p.get("rope_type", "default") != "default" for p in config.rope_parameters.values()):
+            raise OutputError("GGUF export of gemma3_text: its local rotary base or rope scaling is not in the file "
+                              "and transformers' GGUF reader would take the defaults; use --dense-out")
+
+
+def _rope_theta(config) -> float:
+    """The (global) rotary base: one entry, or the full-attention layers' one where each layer type has its own."""
+    params = getattr(config, "rope_parameters", None)
+    if not params:
+        return float(config.rope_theta)
+    return float(params.get("full_attention", params)["rope_theta"])
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -74,10 +102,11 @@ def _config(writer, config) -> None:
     writer.add_key_length(hd)
     writer.add_value_length(hd)
     writer.add_rope_dimension_count(hd)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"] if getattr(config, "rope_parameters", None)
-                                    else config.rope_theta))
+    writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
+    if getattr(config, "sliding_window", None) and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        writer.add_sliding_window(config.sliding_window)
 
 
 def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
@@ -85,8 +114,9 @@ def _tokenizer(writer, tokenizer, vocab_size: int) -> None:
     import json
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE":
-        raise OutputError(f"GGUF export writes byte-level BPE tokenizers; this one is {spec['model']['type']}")
+    if spec["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise OutputError("GGUF export writes byte-level BPE tokenizers (GPT-2, SmolLM2, Qwen); this one is "
+                          f"{spec['model']['type']} without byte-level pre-tokenization: use --dense-out")
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     special = set(tokenizer.all_special_ids)
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
@@ -127,6 +157,8 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, ggu
             if name is None:
                 raise OutputError(f"GGUF export: no GGUF name for tensor {hf_name}")
             data = tensor.detach().to(torch.float32).cpu().numpy()
+            if name.endswith("norm.weight"):
+                data = data + NORM_OFFSET.get(config.model_type, 0.0)
             if config.model_type == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
                 data = _permute(data, heads if "attn_q" in name else kv)
             _tensor(writer, name, data, gguf_type)

@@ -1,0 +1,176 @@
+// Few-token products with a packed sparse matrix, read straight from its packed form.
+//
+// W is (rows, cols) = (d_in, d_out), stored as smartprune's compact format keeps it: a bitmask in
+// np.packbits order (the first column of each byte is its highest bit) and the surviving values,
+// row-major, in float32, bfloat16, float16 or int8. y = a @ W for a few rows of a (decoding: one
+// token per sequence). Decoding is memory-bound, so reading 1 bit + the surviving values' bytes
+// instead of 4 bytes per entry is what makes it faster; each 8-entry mask byte is expanded into an
+// AVX2 register with one permutation (a 256-entry table of lane sources), the AVX2 counterpart of
+// AVX-512's vexpandps. Threads split the columns (torch's own thread pool), so each keeps its slice
+// of y in L1 and no partial sums are merged.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <cstring>
+
+namespace {
+
+struct alignas(32) Tables {
+  alignas(32) int32_t source[256][8];  // lane j of mask m takes stored value number source[m][j]
+  uint8_t reversed[256];   // np.packbits order -> lane order
+  Tables() {
+    for (int m = 0; m < 256; m++) {
+      int k = 0;
+      uint8_t r = 0;
+      for (int j = 0; j < 8; j++) {
+        source[m][j] = (m >> j) & 1 ? k++ : 0;
+        r |= ((m >> j) & 1) << (7 - j);
+      }
+      reversed[m] = r;
+    }
+  }
+};
+const Tables kTables;
+
+enum Kind { kFloat = 0, kBFloat16 = 1, kHalf = 2, kInt8 = 3 };
+
+template <Kind kind>
+inline __m256 load8(const void* v, int64_t p) {
+  switch (kind) {
+    case kFloat: return _mm256_loadu_ps(static_cast<const float*>(v) + p);
+    case kBFloat16: {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(v) + p));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    case kHalf:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(v) + p)));
+    default: {
+      __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(v) + p));
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    }
+  }
+}
+
+template <Kind kind>
+inline float load1(const void* v, int64_t p) {
+  switch (kind) {
+    case kFloat: return static_cast<const float*>(v)[p];
+    case kBFloat16: {
+      uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(v)[p]) << 16;
+      float f;
+      std::memcpy(&f, &u, 4);
+      return f;
+    }
+    case kHalf: return _cvtsh_ss(static_cast<const uint16_t*>(v)[p]);
+    default: return static_cast<float>(static_cast<const int8_t*>(v)[p]);
+  }
+}
+
+// Columns [byte0 * 8, byte1 * 8) of y (t, cols) = a (t, rows) @ W (the value type a template argument, so
+// the inner loop has no branch on it).
+template <Kind kind>
+void columns(const float* a, int64_t t, int64_t rows, const uint8_t* bits, const void* values,
+             const int64_t* row_ptr, int64_t cols, int64_t total, int64_t byte0, int64_t byte1, float* y) {
+  const int64_t bytes = cols / 8;
+  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  __m256 coef[8];
+  for (int64_t i = 0; i < rows; i++) {
+    const uint8_t* row = bits + i * bytes;
+    int64_t p = row_ptr[i];
+    int64_t c0 = 0;  // values before this slice: their mask bits counted 64 at a time
+    for (; c0 + 8 <= byte0; c0 += 8) {
+      uint64_t word;
+      std::memcpy(&word, row + c0, 8);
+      p += __builtin_popcountll(word);
+    }
+    for (; c0 < byte0; c0++) p += __builtin_popcount(row[c0]);
+    for (int64_t s = 0; s < t; s++) coef[s] = _mm256_set1_ps(a[s * rows + i]);
+    if (t == 1 && p + 8 * (byte1 - byte0) <= total) {  // decoding one sequence: the tight loop
+      float* __restrict out = y + byte0 * 8;
+      const uint8_t* __restrict mask = row + byte0;
+      const __m256 c1 = coef[0];
+      for (int64_t c = 0; c < byte1 - byte0; c++) {
+        const int m = kTables.reversed[mask[c]];
+        const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(m), lanes), lanes);
+        const __m256i source = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.source[m]));
+        const __m256 e = _mm256_and_ps(_mm256_permutevar8x32_ps(load8<kind>(values, p), source),
+                                       _mm256_castsi256_ps(keep));
+        _mm256_storeu_ps(out + c * 8, _mm256_fmadd_ps(c1, e, _mm256_loadu_ps(out + c * 8)));
+        p += __builtin_popcount(m);
+      }
+      continue;
+    }
+    for (int64_t c = byte0; c < byte1; c++) {
+      const int m = kTables.reversed[row[c]];
+      if (!m) continue;
+      __m256 e;
+      if (p + 8 <= total) {
+        const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(m), lanes), lanes);
+        const __m256i source = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.source[m]));
+        e = _mm256_and_ps(_mm256_permutevar8x32_ps(load8<kind>(values, p), source), _mm256_castsi256_ps(keep));
+      } else {  // the matrix's last values: never read past them
+        alignas(32) float tmp[8] = {0};
+        int64_t q = p;
+        for (int j = 0; j < 8; j++)
+          if ((m >> j) & 1) tmp[j] = load1<kind>(values, q++);
+        e = _mm256_load_ps(tmp);
+      }
+      for (int64_t s = 0; s < t; s++) {
+        float* out = y + s * cols + c * 8;
+        _mm256_storeu_ps(out, _mm256_fmadd_ps(coef[s], e, _mm256_loadu_ps(out)));
+      }
+      p += __builtin_popcount(m);
+    }
+  }
+}
+
+Kind kind_of(const at::Tensor& values) {
+  switch (values.scalar_type()) {
+    case at::kFloat: return kFloat;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kHalf;
+    case at::kChar: return kInt8;
+    default: TORCH_CHECK(false, "packed_product: values of dtype ", values.scalar_type(), " are not supported");
+  }
+}
+
+// a (t, rows) float32, t <= 8; bits uint8; values (stored,); row_ptr int64 (rows + 1,); -> (t, cols) float32
+at::Tensor packed_product(const at::Tensor& a, const at::Tensor& bits, const at::Tensor& values,
+                          const at::Tensor& row_ptr, int64_t cols) {
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat && a.is_contiguous() && a.size(0) <= 8,
+              "packed_product: a must be a contiguous float32 (t, rows) matrix with t <= 8");
+  TORCH_CHECK(cols % 8 == 0, "packed_product: cols must be a multiple of 8");
+  TORCH_CHECK(bits.scalar_type() == at::kByte && row_ptr.scalar_type() == at::kLong && values.is_contiguous() &&
+                  bits.is_contiguous() && row_ptr.is_contiguous() && row_ptr.numel() == a.size(1) + 1 &&
+                  bits.numel() * 8 >= a.size(1) * cols,
+              "packed_product: bits (uint8), row_ptr (int64, rows + 1) and values must match the shape");
+  const int64_t t = a.size(0), rows = a.size(1), bytes = cols / 8;
+  at::Tensor y = at::zeros({t, cols}, a.options());
+  const float* ap = a.data_ptr<float>();
+  const uint8_t* bp = bits.data_ptr<uint8_t>();
+  const void* vp = values.data_ptr();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const Kind kind = kind_of(values);
+  const int64_t total = values.numel();
+  float* yp = y.data_ptr<float>();
+  // slices of at least 32 bytes of mask (256 columns): finer ones spend more on skipping than working
+  at::parallel_for(0, bytes, 32, [&](int64_t b0, int64_t b1) {
+    switch (kind) {
+      case kFloat: columns<kFloat>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
+      case kBFloat16: columns<kBFloat16>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
+      case kHalf: columns<kHalf>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
+      default: columns<kInt8>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(smartprune, m) {
+  m.def("packed_product(Tensor a, Tensor bits, Tensor values, Tensor row_ptr, int cols) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(smartprune, CPU, m) { m.impl("packed_product", packed_product); }

@@ -1,0 +1,89 @@
+"""The compiled few-token kernel against the dense product it replaces (random and SmolLM2 shapes,
+every value dtype, 8-bit scales on either axis), and the fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from smartprune.modules import kernels
+from smartprune.modules.packed import PackedMatrix, PackedProjection, dequantize, quantize
+
+
+def _op():
+    op = kernels.packed_product()
+    if op is None:
+        pytest.skip(f"kernel not built here: {kernels._why_not() or 'the build failed'}")
+    return op
+
+
+def _sparse(rows: int, cols: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    return w * (torch.rand(rows, cols, generator=g) >= sparsity)
+
+
+def _packed(w: torch.Tensor, dtype: torch.dtype = torch.float32, axis: int | None = None) -> PackedMatrix:
+    mask = w != 0
+    bits = torch.from_numpy(np.packbits(mask.numpy().reshape(-1)))
+    if axis is None:
+        return PackedMatrix(tuple(w.shape), w[mask].to(dtype).contiguous(), bits=bits)
+    from smartprune.modules.packed import Quant
+
+    q, scale = quantize(w, axis)
+    return PackedMatrix(tuple(w.shape), q[mask].contiguous(), bits=bits, scale=scale, quant=Quant(axis))
+
+
+@pytest.mark.parametrize("rows,cols", [(8, 8), (40, 24), (576, 576), (576, 192), (576, 1536), (1536, 576)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
+def test_the_kernel_equals_the_dense_product(rows, cols, sparsity):
+    op = _op()
+    w = _sparse(rows, cols, sparsity, seed=rows + cols)
+    for t in (1, 3, 8):
+        x = torch.randn(t, rows, generator=torch.Generator().manual_seed(t))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            p = _packed(w, dtype)
+            want = x.double() @ w.to(dtype).double()
+            got = op(x, p.bits, p.values, p.row_ptr, cols)
+            assert torch.allclose(got.double(), want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_a_packed_projection_decodes_through_the_kernel_with_the_same_result(axis, monkeypatch):
+    _op()
+    w = _sparse(576, 192, 0.5)
+    layer = PackedProjection(_packed(w, axis=axis), bias=torch.randn(192))
+    reference = w if axis is None else dequantize(*quantize(w, axis), axis)
+    calls = []
+    real = kernels.packed_product
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    import smartprune.modules.packed as packed
+
+    monkeypatch.setattr(packed, "packed_product", counted)
+    for shape in ((1, 1, 576), (2, 1, 576), (1, 20, 576)):  # decoding steps, and a prefill
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(calls)))
+        before = len(calls)
+        with torch.no_grad():
+            got = layer(x)
+        want = x @ reference + layer.bias
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert len(calls) - before == (1 if shape[1] * shape[0] <= kernels.MAX_TOKENS else 0)
+
+
+def test_without_the_kernel_the_packed_path_stays_and_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_why_not", lambda: "no C++ compiler (g++ or $CXX) on PATH")
+    layer = PackedProjection(_packed(_sparse(64, 32, 0.5)), bias=None)
+    x = torch.randn(1, 64)
+    with caplog.at_level(logging.WARNING, logger="smartprune.modules.kernels"):
+        for _ in range(3):
+            assert torch.allclose(layer(x), x @ layer.packed.dense(torch.float32), atol=1e-5)
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "no C++ compiler" in caplog.records[0].getMessage() and len(caplog.records) == 1
