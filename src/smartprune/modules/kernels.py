@@ -57,8 +57,9 @@ def _command(out: Path) -> list[str]:
 
 
 def library_path() -> Path:
-    """Where this source, built for this torch, lives in the cache."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    """Where this source, built for this torch with these flags, lives in the cache."""
+    flags = " ".join(_command(Path("out"))).encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags).hexdigest()[:16]
     return cache_dir() / "kernels" / f"packed_product-{key}.so"
 
 
