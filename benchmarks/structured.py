@@ -310,7 +310,7 @@ def main() -> None:
     timed = _cached(args.out / f"bench-{hashlib.sha256(names.encode()).hexdigest()[:8]}.json", lambda: bench(
         [dense_folder, *[m["folder"] for m in models]],
         BenchSettings(repeats=args.repeats, lengths=(512,), batches=(8,), residencies=("dense",), device="cpu",
-                      compute_dtypes=("float32",)), progress=False).to_dict())
+                      compute_dtypes=("float32",), train=False), progress=False).to_dict())
     data = {"model": MODEL, "limit": args.limit, "steps": args.recover_steps, "dense": dense, "models": models,
             "criteria": [], "bench": timed, "gguf": gguf, "gguf_limit": GGUF_LIMIT}
     write_results(args.out, "structured", data, markdown(data))  # the speed table first, then the criteria

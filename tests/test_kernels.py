@@ -37,7 +37,9 @@ def _packed(w: torch.Tensor, dtype: torch.dtype = torch.float32, axis: int | Non
     return PackedMatrix(tuple(w.shape), q[mask].contiguous(), bits=bits, scale=scale, quant=Quant(axis))
 
 
-@pytest.mark.parametrize("rows,cols", [(8, 8), (40, 24), (576, 576), (576, 192), (576, 1536), (1536, 576)])
+# rows not a multiple of 4 exercise the single-row loop after the 4-row blocks of decoding
+@pytest.mark.parametrize("rows,cols", [(8, 8), (6, 16), (43, 24), (40, 24), (576, 576), (576, 192), (576, 1536),
+                                       (1536, 576)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
 def test_the_kernel_equals_the_dense_product(rows, cols, sparsity):
     op = _op()

@@ -99,6 +99,72 @@ def test_a_minutes_budget_sizes_the_run_from_the_first_steps(compressed, gpt2_to
     assert r["steps"] == 30
 
 
+@pytest.mark.parametrize("kind", ["llama"])
+def test_blockwise_fits_each_block_to_the_dense_one_and_keeps_the_structure(compressed, gpt2_tokenizer, use_data):
+    """Every block's output error against the dense block's falls (measured on its own inputs, so the
+    fit corrects what earlier blocks got wrong); whether that buys perplexity is measured on SmolLM2
+    (docs/frontier.md), not on random tiny weights."""
+    model, teacher = compressed
+    masks = {n: m.mask.clone() for n, m in model.named_modules() if isinstance(m, Maskable) and m.mask is not None}
+    cfg = RecoverConfig(steps=0, objective="blockwise", block_steps=12, cache_windows=6, **SMALL)
+    r = recover(model, gpt2_tokenizer, cfg, teacher=teacher, progress=False)
+    fits = r["blockwise"]
+    assert fits["blocks"] == teacher.config.num_hidden_layers and r["steps"] == 0 and r["loss"] == []
+    assert all(a < b for a, b in zip(fits["relative_error_after"], fits["relative_error_before"], strict=True))
+    assert [h.get("after") for h in r["held_out"]] == [None, "blockwise"] and r["structure"]["kept"]
+    assert all(torch.equal(m.mask, masks[n]) for n, m in model.named_modules() if n in masks)
+
+
+def test_blockwise_pairs_block_i_with_the_dense_block_i(gpt2_tokenizer, use_data):
+    """An uncompressed copy reproduces every dense block output exactly: the pairing and the inputs
+    (its own hidden states) are right, so the error before any fit is 0."""
+    teacher = tiny_model("llama", VOCAB)
+    model = copy.deepcopy(teacher)
+    cfg = RecoverConfig(steps=0, objective="blockwise", block_steps=0, cache_windows=4, **SMALL)
+    r = recover(model, gpt2_tokenizer, cfg, teacher=teacher, progress=False)
+    assert max(r["blockwise"]["relative_error_before"]) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["llama"])
+def test_blockwise_then_end_to_end_resumes_without_fitting_again(compressed, gpt2_tokenizer, use_data, tmp_path):
+    model, teacher = compressed
+    start = copy.deepcopy(model)
+    cfg = RecoverConfig(steps=4, objective="blockwise", block_steps=3, cache_windows=4, checkpoint_minutes=0.0,
+                        **SMALL)
+    straight = recover(copy.deepcopy(start), gpt2_tokenizer, cfg, teacher=teacher, progress=False)
+
+    def interrupt(state):
+        if state.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recover(copy.deepcopy(start), gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path,
+                on_step=interrupt, progress=False)
+    r = recover(copy.deepcopy(start), gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path, resume=True,
+                progress=False)
+    assert r["loss"] == straight["loss"] and r["blockwise"]["relative_error_after"] == \
+        straight["blockwise"]["relative_error_after"]
+
+
+def test_blockwise_refuses_what_it_cannot_pair(gpt2_tokenizer, use_data):
+    from smartprune.errors import DataError, RecipeError
+    from smartprune.recipes.schema import build_recipe, build_section
+
+    teacher = tiny_model("llama", VOCAB)
+    student = copy.deepcopy(teacher)
+    del student.model.layers[1]  # what the depth stage leaves
+    student.config.num_hidden_layers -= 1
+    cfg = RecoverConfig(steps=0, objective="blockwise", **SMALL)
+    with pytest.raises(DataError, match="stage depth"):
+        recover(student, gpt2_tokenizer, cfg, teacher=teacher, progress=False)
+    with pytest.raises(RecipeError, match="teacher: dense"):
+        build_section(RecoverConfig, {"objective": "blockwise", "teacher": "none"}, "recover")
+    with pytest.raises(RecipeError, match=r"recover\.steps"):
+        build_section(RecoverConfig, {"steps": 0}, "recover")
+    with pytest.raises(RecipeError, match="stage 'depth'"):  # refused with the recipe, before any compression
+        build_recipe({"depth": {"rate": 0.25}, "recover": {"objective": "blockwise"}}, "x", "test")
+
+
 def test_a_teacher_with_another_vocabulary_is_refused(compressed, gpt2_tokenizer, use_data):
     from smartprune.errors import DataError
 
@@ -216,6 +282,15 @@ def test_demo_prints_dense_compressed_and_recovered(model_dirs, use_data, tmp_pa
     assert data["recovered"]["windows"] == data["dense"]["windows"] == 4
     assert data["report"]["recovery"]["steps"] == 4 and data["report"]["recovery"]["structure"]["kept"]
     assert "| compressed + recovered |" in run.summary()
+    # what it buys: the recovered model measured against the dense one, in both residencies, in one run
+    cost = data["cost"]
+    assert cost["dense"]["resident"] == "dense" and [e["resident"] for e in cost["compressed"]] == ["dense", "compact"]
+    compact = cost["compressed"][1]
+    assert compact["metrics"]["resident_bytes"] < cost["dense"]["metrics"]["resident_bytes"]
+    assert compact["ratios"]["resident_bytes"] == pytest.approx(
+        compact["metrics"]["resident_bytes"] / cost["dense"]["metrics"]["resident_bytes"])
+    assert compact["metrics"]["generate_tokens_per_s"] > 0 and compact["metrics"]["peak_rss_bytes"] > 0
+    assert "What it buys" in run.summary() and "| compressed + recovered | " in run.summary().split("What it buys")[1]
 
 
 def test_compress_with_a_recover_section_retrains(model_dirs, use_data, tmp_path):

@@ -95,7 +95,8 @@ def add_demo(sub) -> None:
                        description="Compress a model (default smollm2-135m, recipe paper), retrain the compressed "
                        "model by distillation from the dense one (structure kept), and print WikiText-2 perplexity "
                        "of the dense, compressed and recovered model (1024-token windows, the first --limit "
-                       "windows), the parameter accounting and the time taken.")
+                       "windows), the parameter accounting, what the final model costs to run against the dense "
+                       "one (decoding speed, prefill, peak RSS, bytes held) and the time taken.")
     d.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     d.add_argument("--recipe", default="paper", help="recipe name or file (paper)")
     d.add_argument("--quick", action="store_true",
@@ -104,6 +105,8 @@ def add_demo(sub) -> None:
     seed(d)
     d.add_argument("--recover-steps", type=int, help="recovery steps after compression (120; --quick: 16; "
                    "0 skips recovery; a recipe with its own recover section sets its own)")
+    d.add_argument("--no-measure", action="store_true", help="skip measuring what the final model costs to run "
+                   "against dense (decoding speed, prefill, peak RSS, bytes held: about a minute)")
     device(d)
     json_out(d, "also write the results to this JSON file")
     d.set_defaults(func=cmd_demo)
@@ -116,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise DataError(f"--recover-steps must be 0 or more, got {args.recover_steps}")
     result = run_demo(model=args.model, recipe=args.recipe, quick=args.quick, limit=args.limit, seed=args.seed,
                       recover_steps=args.recover_steps, device=args.device, json_path=args.json,
-                      progress=not args.quiet)
+                      measure=not args.no_measure, progress=not args.quiet)
     say(result.summary())
     return 0
 
@@ -137,7 +140,8 @@ def add_recover(sub) -> None:
     rc.add_argument("--dense-out", help="also write a plain Hugging Face folder of the recovered weights")
     rc.add_argument("--text", help="training text: wikitext2 (default), ptb, or a UTF-8 text file")
     budget = rc.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=positive, help="optimizer steps (default 200)")
+    budget.add_argument("--steps", type=int, help="end-to-end optimizer steps (default 200; 0 with --objective "
+                        "blockwise: the block fits only)")
     budget.add_argument("--tokens", type=positive, help="training tokens")
     budget.add_argument("--minutes", type=float, help="wall-time budget (steps sized from the first steps)")
     rc.add_argument("--seqlen", type=positive, help="tokens per window (256)")
@@ -148,6 +152,13 @@ def add_recover(sub) -> None:
     rc.add_argument("--kl-weight", type=float, help="weight of the KL term (1)")
     rc.add_argument("--ce-weight", type=float, help="weight of the next-token cross-entropy (1)")
     rc.add_argument("--hidden-weight", type=float, help="weight of last-hidden-state matching (0)")
+    rc.add_argument("--objective", help="end_to_end (default: distil the whole model) or blockwise (first fit each "
+                    "block to the dense block's outputs on cached windows, much cheaper per step; then the "
+                    "end-to-end budget)")
+    rc.add_argument("--block-steps", type=int, help="--objective blockwise: optimizer steps per block (32)")
+    rc.add_argument("--block-lr", type=float, help="--objective blockwise: peak learning rate of the block fits "
+                    "(3e-3)")
+    rc.add_argument("--cache-windows", type=positive, help="--objective blockwise: windows cached (64)")
     rc.add_argument("--eval-every", type=positive, help="steps between held-out perplexity checks (50)")
     rc.add_argument("--eval-windows", type=positive, help="held-out windows of the text's validation split (4)")
     rc.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (5)")
@@ -166,8 +177,8 @@ def add_recover(sub) -> None:
 
 # recover flags -> RecoverConfig fields (validated by the recipe schema, so ranges and NaN are checked once)
 RECOVER_FLAGS = ("text", "steps", "tokens", "minutes", "seqlen", "batch_size", "lr", "weight_decay", "temperature",
-                 "kl_weight", "ce_weight", "hidden_weight", "eval_every", "eval_windows", "checkpoint_minutes",
-                 "compute_dtype", "sharding")
+                 "kl_weight", "ce_weight", "hidden_weight", "objective", "block_steps", "block_lr", "cache_windows",
+                 "eval_every", "eval_windows", "checkpoint_minutes", "compute_dtype", "sharding")
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

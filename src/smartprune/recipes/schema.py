@@ -39,8 +39,8 @@ class RecoverConfig:
     is kept exactly: pruned entries stay zero, folded rows one shared vector, diagonals diagonal."""
 
     text: str = option("wikitext2", "training text: wikitext2 | ptb (their train splits) or a text file's path")
-    steps: int | None = option(None, "optimizer steps (the budget: give steps, tokens or minutes; default 200 steps)",
-                               lo=1, hi=1e9)
+    steps: int | None = option(None, "end-to-end optimizer steps (the budget: give steps, tokens or minutes; default "
+                               "200 steps; 0 with objective blockwise: the block fits only)", lo=0, hi=1e9)
     tokens: int | None = option(None, "training tokens (budget; steps = tokens / (batch_size * seqlen))", lo=1, hi=1e13)
     minutes: float | None = option(None, "wall-time budget in minutes (steps sized from the first steps' speed)",
                                    lo=1e-3, hi=1e6)
@@ -59,6 +59,15 @@ class RecoverConfig:
     ce_weight: float = option(1.0, "weight of the next-token cross-entropy", lo=0.0, hi=1e6)
     hidden_weight: float = option(0.0, "weight of matching the last hidden states (mean squared error)", lo=0.0,
                                   hi=1e6)
+    objective: str = option("end_to_end", "end_to_end (distil the whole model) | blockwise (first fit each block to "
+                            "the dense block's outputs on cached windows, block_steps steps per block, far cheaper "
+                            "per step; then the end-to-end budget)", choices=("end_to_end", "blockwise"))
+    block_steps: int = option(32, "objective blockwise: optimizer steps per block (batch_size cached windows each)",
+                              lo=0, hi=1e7)
+    block_lr: float = option(3e-3, "objective blockwise: AdamW peak learning rate of the block fits (warm-up, then "
+                             "cosine to a tenth, per block)", lo=0.0, hi=1.0)
+    cache_windows: int = option(64, "objective blockwise: training windows whose hidden states are cached", lo=1,
+                                hi=1e6)
     eval_every: int = option(50, "steps between held-out perplexity checks", lo=1, hi=1e9)
     eval_windows: int = option(4, "held-out windows (of seqlen, from the text's validation split)", lo=1, hi=1e6)
     checkpoint_minutes: float = option(5.0, "minutes between checkpoints (a checkpoint also at the end and on Ctrl-C)",
@@ -70,6 +79,10 @@ class RecoverConfig:
                            "for models that do not fit one device)", choices=("none", "fsdp"))
 
     def __post_init__(self) -> None:
+        if self.steps == 0 and self.objective != "blockwise":
+            raise ValueError("steps: 0 end-to-end steps is only a budget with objective blockwise")
+        if self.objective == "blockwise" and self.teacher == "none":
+            raise ValueError("objective: blockwise fits the dense model's block outputs; it needs teacher: dense")
         if self.teacher == "none" and self.ce_weight == 0:
             raise ValueError("ce_weight: without a teacher the cross-entropy is the only loss; it must be above 0")
         if self.teacher == "dense" and self.kl_weight == self.ce_weight == self.hidden_weight == 0:
@@ -229,6 +242,10 @@ def build_recipe(data: Any, name: str, source: str) -> Recipe:
     _check_fpp(stages, source)
     _check_structured(stages, source)
     _check_overall(stages, sections.get("overall"), source)
+    recover = sections.get("recover")
+    if recover is not None and recover.objective == "blockwise" and "depth" in stages:
+        raise RecipeError(f"recipe {source}: recover.objective: blockwise pairs each block with the dense model's, "
+                          "and stage 'depth' removes blocks; use end_to_end")
     recipe = Recipe(name=name, stages=stages, description=description, export=export, **sections)
     if export == "standard":
         why = not_standard(recipe)

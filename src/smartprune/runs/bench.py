@@ -68,6 +68,7 @@ class BenchSettings:
     semi_structured: bool = False
     # joules per token of the largest batch's forward, from NVML (GPU) or RAPL (CPU) where they exist
     energy: bool = False
+    train: bool = True  # also time one fine-tuning step (batch 8) of each trainable model
 
     def __post_init__(self) -> None:
         from smartprune.errors import DataError
@@ -200,12 +201,14 @@ class _Probe:
             loss.backward()
             mask_gradients(self.model)  # pruned entries stay pruned, as in the fit loop
             self.opt.step()
+            self.opt.zero_grad(set_to_none=True)  # no model keeps a copy of its weights' size between rounds
             self.model.eval()
 
         return batch / self._timed(step)
 
 
-def _measure_round(probe: _Probe, lengths: tuple[int, ...], batches: tuple[int, ...]) -> dict[str, float]:
+def _measure_round(probe: _Probe, lengths: tuple[int, ...], batches: tuple[int, ...], train: bool = True
+                   ) -> dict[str, float]:
     first = lengths[0]
     out = {f"latency_b1_{n}": probe.forward(1, n) for n in lengths}
     for b in batches:
@@ -213,7 +216,7 @@ def _measure_round(probe: _Probe, lengths: tuple[int, ...], batches: tuple[int, 
         out[f"throughput_b{b}_seq_per_s"] = b / out[f"latency_b{b}_{first}"]
     out["throughput_seq_per_s"] = out.pop(f"throughput_b{batches[0]}_seq_per_s")
     out["generate_tokens_per_s"] = probe.generate()
-    if probe.trainable:
+    if train and probe.trainable:
         out["finetune_seq_per_s"] = probe.train_step(8, first)
     return out
 
@@ -297,7 +300,7 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
     for round_ in tqdm(range(s.repeats + 1), desc="bench rounds", disable=not progress):
         for (*_, probe), peak, sink in zip(runs, peaks, samples, strict=True):
             with peak or contextlib.nullcontext():
-                values = _measure_round(probe, s.lengths, s.batches)
+                values = _measure_round(probe, s.lengths, s.batches, s.train)
             if round_ == 0:
                 continue  # warm-up
             for k, v in values.items():

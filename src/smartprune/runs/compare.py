@@ -190,9 +190,9 @@ def _baseline_recipe(name: str, fraction: float | None, pattern: str | None) -> 
 def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparison:
     """Run every method on the same model, calibration windows and evaluation windows; with
     ``settings.measure``, then measure every row's final model's running cost in one bench run."""
-    from smartprune.runs.cost import parse_measures
+    from smartprune.runs.cost import check_measures
 
-    parse_measures(",".join(settings.measure))  # an unknown word fails before any work
+    check_measures(settings.measure)  # an unknown word fails before any work
     if settings.measure_repeats < 1:
         raise RecipeError(f"measure_repeats must be at least 1, not {settings.measure_repeats}")
     if settings.measure:

@@ -146,25 +146,6 @@ def check_gguf_export(recipe: Recipe, config, gguf_type: str, gguf_out: Path, ov
     if why:
         raise OutputError(f"--gguf-out: recipe '{recipe.name}': {why}")
     check_gguf(config.model_type if config is not None else "", gguf_type)
-    check_gguf_shape(config)
-    if config.model_type == "gemma3_text" and "depth" in recipe.stages:
-        raise OutputError(f"--gguf-out: recipe '{recipe.name}': stage 'depth' changes gemma3_text's pattern of local "
-                          "and global layers, which a GGUF file does not carry; use --dense-out")
+    check_gguf_shape(config, stages=recipe.stages)
     check_output_file(gguf_out, overwrite)
     check_outputs_apart(gguf_out, *others)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -17,6 +17,7 @@ own. Precision: float32 (weights and compute), ratios to the dense model in floa
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -46,7 +47,12 @@ def parse_measures(text: str | None) -> tuple[str, ...]:
     """``"speed,memory"`` -> ("speed", "memory"); one line on an unknown word."""
     if not text:
         return ()
-    words = tuple(w.strip() for w in text.split(",") if w.strip())
+    return check_measures(w.strip() for w in text.split(",") if w.strip())
+
+
+def check_measures(words: Iterable[str]) -> tuple[str, ...]:
+    """The known measures among `words`, in MEASURES' order; one line on an unknown word."""
+    words = tuple(words)
     for w in words:
         if w not in MEASURES:
             raise DataError(f"--measure: unknown '{w}'{did_you_mean(w, MEASURES)}; known: {', '.join(MEASURES)}")
@@ -126,4 +132,4 @@ def cost_table(rows: list[dict], length: int = LENGTH) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MEASURES", "cost_table", "folder_name", "keep", "longest", "measure", "parse_measures"]
+__all__ = ["MEASURES", "check_measures", "cost_table", "folder_name", "keep", "longest", "measure", "parse_measures"]

@@ -36,6 +36,7 @@ class DemoRun:
     report: dict
     recovered: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    cost: dict | None = None  # running cost of the final model against dense (`_running_cost`)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -56,6 +57,19 @@ class DemoRun:
             lines += [f"recovery: {rec['steps']} steps of {rec['config']['batch_size']} x {rec['config']['seqlen']} "
                       f"tokens ({rec['tokens']:,} tokens of {rec['text']} train, teacher: the dense model), "
                       f"structure kept: {'yes' if rec['structure']['kept'] else 'NO'}", ""]
+        if self.cost:
+            from smartprune.runs.cost import cost_table
+
+            c = self.cost
+            final = "compressed + recovered" if r else "compressed"
+            rows = [{"method": "dense", "sparsity": "0%", "running": [c["dense"]]},
+                    {"method": final, "sparsity": f"{self.report['overall']['compression']:.1%}",
+                     "running": c["compressed"]}]
+            lines += [f"What it buys, against the dense model (one bench run on this machine, float32, "
+                      f"{c['machine'].get('threads', '?')} threads; greedy decoding of {c['new_tokens']} tokens "
+                      f"at batch 1, {c['length']}-token prefill; peak RSS of a fresh process that loads the "
+                      "model and runs one forward; held as: plain matrices, or the packed form):", "",
+                      cost_table(rows, c["length"]), ""]
         times = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in s.items())
         return "\n".join([*lines, f"time: {times}"])
 
@@ -63,12 +77,14 @@ class DemoRun:
 def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick: bool = False,
              limit: int | None = None, seed: int = 0, seqlen: int = 1024, recover_steps: int | None = None,
              device: str | torch.device = "auto", json_path: str | Path | None = None,
-             progress: bool = True) -> DemoRun:
+             measure: bool = True, progress: bool = True) -> DemoRun:
     """The main job: perplexity of MODEL before and after compressing it with `recipe`, and after
     retraining the compressed model (distillation from the dense one; ``recover_steps=0`` skips it).
 
     Default subset: the first 16 windows of 1024 tokens of the WikiText-2 test text. ``quick``
-    uses 4 evaluation windows, 8 calibration windows of 64 tokens and a shorter recovery.
+    uses 4 evaluation windows, 8 calibration windows of 64 tokens and a shorter recovery. With
+    ``measure`` the final model's running cost is then measured against the dense one (decoding speed,
+    prefill, peak RSS, bytes held; `_running_cost`).
     """
     from smartprune.runs.recover import snapshot_teacher
     from smartprune.training.recover import recover
@@ -115,10 +131,29 @@ def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick
                                      seed=seed, progress=progress)
         seconds["recover"] = time.perf_counter() - t
         recovered = evaluate("recovered")
+    cost = None
+    if measure:
+        t = time.perf_counter()
+        cost = _running_cost(model, loaded, quick, progress)
+        seconds["measure"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    run = DemoRun(model, rec.name, dense, after, report, recovered, seconds)
+    run = DemoRun(model, rec.name, dense, after, report, recovered, seconds, cost)
     if json_path:
         write_json(Path(json_path), run.to_dict())
     return run
 
 
+def _running_cost(model: str, loaded, quick: bool, progress: bool) -> dict:
+    """The final model written to a temporary compressed folder and measured against MODEL in one
+    bench run (`smartprune.runs.cost`): a short one, sized for the demo's time."""
+    import tempfile
+
+    from smartprune.runs.cost import keep, measure
+
+    length, new_tokens = (128, 32) if quick else (512, 64)
+    with tempfile.TemporaryDirectory(prefix="smartprune-demo-") as tmp:
+        spec = keep(loaded.model.to("cpu"), loaded.tokenizer, Path(tmp) / "model")
+        entries, machine = measure([model, spec], ("speed", "memory"), repeats=1, length=length,
+                                   new_tokens=new_tokens, device="cpu", progress=progress)
+    return {"dense": entries[0][0], "compressed": entries[1], "machine": machine, "length": length,
+            "new_tokens": new_tokens}

@@ -19,6 +19,7 @@ that loads into another model.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,12 @@ def check_gguf(model_type: str, gguf_type: str) -> None:
                           f"'{model_type}'; use --dense-out (a standard Hugging Face folder)")
 
 
-def check_gguf_shape(config) -> None:
-    """Refuse a config the GGUF readers would rebuild differently (before the work, and again after
-    the model is compressed, before writing: removed blocks change Gemma 3's layer pattern)."""
+def check_gguf_shape(config, stages: Iterable[str] = ()) -> None:
+    """Refuse a config the GGUF readers would rebuild differently (before the work, with the recipe's
+    `stages`, and again after the model is compressed, before writing)."""
+    if config.model_type == "gemma3_text" and "depth" in stages:
+        raise OutputError("--gguf-out: stage 'depth' changes gemma3_text's pattern of local and global layers, which "
+                          "a GGUF file does not carry; use --dense-out")
     if config.model_type == "qwen3" and config.head_dim != 128:
         raise OutputError(f"GGUF export of qwen3 with heads of {config.head_dim}: transformers' GGUF reader does not "
                           "read the head size of qwen3 and takes 128 (every released Qwen 3); use --dense-out")

@@ -30,7 +30,8 @@ class RecoveryState:
     tokens: int = 0
     seconds: float = 0.0
     loss: list[float] = field(default_factory=list)
-    held_out: list[dict] = field(default_factory=list)  # {"step", "tokens", "perplexity"}
+    held_out: list[dict] = field(default_factory=list)  # {"step", "tokens", "seconds", "perplexity"}
+    blockwise: dict | None = None  # the block-wise phase's report, once it is done (objective blockwise)
 
 
 class Checkpointer:

@@ -35,6 +35,7 @@ from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.modules.masked import FOLDED, Maskable
 from smartprune.recipes.schema import RecoverConfig
+from smartprune.training.blockwise import check_blockwise, fit_blocks
 from smartprune.training.checkpoint import Checkpointer, RecoveryState
 from smartprune.training.distributed import agreed, all_reduce_mean, check_batch_split, world
 from smartprune.training.schedule import lr_at
@@ -114,6 +115,8 @@ def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module |
     """Check the inputs, place (or shard) the models, build the optimizer, resume or start the state."""
     rank, size = world()
     check_batch_split(cfg.batch_size, size)
+    if cfg.objective == "blockwise":
+        check_blockwise(model, None if cfg.teacher == "none" else teacher, size)
     dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     if cfg.teacher == "none":
         teacher = None
@@ -149,11 +152,27 @@ def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module |
     state = ckpt.load(student, opt, gen, cfg) if resume else RecoveryState()
     if not state.total_steps:
         per_step = cfg.batch_size * cfg.seqlen
-        state.total_steps = cfg.steps or (math.ceil(cfg.tokens / per_step) if cfg.tokens else None) or DEFAULT_STEPS
+        if cfg.steps is not None:
+            state.total_steps = cfg.steps
+        else:  # a minutes budget starts from the default and is sized after two steps (`_step`)
+            state.total_steps = math.ceil(cfg.tokens / per_step) if cfg.tokens else DEFAULT_STEPS
     run = _Run(student, teacher, params, masks, opt, gen, ckpt, state, train, held, device, dtype, rank, size, sharded)
     if not state.held_out:  # a resumed run has its starting perplexity already
-        state.held_out.append({"step": 0, "tokens": 0, "perplexity": _held_out_ppl(run, cfg)})
+        state.held_out.append({"step": 0, "tokens": 0, "seconds": 0.0, "perplexity": _held_out_ppl(run, cfg)})
     return run
+
+
+def _fit_blocks(run: _Run, cfg: RecoverConfig, progress: bool) -> None:
+    """The block-wise phase (objective blockwise), once: a resumed run that has it skips it."""
+    state = run.state
+    if cfg.objective != "blockwise" or state.blockwise is not None:
+        return
+    state.blockwise = fit_blocks(run.student, run.teacher, run.train, cfg, run.gen, run.masks, run.device, run.dtype,
+                                 progress)
+    state.seconds += state.blockwise["seconds"]
+    state.held_out.append({"step": 0, "tokens": 0, "seconds": state.seconds, "after": "blockwise",
+                           "perplexity": _held_out_ppl(run, cfg)})
+    run.ckpt.save(run.student, run.opt, run.gen, state, cfg)
 
 
 def _step(run: _Run, cfg: RecoverConfig, started: float) -> None:
@@ -180,10 +199,13 @@ def _step(run: _Run, cfg: RecoverConfig, started: float) -> None:
     state.tokens += cfg.batch_size * cfg.seqlen
     state.loss.append(value.item())
     state.seconds = time.perf_counter() - started
-    if state.step == 2 and cfg.minutes is not None and not cfg.steps and not cfg.tokens:
-        state.total_steps = max(2, int(cfg.minutes * 60 / (state.seconds / 2)))  # sized by measured speed
+    if state.step == 2 and cfg.minutes is not None and cfg.steps is None and not cfg.tokens:
+        fits = state.blockwise["seconds"] if state.blockwise else 0.0  # the block fits spent part of the minutes
+        per_step = (state.seconds - fits) / 2
+        state.total_steps = max(2, int((cfg.minutes * 60 - fits) / per_step))  # sized by measured speed
     if state.step % cfg.eval_every == 0 or state.step == state.total_steps:
-        state.held_out.append({"step": state.step, "tokens": state.tokens, "perplexity": _held_out_ppl(run, cfg)})
+        state.held_out.append({"step": state.step, "tokens": state.tokens, "seconds": state.seconds,
+                               "perplexity": _held_out_ppl(run, cfg)})
 
 
 def _finish(run: _Run, model: nn.Module, cfg: RecoverConfig) -> dict:
@@ -202,7 +224,8 @@ def _finish(run: _Run, model: nn.Module, cfg: RecoverConfig) -> dict:
             "perplexity_before": state.held_out[0]["perplexity"], "perplexity_after": state.held_out[-1]["perplexity"],
             "held_out": state.held_out, "held_out_text": f"{cfg.text} (validation, {cfg.eval_windows} windows of "
                                                           f"{cfg.seqlen})",
-            "text": cfg.text, "budget": cfg.budget(), "config": asdict(cfg), "structure": structure_report(model)}
+            "text": cfg.text, "budget": cfg.budget(), "config": asdict(cfg), "structure": structure_report(model),
+            "objective": cfg.objective, **({"blockwise": state.blockwise} if state.blockwise else {})}
 
 
 def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Module | None = None,
@@ -218,6 +241,7 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
              ", FSDP" if run.sharded else "")
     bar = tqdm(total=state.total_steps, initial=state.step, desc="recover", unit="step",
                disable=not progress or run.rank != 0)
+    _fit_blocks(run, cfg, progress and run.rank == 0)
     started = time.perf_counter() - state.seconds
     try:
         while state.step < state.total_steps:

@@ -5,9 +5,11 @@
 // row-major, in float32, bfloat16, float16 or int8. y = a @ W for a few rows of a (decoding: one
 // token per sequence). Decoding is memory-bound, so reading 1 bit + the surviving values' bytes
 // instead of 4 bytes per entry is what makes it faster; each 8-entry mask byte is expanded into an
-// AVX2 register with one permutation (a 256-entry table of lane sources), the AVX2 counterpart of
-// AVX-512's vexpandps. Threads split the columns (torch's own thread pool), so each keeps its slice
-// of y in L1 and no partial sums are merged.
+// AVX2 register with one permutation and one AND (256-entry tables of lane sources and lane masks, indexed
+// by the byte as stored), the AVX2 counterpart of AVX-512's vexpandps. Threads split the columns (torch's
+// own thread pool), so each keeps its slice of y in L1 and no partial sums are merged; one token's
+// product adds four rows of W at a time, so y is loaded and stored once per four rows and the four
+// positions in the stored values advance independently.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -18,17 +20,19 @@
 namespace {
 
 struct alignas(32) Tables {
-  alignas(32) int32_t source[256][8];  // lane j of mask m takes stored value number source[m][j]
-  uint8_t reversed[256];   // np.packbits order -> lane order
+  // Indexed by the mask byte as stored (np.packbits order: column 0 is bit 7), so no bit reversal is
+  // needed in the loop: lane j of byte b takes stored value number source[b][j] where keep[b][j] is all
+  // ones, and is zero where it is 0.
+  alignas(32) int32_t source[256][8];
+  alignas(32) int32_t keep[256][8];
   Tables() {
-    for (int m = 0; m < 256; m++) {
+    for (int b = 0; b < 256; b++) {
       int k = 0;
-      uint8_t r = 0;
       for (int j = 0; j < 8; j++) {
-        source[m][j] = (m >> j) & 1 ? k++ : 0;
-        r |= ((m >> j) & 1) << (7 - j);
+        const bool on = (b >> (7 - j)) & 1;
+        source[b][j] = on ? k++ : 0;
+        keep[b][j] = on ? -1 : 0;
       }
-      reversed[m] = r;
     }
   }
 };
@@ -68,60 +72,88 @@ inline float load1(const void* v, int64_t p) {
   }
 }
 
+// The 8 entries of W a stored mask byte `b` describes, as a register: stored values p.. spread to
+// their lanes, zeros elsewhere.
+template <Kind kind>
+inline __m256 expand(const void* values, int64_t p, int b) {
+  const __m256i source = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.source[b]));
+  const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.keep[b])));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(load8<kind>(values, p), source), keep);
+}
+
+// Where row i's slice [byte0, byte1) of mask bytes starts in the stored values.
+inline int64_t slice_start(const uint8_t* row, int64_t p, int64_t byte0) {
+  int64_t c0 = 0;  // values before this slice: their mask bits counted 64 at a time
+  for (; c0 + 8 <= byte0; c0 += 8) {
+    uint64_t word;
+    std::memcpy(&word, row + c0, 8);
+    p += __builtin_popcountll(word);
+  }
+  for (; c0 < byte0; c0++) p += __builtin_popcount(row[c0]);
+  return p;
+}
+
+constexpr int kBlock = 4;  // rows of W added into y together when decoding (y loaded and stored once)
+
 // Columns [byte0 * 8, byte1 * 8) of y (t, cols) = a (t, rows) @ W (the value type a template argument, so
 // the inner loop has no branch on it).
 template <Kind kind>
 void columns(const float* a, int64_t t, int64_t rows, const uint8_t* bits, const void* values,
              const int64_t* row_ptr, int64_t cols, int64_t total, int64_t byte0, int64_t byte1, float* y) {
-  const int64_t bytes = cols / 8;
-  const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  __m256 coef[8];
-  for (int64_t i = 0; i < rows; i++) {
-    const uint8_t* row = bits + i * bytes;
-    int64_t p = row_ptr[i];
-    int64_t c0 = 0;  // values before this slice: their mask bits counted 64 at a time
-    for (; c0 + 8 <= byte0; c0 += 8) {
-      uint64_t word;
-      std::memcpy(&word, row + c0, 8);
-      p += __builtin_popcountll(word);
-    }
-    for (; c0 < byte0; c0++) p += __builtin_popcount(row[c0]);
-    for (int64_t s = 0; s < t; s++) coef[s] = _mm256_set1_ps(a[s * rows + i]);
-    if (t == 1 && p + 8 * (byte1 - byte0) <= total) {  // decoding one sequence: the tight loop
-      float* __restrict out = y + byte0 * 8;
-      const uint8_t* __restrict mask = row + byte0;
-      const __m256 c1 = coef[0];
-      for (int64_t c = 0; c < byte1 - byte0; c++) {
-        const int m = kTables.reversed[mask[c]];
-        const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(m), lanes), lanes);
-        const __m256i source = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.source[m]));
-        const __m256 e = _mm256_and_ps(_mm256_permutevar8x32_ps(load8<kind>(values, p), source),
-                                       _mm256_castsi256_ps(keep));
-        _mm256_storeu_ps(out + c * 8, _mm256_fmadd_ps(c1, e, _mm256_loadu_ps(out + c * 8)));
-        p += __builtin_popcount(m);
+  const int64_t bytes = cols / 8, span = byte1 - byte0;
+  int64_t i = 0;
+  if (t == 1) {
+    // Decoding one sequence, the tight loop: kBlock rows at a time, each with its own position in the
+    // stored values (independent chains), y's slice read and written once per block of rows. A block
+    // whose values could run past the end (the matrix's last rows) takes the general loop below.
+    float* __restrict out = y + byte0 * 8;
+    for (; i + kBlock <= rows; i += kBlock) {
+      const uint8_t* m0 = bits + i * bytes;
+      const uint8_t* m1 = m0 + bytes;
+      const uint8_t* m2 = m1 + bytes;
+      const uint8_t* m3 = m2 + bytes;
+      int64_t p0 = slice_start(m0, row_ptr[i], byte0), p1 = slice_start(m1, row_ptr[i + 1], byte0);
+      int64_t p2 = slice_start(m2, row_ptr[i + 2], byte0), p3 = slice_start(m3, row_ptr[i + 3], byte0);
+      if (p3 + 8 * span > total) break;
+      const __m256 c0 = _mm256_set1_ps(a[i]), c1 = _mm256_set1_ps(a[i + 1]);
+      const __m256 c2 = _mm256_set1_ps(a[i + 2]), c3 = _mm256_set1_ps(a[i + 3]);
+      m0 += byte0, m1 += byte0, m2 += byte0, m3 += byte0;
+      for (int64_t c = 0; c < span; c++) {
+        const int b0 = m0[c], b1 = m1[c], b2 = m2[c], b3 = m3[c];
+        __m256 acc = _mm256_loadu_ps(out + c * 8);
+        acc = _mm256_fmadd_ps(c0, expand<kind>(values, p0, b0), acc);
+        acc = _mm256_fmadd_ps(c1, expand<kind>(values, p1, b1), acc);
+        acc = _mm256_fmadd_ps(c2, expand<kind>(values, p2, b2), acc);
+        acc = _mm256_fmadd_ps(c3, expand<kind>(values, p3, b3), acc);
+        _mm256_storeu_ps(out + c * 8, acc);
+        p0 += __builtin_popcount(b0), p1 += __builtin_popcount(b1);
+        p2 += __builtin_popcount(b2), p3 += __builtin_popcount(b3);
       }
-      continue;
     }
+  }
+  __m256 coef[8];
+  for (; i < rows; i++) {
+    const uint8_t* row = bits + i * bytes;
+    int64_t p = slice_start(row, row_ptr[i], byte0);
+    for (int64_t s = 0; s < t; s++) coef[s] = _mm256_set1_ps(a[s * rows + i]);
     for (int64_t c = byte0; c < byte1; c++) {
-      const int m = kTables.reversed[row[c]];
-      if (!m) continue;
+      const int b = row[c];
+      if (!b) continue;
       __m256 e;
       if (p + 8 <= total) {
-        const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(m), lanes), lanes);
-        const __m256i source = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTables.source[m]));
-        e = _mm256_and_ps(_mm256_permutevar8x32_ps(load8<kind>(values, p), source), _mm256_castsi256_ps(keep));
+        e = expand<kind>(values, p, b);
       } else {  // the matrix's last values: never read past them
         alignas(32) float tmp[8] = {0};
         int64_t q = p;
         for (int j = 0; j < 8; j++)
-          if ((m >> j) & 1) tmp[j] = load1<kind>(values, q++);
+          if ((b >> (7 - j)) & 1) tmp[j] = load1<kind>(values, q++);
         e = _mm256_load_ps(tmp);
       }
       for (int64_t s = 0; s < t; s++) {
         float* out = y + s * cols + c * 8;
         _mm256_storeu_ps(out, _mm256_fmadd_ps(coef[s], e, _mm256_loadu_ps(out)));
       }
-      p += __builtin_popcount(m);
+      p += __builtin_popcount(b);
     }
   }
 }

@@ -1,0 +1,113 @@
+"""Block-wise reconstruction: each block of the compressed model fitted to the dense block's outputs.
+
+The cheaper recovery objective (the shape of EBFT and of the paper's own local fits): the dense
+model's hidden states entering block 0 are cached for `cache_windows` training windows; then, block by
+block, the dense block's outputs are the target and the compressed block, fed the compressed model's
+own hidden states (so each block also corrects what the blocks before it got wrong), is trained for
+`block_steps` AdamW steps on batches drawn from the cache, its structure kept as in end-to-end
+recovery. A step touches one block and no output head, teacher forward or vocabulary-sized softmax, so
+it costs a small fraction of an end-to-end step (on SmolLM2-135M the 49,152-token head alone is a fifth
+of the multiply-adds). What it cannot see is the loss itself; end-to-end steps after it (the recovery
+budget) close that gap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from smartprune.adapters import get_adapter
+from smartprune.data import random_windows
+from smartprune.device import autocast
+from smartprune.errors import DataError
+from smartprune.recipes.schema import RecoverConfig
+from smartprune.training.schedule import warmup_cosine
+from smartprune.training.sharding import StructureMasks
+
+CHUNK = 8  # windows per no-grad pass when the cache is filled or carried to the next block
+
+
+def check_blockwise(student: nn.Module, teacher: nn.Module | None, world_size: int) -> None:
+    """One line, before any work, for what block-wise fitting cannot do."""
+    if teacher is None:
+        raise DataError("recovery objective 'blockwise' fits the dense model's block outputs: it needs teacher: dense")
+    if world_size > 1:
+        raise DataError("recovery objective 'blockwise' runs in one process; use --nproc 1 (or objective end_to_end)")
+    n, m = len(get_adapter(student).blocks()), len(get_adapter(teacher).blocks())
+    if n != m:
+        raise DataError(f"recovery objective 'blockwise' pairs each block with the dense model's, but {m - n} of its "
+                        f"{m} blocks were removed (stage depth); use objective end_to_end")
+
+
+def _map(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(x[s:s + CHUNK]) for s in range(0, x.shape[0], CHUNK)])
+
+
+def fit_blocks(student: nn.Module, teacher: nn.Module, train: Tensor, cfg: RecoverConfig, gen: torch.Generator,
+               masks: StructureMasks, device: torch.device, dtype: torch.dtype, progress: bool = True) -> dict:
+    """Fit every block of `student` in turn (see the module docstring); returns the phase's report:
+    the relative error of each block's output against the dense one, before and after its fit (on the
+    first few cached windows)."""
+    started = time.perf_counter()
+    sa, ta = get_adapter(student), get_adapter(teacher)
+    n = len(sa.blocks())
+    ids = random_windows(train, cfg.cache_windows, cfg.seqlen, gen).to(device)
+    for a in (sa, ta):
+        a.prepare_calls(cfg.seqlen, {cfg.batch_size, CHUNK, cfg.cache_windows % CHUNK or CHUNK})
+    with autocast(device, dtype):
+        x_dense, x_own = _map(ta.embed, ids), _map(sa.embed, ids)
+    before, after = [], []
+    bar = tqdm(total=n * cfg.block_steps, desc="fit blocks", unit="step", disable=not progress)
+    try:
+        for i in range(n):
+            with autocast(device, dtype):
+                target = _map(lambda h, i=i: ta.run_block(i, h), x_dense)
+                before.append(_relative_error(_map(lambda h, i=i: sa.run_block(i, h), x_own[:CHUNK]),
+                                              target[:CHUNK]))  # a sample: the fit, not this, should cost
+            _fit_block(sa, i, x_own, target, cfg, gen, masks, device, dtype, bar)
+            with autocast(device, dtype):
+                x_own = _map(lambda h, i=i: sa.run_block(i, h), x_own)  # the next block's inputs
+            after.append(_relative_error(x_own[:CHUNK], target[:CHUNK]))
+            x_dense = target
+    finally:
+        bar.close()
+    return {"blocks": n, "block_steps": cfg.block_steps, "cache_windows": cfg.cache_windows,
+            "seconds": time.perf_counter() - started, "relative_error_before": before, "relative_error_after": after}
+
+
+def _fit_block(adapter, i: int, x: Tensor, target: Tensor, cfg: RecoverConfig, gen: torch.Generator,
+               masks: StructureMasks, device: torch.device, dtype: torch.dtype, bar) -> None:
+    params = [p for p in adapter.blocks()[i].parameters() if p.numel() and p.requires_grad]
+    if not params or cfg.block_steps == 0:
+        return
+    opt = torch.optim.AdamW(params, lr=cfg.block_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    warmup = max(1, round(cfg.warmup * cfg.block_steps)) if cfg.warmup > 0 else 0
+    for step in range(cfg.block_steps):
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, cfg.block_steps, cfg.block_lr, warmup)
+        pick = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen).to(device)
+        with autocast(device, dtype):
+            out = adapter.run_block(i, x[pick])
+        loss = F.mse_loss(out.float(), target[pick].float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        masks.mask_gradients()
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        masks.rezero()
+        bar.update(1)
+        bar.set_postfix(block=i, loss=f"{loss.item():.4g}")
+    for p in params:
+        p.grad = None
+
+
+def _relative_error(out: Tensor, target: Tensor) -> float:
+    """||out - target|| / ||target||."""
+    return float((out.float() - target.float()).norm() / target.float().norm().clamp_min(1e-12))
