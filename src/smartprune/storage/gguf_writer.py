@@ -45,9 +45,6 @@ def check_gguf(model_type: str, gguf_type: str) -> None:
 def check_gguf_shape(config, stages: Iterable[str] = ()) -> None:
     """Refuse a config the GGUF readers would rebuild differently (before the work, with the recipe's
     `stages`, and again after the model is compressed, before writing)."""
-    if config.model_type == "gemma3_text" and "depth" in stages:
-        raise OutputError("--gguf-out: stage 'depth' changes gemma3_text's pattern of local and global layers, which "
-                          "a GGUF file does not carry; use --dense-out")
     if config.model_type == "qwen3" and config.head_dim != 128:
         raise OutputError(f"GGUF export of qwen3 with heads of {config.head_dim}: transformers' GGUF reader does not "
                           "read the head size of qwen3 and takes 128 (every released Qwen 3); use --dense-out")
@@ -63,6 +60,9 @@ def check_gguf_shape(config, stages: Iterable[str] = ()) -> None:
                 p.get("rope_type", "default") != "default" for p in config.rope_parameters.values()):
             raise OutputError("GGUF export of gemma3_text: its local rotary base or rope scaling is not in the file "
                               "and transformers' GGUF reader would take the defaults; use --dense-out")
+    if config.model_type == "gemma3_text" and "depth" in stages:  # the settings first: they fail whatever the recipe
+        raise OutputError("--gguf-out: stage 'depth' changes gemma3_text's pattern of local and global layers, which "
+                          "a GGUF file does not carry; use --dense-out")
 
 
 def _rope_theta(config) -> float:
