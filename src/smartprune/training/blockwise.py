@@ -32,10 +32,9 @@ from smartprune.training.sharding import StructureMasks
 CHUNK = 8  # windows per no-grad pass when the cache is filled or carried to the next block
 
 
-def check_blockwise(student: nn.Module, teacher: nn.Module | None, world_size: int) -> None:
-    """One line, before any work, for what block-wise fitting cannot do."""
-    if teacher is None:
-        raise DataError("recovery objective 'blockwise' fits the dense model's block outputs: it needs teacher: dense")
+def check_blockwise(student: nn.Module, teacher: nn.Module, world_size: int) -> None:
+    """One line, before any work, for what block-wise fitting cannot do (the teacher itself is required
+    by the config and checked by recovery's setup)."""
     if world_size > 1:
         raise DataError("recovery objective 'blockwise' runs in one process; use --nproc 1 (or objective end_to_end)")
     n, m = len(get_adapter(student).blocks()), len(get_adapter(teacher).blocks())

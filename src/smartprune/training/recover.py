@@ -115,8 +115,6 @@ def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module |
     """Check the inputs, place (or shard) the models, build the optimizer, resume or start the state."""
     rank, size = world()
     check_batch_split(cfg.batch_size, size)
-    if cfg.objective == "blockwise":
-        check_blockwise(model, None if cfg.teacher == "none" else teacher, size)
     dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     if cfg.teacher == "none":
         teacher = None
@@ -125,6 +123,8 @@ def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module |
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         raise DataError(f"the teacher's vocabulary ({teacher.config.vocab_size} tokens) differs from the compressed "
                         f"model's ({model.config.vocab_size}); distillation needs the model it was compressed from")
+    if cfg.objective == "blockwise":  # the config refuses it without a teacher; the dense one is there now
+        check_blockwise(model, teacher, size)
     check_positions(model, cfg.seqlen, "recovery seqlen")
     train, held = recovery_streams(tokenizer, cfg.text, cfg.seqlen, cfg.eval_windows)
     if train.numel() < cfg.seqlen + cfg.batch_size:
