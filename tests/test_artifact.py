@@ -72,7 +72,7 @@ def test_bad_artifacts_are_refused_with_one_clear_error(compressed, tmp_path):
     data["modules"].pop(name + "_missing")
     data["modules"][name] = {**data["modules"][name], "kind": "projection", "d_in": 2, "d_out": 2, "bias": False}
     manifest.write_text(json.dumps(data))
-    with pytest.raises(ArtifactError, match="has shape"):
+    with pytest.raises(ArtifactError, match="shape"):
         load(tmp_path / "a")
 
 
@@ -88,6 +88,42 @@ def test_a_flipped_byte_in_the_stored_values_is_refused(compressed, tmp_path):
     with pytest.raises(ArtifactError, match="does not match the checksum"):
         load(tmp_path / "a")
     assert isinstance(load(tmp_path / "a", verify=False), torch.nn.Module)  # read anyway when asked
+
+
+@pytest.mark.parametrize("sha", [None, "", "abc", {"other.file": "0" * 64}, 42])
+def test_a_manifest_without_a_valid_checksum_is_refused_unless_asked(sha, compressed, tmp_path, monkeypatch):
+    """Dropping or mangling the checksum entry must not switch the check off: a damaged weights file would
+    then load and score nan."""
+    save(compressed, tmp_path / "a")
+    manifest = tmp_path / "a" / "smartprune.json"
+    data = json.loads(manifest.read_text())
+    if sha is None:
+        data.pop("sha256")
+    else:
+        data["sha256"] = sha if isinstance(sha, dict) else {"model.safetensors": sha}
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="records no valid SHA-256"):
+        load(tmp_path / "a")
+    assert isinstance(load(tmp_path / "a", verify=False), torch.nn.Module)
+    monkeypatch.setenv("SMARTPRUNE_VERIFY", "0")  # what the CLI's --no-verify sets
+    assert isinstance(load(tmp_path / "a"), torch.nn.Module)
+
+
+def test_the_cli_refuses_an_unverifiable_folder_in_one_line_and_reads_it_with_no_verify(model_dirs, tmp_path,
+                                                                                        use_data, capsys, monkeypatch):
+    from smartprune.cli.main import main
+
+    monkeypatch.delenv("SMARTPRUNE_VERIFY", raising=False)
+    assert main(["-q", "compress", str(model_dirs["llama"]), "--recipe", "irc", "--out", str(tmp_path / "a"),
+                 "--calib-samples", "4", "--calib-seqlen", "16"]) == 0
+    manifest = tmp_path / "a" / "smartprune.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: v for k, v in data.items() if k != "sha256"}))
+    argv = ["-q", "eval", str(tmp_path / "a"), "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--no-verify" in err
+    assert main(["--no-verify", *argv]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -91,3 +91,46 @@ def test_global_magnitude_is_exact_over_all_block_linears(calib):
     assert sum(p.weight.numel() - p.alive() for p in projs) == round(0.6 * total)
     per_matrix = {round(1 - p.alive() / p.weight.numel(), 2) for p in projs}
     assert len(per_matrix) > 1  # one threshold, so matrices end at different sparsities
+
+
+def test_owl_sparsities_by_hand():
+    from smartprune.compression.owl import outlier_ratio, owl_sparsities
+
+    # scores 1, 1, 1, 1, 10: mean 2.8, m 1.5 -> the threshold 4.2 leaves one outlier of five
+    assert outlier_ratio([torch.tensor([1.0, 1.0]), torch.tensor([[1.0, 1.0, 10.0]])], 1.5) == pytest.approx(0.2)
+    # ratios scaled into [0, 2 * 0.08] = 0, 0.08, 0.16; centred on the kept share 0.3: 0.22, 0.30, 0.38 kept
+    assert owl_sparsities([0.01, 0.02, 0.03], 0.7, 0.08) == pytest.approx([0.78, 0.70, 0.62])
+    assert owl_sparsities([0.05, 0.05], 0.5, 0.08) == pytest.approx([0.5, 0.5])  # no outlier difference: uniform
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_owl_spreads_block_sparsities_around_the_target_and_keeps_the_mean(method, calib):
+    from smartprune.testing import family_model
+
+    recipe = build_recipe({method: {"sparsity": 0.6, "owl": {"m": 3, "lambda": 0.1}}}, "t", "t")
+    assert recipe.stages[method].owl.lam == 0.1
+    result = compress(family_model("llama", vocab=100, layers=4, seed=0), None, recipe, calib=calib, progress=False)
+    owl = result.report["owl"]
+    assert len(owl["sparsities"]) == 4 and owl["m"] == 3 and owl["lambda"] == 0.1
+    assert sum(owl["sparsities"]) / 4 == pytest.approx(0.6)
+    # OWL's normalisation: a span of 2 * lambda (not +- lambda around the target: the ratios place the mean)
+    assert max(owl["sparsities"]) - min(owl["sparsities"]) == pytest.approx(0.2)
+    a = result.adapter
+    for i, want in enumerate(owl["sparsities"]):  # each block's matrices hold its sparsity
+        for proj in [*a.attention_projections(i).as_dict().values(), *a.ff_projections(i).values()]:
+            n = proj.weight.numel()
+            assert n - proj.alive() == round(want * n)
+    # more outliers, pruned less
+    order = sorted(range(4), key=lambda i: owl["outlier_ratios"][i])
+    assert [owl["sparsities"][i] for i in order] == sorted(owl["sparsities"], reverse=True)
+
+
+def test_owl_is_refused_where_it_cannot_apply():
+    from smartprune.errors import RecipeError
+
+    for fields, message in (({"sparsegpt": {"pattern": "2:4", "owl": {}}}, "needs unstructured"),
+                            ({"sparsegpt": {"owl": {}}, "overall": {"target": 0.4}}, "keep one"),
+                            ({"magnitude": {"scope": "global", "owl": {}}}, "one sparsity per block"),
+                            ({"wanda": {"owl": {"lamda": 0.1}}}, "did you mean 'lambda'")):
+        with pytest.raises(RecipeError, match=message):
+            build_recipe(fields, "t", "t")

@@ -138,6 +138,38 @@ def test_compare_with_equal_recovery_adds_recovered_columns_and_a_dense_fine_tun
     assert "wikitext2 ppl recovered" in out
 
 
+def test_compare_recovers_every_row_with_the_demos_budget_when_asked(model_dirs, use_data, tmp_path, capsys,
+                                                                    monkeypatch):
+    import smartprune.runs.compare as compare
+
+    # the named budget, shrunk for a tiny model (the real one is 16 steps of 4 x 128: minutes here)
+    monkeypatch.setitem(compare.RECOVERY_BUDGETS, "quick", {"steps": 3, "seqlen": 16, "batch_size": 2, "lr": 1e-3,
+                                                            "eval_every": 8, "eval_windows": 1})
+    code, out, err = run(capsys, "compare", model_dirs["llama"], "--methods", "dense,wanda", "--tasks", "wikitext2",
+                         "--limit", "1", "--seqlen", "32", "--calib-samples", "4", "--calib-seqlen", "16",
+                         "--recover-budget", "quick", "--json", tmp_path / "c.json")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "dense fine-tuned", "wanda"]
+    for r in rows[1:]:
+        assert r["recovered"]["steps"] == 3 and r["recovered"]["tokens"] == 3 * 2 * 16
+    assert f"same budget ({3 * 2 * 16:,} tokens" in out
+    code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "dense,wanda", "--recover-budget",
+                       "quick", "--recover-tokens", "256")
+    assert code == 2 and "give one" in _one_clean_line(err)
+
+
+def test_compare_runs_owl_beside_uniform_at_equal_size(model_dirs, use_data, tmp_path, capsys):
+    code, out, err = run(capsys, "compare", model_dirs["llama"], "--methods", "sparsegpt,owl-sparsegpt,owl-wanda",
+                         "--tasks", "wikitext2", "--sparsity", "0.5", "--limit", "1", "--seqlen", "32",
+                         "--calib-samples", "4", "--calib-seqlen", "16", "--json", tmp_path / "c.json")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["sparsegpt", "owl-sparsegpt", "owl-wanda"]
+    assert rows[1]["compression"] == pytest.approx(rows[0]["compression"], abs=1e-3)  # equal size, other shares
+    assert "| owl-sparsegpt |" in out
+
+
 def test_compare_rejects_unknown_methods_and_bad_sparsities(model_dirs, use_data, capsys):
     code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "wand")
     assert code == 2 and "did you mean 'wanda'" in _one_clean_line(err)

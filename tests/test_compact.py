@@ -141,6 +141,23 @@ def test_int8_files_round_trip_close_to_float32(kind, calib, tmp_path):
     assert any(getattr(m, "mask", None) is not None for m in retrain.modules())
 
 
+def test_a_model_never_compressed_saves_and_loads_in_every_dtype(kind, calib, tmp_path):
+    """The dense model re-encoded (e.g. in int8, the reference for 8-bit rows): plain nn.Linear layers are
+    stored in the layout `load` rebuilds, and its 8-bit matrices decode through the kernel's dense path."""
+    model = tiny_model(kind).eval()
+    with torch.no_grad():
+        want = model(calib.ids).logits
+    for dtype in ("float32", "int8"):
+        save(model, tmp_path / dtype, dtype=dtype)
+        for resident in ("dense", "compact"):
+            with torch.no_grad():
+                got = load(tmp_path / dtype, resident=resident)(calib.ids).logits
+            if dtype == "float32":
+                assert torch.allclose(got, want, atol=1e-5)
+            else:
+                assert 0 < (got - want).norm() / want.norm() < 0.05
+
+
 def test_bad_residency_requests_are_one_line(paper_folder):
     with pytest.raises(ArtifactError, match="unknown residency 'tiny'"):
         load(paper_folder, resident="tiny")

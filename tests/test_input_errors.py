@@ -152,3 +152,103 @@ def test_a_bad_second_eval_model_is_found_before_the_first_is_evaluated(model_di
     monkeypatch.setattr(smartprune.runs.compress, "load_model", _fail_if_called)
     code, _, err = run(capsys, "eval", model_dirs["gpt2"], tmp_path / "missing", "--seqlen", "32", "--limit", "1")
     assert code == 2 and "model path not found" in _one_clean_line(err)
+
+
+def _damaged_folder(kind: str, model_dirs, tmp_path):
+    """A model path damaged in one way (the cases found by hand), and what its error says."""
+    from safetensors.torch import load_file, save_file
+
+    if kind in ("garbage gguf", "empty gguf"):
+        path = tmp_path / "m.gguf"
+        path.write_bytes(os.urandom(512) if kind == "garbage gguf" else b"")
+        return path, "not a GGUF file"
+    path = tmp_path / "m"
+    shutil.copytree(model_dirs["llama"], path)
+    if kind == "mis-shaped tensor":
+        tensors = load_file(str(path / "model.safetensors"))
+        key = next(k for k in tensors if "q_proj" in k)
+        tensors[key] = tensors[key][:, :3].contiguous()
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path, "stored [32, 3]"
+    if kind == "garbage tokenizer":
+        (path / "tokenizer.json").write_text("garbage{")
+        return path, "tokenizer files cannot be read"
+    config = json.loads((path / "config.json").read_text())  # a config that asks for terabytes
+    config["hidden_size"] = 10**9
+    (path / "config.json").write_text(json.dumps(config))
+    return path, "more than this machine's"
+
+
+@pytest.mark.parametrize("kind", ["garbage gguf", "empty gguf", "mis-shaped tensor", "garbage tokenizer",
+                                  "terabyte config"])
+def test_a_damaged_model_is_one_line(kind, model_dirs, use_data, tmp_path, capsys):
+    path, message = _damaged_folder(kind, model_dirs, tmp_path)
+    code, _, err = run(capsys, "eval", path, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
+    assert code == 2 and message in _one_clean_line(err), err
+
+
+def test_a_seed_beyond_what_generators_take_is_refused_by_the_parser(model_dirs, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run(capsys, "compress", model_dirs["llama"], "--recipe", "irc", "--out", "o", "--seed", str(2**70))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "from 0 to 2**63 - 1" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "x" * 300], "bytes long"),
+    (["--out", "DANGLING"], "which does not exist"),
+])
+def test_bad_compress_arguments_are_one_line(argv, message, model_dirs, use_data, tmp_path, capsys, monkeypatch):
+    import smartprune.runs.compress
+
+    monkeypatch.setattr(smartprune.runs.compress, "compress", _fail_if_called)
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "nowhere" / "x", tmp_path / "DANGLING")
+    argv = ["--out", "o", *argv] if "--out" not in argv else argv
+    code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "irc", *argv)
+    assert code == 2 and message in _one_clean_line(err), err
+
+
+def test_a_model_without_a_tokenizer_is_refused_before_compressing(model_dirs, use_data, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(model_dirs["llama"], folder)
+    for f in folder.iterdir():
+        if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
+            f.unlink()
+    code, _, err = run(capsys, "compress", folder, "--recipe", "irc", "--out", tmp_path / "o")
+    assert code == 2 and "no tokenizer files" in _one_clean_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_rates_that_never_end_are_one_line(model_dirs, use_data, capsys):
+    for rates in ("0:inf:0.1", "0:1:1e-9", "nan:1:0.1"):
+        code, _, err = run(capsys, "sweep", model_dirs["llama"], "--method", "wanda", "--rates", rates)
+        assert code == 2 and "start:stop:step" in _one_clean_line(err), rates
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no weights", "is missing"),
+    ("huge shape", "is recorded with shape"),
+])
+def test_a_compressed_folder_damaged_in_its_sizes(damage, message, compressed_dir, tmp_path, capsys):
+    folder = tmp_path / "c"
+    shutil.copytree(compressed_dir, folder)
+    if damage == "no weights":
+        (folder / "model.safetensors").unlink()
+    else:  # a manifest size that would make the reader allocate terabytes
+        manifest = json.loads((folder / "smartprune.json").read_text())
+        rec = next(r for r in manifest["modules"].values() if "shape" in r)
+        rec["shape"] = [10**7, 10**7]
+        (folder / "smartprune.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "--no-verify", "eval", folder, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
+    assert code == 2 and message in _one_clean_line(err), err
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 10, b""])
+def test_a_damaged_recovery_checkpoint_is_one_line(content, model_dirs, use_data, tmp_path, capsys):
+    ckpt = tmp_path / ".r.recover-checkpoint" / "recover-checkpoint.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(content)
+    code, _, err = run(capsys, "recover", model_dirs["llama"], "--teacher", "none", "--out", tmp_path / "r",
+                       "--steps", "2", "--seqlen", "16", "--batch-size", "2", "--eval-windows", "1", "--resume")
+    assert code == 2 and "remove it and run without --resume" in _one_clean_line(err), err

@@ -37,6 +37,20 @@ def _packed(w: torch.Tensor, dtype: torch.dtype = torch.float32, axis: int | Non
     return PackedMatrix(tuple(w.shape), q[mask].contiguous(), bits=bits, scale=scale, quant=Quant(axis))
 
 
+def _count_calls(monkeypatch, name: str) -> list:
+    """Count how often the packed modules fetch kernel `name` (one fetch per product that uses it)."""
+    import smartprune.modules.packed as packed
+
+    calls, real = [], getattr(kernels, name)
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(packed, name, counted)
+    return calls
+
+
 # rows not a multiple of 4 exercise the single-row loop after the 4-row blocks of decoding
 @pytest.mark.parametrize("rows,cols", [(8, 8), (6, 16), (43, 24), (40, 24), (576, 576), (576, 192), (576, 1536),
                                        (1536, 576)])
@@ -53,22 +67,46 @@ def test_the_kernel_equals_the_dense_product(rows, cols, sparsity):
             assert torch.allclose(got.double(), want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows,cols", [(8, 8), (43, 24), (576, 1536), (1536, 576)])
+def test_the_kernel_for_matrices_stored_without_a_mask_equals_the_dense_product(rows, cols):
+    _op()
+    op = kernels.dense_product()
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
+    for t in (1, 3, 8):
+        x = torch.randn(t, rows, generator=torch.Generator().manual_seed(t))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+            values = (w * 20).round().clamp(-127, 127).to(dtype) if dtype == torch.int8 else w.to(dtype)
+            want = x.double() @ values.double()
+            got = op(x, values.reshape(-1).contiguous(), cols)
+            assert torch.allclose(got.double(), want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=1e-4)
+    with pytest.raises(RuntimeError, match="rows \\* cols"):
+        op(torch.randn(1, rows), w.reshape(-1)[:-8].contiguous(), cols)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_dense_8_bit_projection_decodes_through_the_kernel(axis, monkeypatch):
+    """The dense model stored in int8 (no mask) is held packed; decoding reads the 8-bit values directly."""
+    _op()
+    from smartprune.modules.packed import Quant
+
+    w = torch.randn(576, 192, generator=torch.Generator().manual_seed(1))
+    q, scale = quantize(w, axis)
+    layer = PackedProjection(PackedMatrix((576, 192), q.reshape(-1), scale=scale, quant=Quant(axis)), bias=None)
+    calls = _count_calls(monkeypatch, "dense_product")
+    for shape in ((1, 1, 576), (1, 20, 576)):  # a decoding step (the kernel), a prefill (unpacking)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            assert torch.allclose(layer(x), x @ dequantize(q, scale, axis), atol=1e-4, rtol=1e-4)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("axis", [None, 0, 1])
 def test_a_packed_projection_decodes_through_the_kernel_with_the_same_result(axis, monkeypatch):
     _op()
     w = _sparse(576, 192, 0.5)
     layer = PackedProjection(_packed(w, axis=axis), bias=torch.randn(192))
     reference = w if axis is None else dequantize(*quantize(w, axis), axis)
-    calls = []
-    real = kernels.packed_product
-
-    def counted():
-        calls.append(1)
-        return real()
-
-    import smartprune.modules.packed as packed
-
-    monkeypatch.setattr(packed, "packed_product", counted)
+    calls = _count_calls(monkeypatch, "packed_product")
     for shape in ((1, 1, 576), (2, 1, 576), (1, 20, 576)):  # decoding steps, and a prefill
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(calls)))
         before = len(calls)

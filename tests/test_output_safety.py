@@ -1,6 +1,7 @@
 """Output folders: nothing of the user's is deleted, outputs never overlap, replacing is atomic."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -46,19 +47,15 @@ def test_replacing_keeps_the_old_output_until_the_new_one_is_in_place(tmp_path, 
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    real = os.replace
-    calls = []
+    real = os.rename
 
-    def failing_second_move(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:  # the old folder is aside, the new one fails to move in
-            raise OSError("disk full")
-        return real(src, dst)
+    def failing_move_in(src, dst):  # the old folder is aside, the new one fails to move in
+        raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", failing_second_move)
+    monkeypatch.setattr(os, "rename", failing_move_in)
     with pytest.raises(OSError, match="disk full"), atomic_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    monkeypatch.setattr(os, "replace", real)
+    monkeypatch.setattr(os, "rename", real)
     assert (target / "old.txt").read_text() == "old"  # the previous output is back
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left beside it
     with atomic_dir(target, overwrite=True) as tmp:
@@ -114,3 +111,111 @@ def test_report_refuses_the_current_folder_and_its_parents(out, sandbox, tmp_pat
     code, _, err = run(capsys, "report", run_file, "--out", out, "--overwrite")
     assert code == 2 and "refusing output folder" in _one_clean_line(err)
     assert (sandbox / "precious.txt").read_text() == "keep me"
+
+
+def test_an_output_that_appears_during_the_run_is_never_replaced(tmp_path):
+    """Two runs writing the same new --out, neither with --overwrite: the second to finish keeps the
+    first one's folder and says where its own result is."""
+    target = tmp_path / "out"
+    with pytest.raises(OutputError, match="appeared during this run") as err, \
+            atomic_dir(target, overwrite=False) as tmp:
+        (tmp / "mine.txt").write_text("mine")
+        target.mkdir()  # the other run finished first
+        (target / "theirs.txt").write_text("theirs")
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+    kept = Path(str(err.value).rsplit(" ", 1)[1])
+    assert (kept / "mine.txt").read_text() == "mine" and kept.parent.parent == tmp_path
+
+
+def test_temporary_folders_of_killed_runs_are_removed_at_the_next_run(tmp_path, caplog):
+    import logging
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    stale = [tmp_path / f".out.tmp-{pid}-abc", tmp_path / f".out.old-{pid}-def"]
+    live = tmp_path / f".out.tmp-{os.getpid()}-ghi"  # this process's: still being written
+    other = tmp_path / f".other.tmp-{pid}-jkl"  # another output's: not ours to judge here
+    for d in (*stale, live, other):
+        d.mkdir()
+        (d / "x").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="smartprune.files"), atomic_dir(tmp_path / "out", False) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not any(d.exists() for d in stale) and live.is_dir() and other.is_dir()
+    assert sum("killed" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_an_output_set_aside_by_a_killed_run_is_put_back(tmp_path, caplog):
+    """Killed between moving the previous output aside and moving the new one in: the next run finds
+    the previous output where it was, not deleted with the leftovers."""
+    import subprocess
+    import sys
+
+    from smartprune.files import remove_stale
+
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                             text=True).stdout)
+    aside = tmp_path / f".out.old-{pid}-abc" / "out"
+    aside.mkdir(parents=True)
+    (aside / "model.txt").write_text("the user's previous output")
+    remove_stale(tmp_path / "out")
+    assert (tmp_path / "out" / "model.txt").read_text() == "the user's previous output"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_no_output_lands_on_or_inside_an_input(model_dirs, use_data, tmp_path, capsys):
+    """The data-loss paths found by hand: each refused in one line before any work, the input untouched."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(model_dirs["llama"], teacher)
+    before = _snapshot(teacher)
+    run_file = tmp_path / "eval.json"
+    run_file.write_text('{"results": {}, "models": ["m"], "by_model": {"m": {}}, "settings": {}}')
+    cases = [
+        # recover's dense twin onto the teacher (the original dense model)
+        ("recover", model_dirs["llama"], "--teacher", teacher, "--out", tmp_path / "r", "--dense-out", teacher,
+         "--overwrite", "--steps", "1"),
+        # eval's --json onto a file of the model it reads
+        ("eval", teacher, "--tasks", "wikitext2", "--json", teacher / "config.json"),
+        # report's --out onto the run it reads
+        ("report", run_file, "--out", run_file, "--overwrite"),
+        # compare's measured models kept inside the model folder
+        ("compare", teacher, "--methods", "dense", "--keep", teacher / "kept", "--measure", "speed"),
+        # the Markdown twin of bench's --json onto the --json of ... itself (x.md)
+        ("bench", teacher, "--json", tmp_path / "b.md"),
+    ]
+    for argv in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "overlaps" in _one_clean_line(err), (argv[0], err)
+    assert _snapshot(teacher) == before
+
+
+def test_an_existing_json_file_is_replaced_only_with_overwrite(model_dirs, use_data, tmp_path, capsys):
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": true}')
+    argv = ("eval", model_dirs["llama"], "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16", "--json", mine)
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "exists (use --overwrite" in _one_clean_line(err)
+    assert mine.read_text() == '{"mine": true}'
+    code, _, err = run(capsys, *argv, "--overwrite")
+    assert code == 0, err
+    assert "perplexity" in mine.read_text() or "wikitext2" in mine.read_text()
+    code, _, err = run(capsys, "eval", model_dirs["llama"], "--tasks", "wikitext2", "--json", tmp_path)
+    assert code == 2 and "is a folder" in _one_clean_line(err)
+
+
+def test_a_tilde_in_an_output_means_the_home_folder(model_dirs, use_data, tmp_path, monkeypatch, capsys):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    code, _, err = run(capsys, "eval", model_dirs["llama"], "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16",
+                       "--json=~/e.json")
+    assert code == 0, err
+    assert (home / "e.json").is_file() and not (work / "~").exists()

@@ -293,6 +293,25 @@ def test_demo_prints_dense_compressed_and_recovered(model_dirs, use_data, tmp_pa
     assert "What it buys" in run.summary() and "| compressed + recovered | " in run.summary().split("What it buys")[1]
 
 
+def test_demo_recovers_block_wise_when_asked_and_refuses_it_for_a_depth_recipe(model_dirs, use_data, tmp_path):
+    from smartprune.errors import RecipeError
+    from smartprune.runs.demo import run_demo
+
+    recipe = tmp_path / "r.yaml"  # a small recovery of its own, so the objective flag is what changes
+    recipe.write_text("fpp_ff: {target_sparsity: 0.5, steps: 0}\n"
+                      "recover: {steps: 2, seqlen: 16, batch_size: 2, eval_windows: 1, block_steps: 2, "
+                      "cache_windows: 4}\n")
+    run = run_demo(str(model_dirs["llama"]), str(recipe), quick=True, seqlen=64, measure=False,
+                   recover_objective="blockwise", progress=False)
+    rec = run.report["recovery"]
+    assert rec["config"]["objective"] == "blockwise" and rec["steps"] == 2 and rec["structure"]["kept"]
+    assert run.recovered["perplexity"] > 0
+    depth = tmp_path / "depth.yaml"
+    depth.write_text("depth: {rate: 0.5}\n")
+    with pytest.raises(RecipeError, match="removes blocks"):  # before any model work: no model is loaded
+        run_demo("not-a-model", str(depth), quick=True, recover_objective="blockwise", progress=False)
+
+
 def test_compress_with_a_recover_section_retrains(model_dirs, use_data, tmp_path):
     code = main(["-q", "compress", str(model_dirs["gpt2"]), "--recipe", str(_recipe_file(tmp_path)), "--out",
                  str(tmp_path / "c"), "--calib-samples", "4", "--calib-seqlen", "16"])

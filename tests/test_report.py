@@ -37,3 +37,20 @@ def test_report_holds_every_table_and_links_every_image(model_dirs, use_data, tm
     assert md.count("![") == 2 and "| sst2 |" not in md.split("Table 6")[0]
     code, _, err = run(capsys, "report", tmp_path / "nope.json", "--out", tmp_path / "r2")
     assert code == 2 and "run not found" in _one_clean_line(err) and not (tmp_path / "r2").exists()
+
+
+def test_the_markdown_twin_shows_run_names_literally_and_commands_run_as_written():
+    import shlex
+
+    from smartprune.reporting.report import Figure, Section, render_md, shell
+
+    name = "evil <img src=x onerror=alert(1)> | $(rm -rf ~)"
+    cmd = shell("smartprune", "compress", name, "--out", "my out")
+    assert shlex.split(cmd) == ["smartprune", "compress", name, "--out", "my out"]  # no word splits, no $()
+    md = render_md(f"report of {name}", [Section(f"Sweep: {name}", ours=(["model", "ppl"], [[name, "1.0"]]),
+                                                 figures=[Figure("figures/a.png", f"{name} curve", cmd)])], name)
+    prose = md.split("```")[0] + md.split("```")[-1]  # all but the fenced command, where HTML does not render
+    assert "<img" not in prose and "&lt;img" in prose
+    table_row = next(line for line in md.splitlines() if line.startswith("| evil"))
+    assert table_row.count(" | ") == 1  # the name's own | is escaped: still two cells
+    assert cmd in md  # inside its code block, verbatim

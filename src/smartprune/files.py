@@ -19,10 +19,7 @@ def check_output(path: Path, overwrite: bool) -> None:
     location whose replacement would delete what is not ours: the file-system root, the home folder,
     the current folder or one of its ancestors (``.``, ``..``)."""
     path = Path(path)
-    resolved, cwd = path.expanduser().resolve(), Path.cwd().resolve()
-    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or cwd.is_relative_to(resolved):
-        raise OutputError(f"refusing output folder {path}: it is the root, the home folder, or the current "
-                          "folder or one of its parents; name a new folder")
+    resolved = refuse_protected(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"output {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
@@ -34,10 +31,34 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write output folder {path}: {parent} is not a writable folder")
 
 
+# room kept in a file name for what the writers add around an output's name (``.NAME.tmp-PID-XXXXXXXX``)
+NAME_ROOM = 32
+
+
+def refuse_protected(path: Path) -> Path:
+    """Refuse, as an output, the file-system root, the home folder, or the current folder or one of its
+    parents (``.``, ``..``); a dangling symbolic link; a name too long for the file system once the
+    writers' temporary prefix is added. The resolved path otherwise."""
+    path = Path(path).expanduser()
+    for part in path.parts:  # first: a name too long makes every later look at the path fail
+        if len(os.fsencode(part)) + NAME_ROOM > 255:  # NAME_MAX of the common Linux file systems
+            raise OutputError(f"output name '{part[:40]}...' is {len(os.fsencode(part))} bytes long; the file system "
+                              f"takes {255 - NAME_ROOM} at most for an output's name")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"output {path} is a symbolic link to {os.readlink(path)}, which does not exist; name "
+                          "another path or remove the link")
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or cwd.is_relative_to(resolved):
+        raise OutputError(f"refusing output folder {path}: it is the root, the home folder, or the current "
+                          "folder or one of its parents; name a new folder")
+    return resolved
+
+
 def check_output_file(path: Path, overwrite: bool) -> None:
     """Refuse an output file that exists (unless `overwrite`), that names a folder, or whose folder
     does not exist or cannot be written."""
     path = Path(path).expanduser()
+    refuse_protected(path)
     if path.is_dir():
         raise OutputError(f"output {path} is a folder; name a file")
     if path.exists() and not overwrite:
@@ -59,20 +80,25 @@ def check_outputs_apart(*paths: Path | str | None) -> None:
 
 @contextmanager
 def atomic_dir(target: Path, overwrite: bool):
-    """Yield a temporary folder beside `target`; move it into place only if the block succeeds. An
-    existing `target` is moved aside first and deleted only once the new one is in place, so no
-    failure loses both."""
+    """Yield a temporary folder beside `target`; move it into place only if the block succeeds.
+
+    Without `overwrite` the move is create-exclusive: a folder that appeared at `target` during the run
+    (another run writing the same output) is never replaced; this run's result is kept beside it and
+    named in the error. With `overwrite` an existing `target` is moved aside first and deleted only once
+    the new one is in place, so no failure loses both. Leftovers of runs that were killed (``.NAME.tmp-PID-*``
+    and ``.NAME.old-PID-*`` of a process that no longer exists) are removed first, and said."""
     check_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     old = None
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
         apply_umask(tmp)
-        os.replace(tmp, target)
+        if overwrite and target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+            os.replace(target, old / target.name)
+        _move_exclusive(tmp, target)
     except BaseException:
         if old is not None and not target.exists():
             os.replace(old / target.name, target)  # put the previous output back
@@ -81,6 +107,56 @@ def atomic_dir(target: Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_exclusive(tmp: Path, target: Path) -> None:
+    """rename(2) onto `target`: it fails when `target` is a folder that is not empty, so what appeared
+    there meanwhile is never replaced (an empty folder is, which loses nothing)."""
+    try:
+        os.rename(tmp, target)
+    except OSError as exc:
+        if not target.exists():
+            raise
+        kept = Path(tempfile.mkdtemp(prefix=f"{target.name}.conflict-", dir=target.parent))
+        os.replace(tmp, kept / target.name)
+        raise OutputError(f"output {target} appeared during this run (another run writing it?) and was not "
+                          f"replaced; this run's result is in {kept / target.name}") from exc
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Remove the temporary folders beside `target` that a killed run of ours left (their names carry
+    the writing process's id; a live process's are left alone), and say so."""
+    import logging
+    import re
+
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-(\d+)-")
+    removed = []
+    for entry in target.parent.iterdir() if target.parent.is_dir() else ():
+        m = pattern.match(entry.name)
+        if m is None or not entry.is_dir() or _alive(int(m.group(2))):
+            continue
+        aside = entry / target.name
+        if m.group(1) == "old" and aside.exists() and not target.exists():
+            # killed between setting the previous output aside and moving the new one in: put it back
+            os.replace(aside, target)
+            logging.getLogger(__name__).warning("restored %s from %s, where a killed run had set it aside",
+                                                target, entry)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        logging.getLogger(__name__).warning("removed %s, left by an earlier run that was killed", entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def write_text(path: Path, text: str) -> None:

@@ -30,7 +30,38 @@ def read_config(path: Path):
         raise ModelError(f"{path / 'config.json'} cannot be read as a {raw['model_type']} config "
                          f"({first_line(exc)})") from None
     check_architecture(config, str(path))
+    check_size(config, str(path))
     return config
+
+
+def physical_memory() -> int:
+    """Bytes of memory this machine has (0 where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def config_parameters(config) -> int:
+    """A lower bound on the parameters a config asks for: embedding and, per layer, the attention and
+    feed-forward matrices (enough to refuse a config that could never be held, before it is built)."""
+    text = getattr(config, "get_text_config", lambda: config)()
+
+    def get(*names: str) -> int:
+        return next((int(v) for n in names if isinstance(v := getattr(text, n, None), int)), 0)
+
+    hidden, layers = get("hidden_size", "n_embd", "d_model"), get("num_hidden_layers", "n_layer")
+    inter = get("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    return get("vocab_size") * hidden + layers * (4 * hidden * hidden + 2 * hidden * inter)
+
+
+def check_size(config, where: str) -> None:
+    """Refuse a config whose weights alone (float32) would not fit in this machine's memory: building it
+    would try to allocate them and die, perhaps after minutes, rather than say so."""
+    need, have = 4 * config_parameters(config), physical_memory()
+    if have and need > have:
+        raise ModelError(f"{where}: its config asks for at least {need / 2**30:,.1f} GiB of float32 weights, more "
+                         f"than this machine's {have / 2**30:,.1f} GiB of memory (a damaged or mistyped config?)")
 
 
 def use_sdpa(model: nn.Module) -> None:

@@ -105,6 +105,9 @@ def add_demo(sub) -> None:
     seed(d)
     d.add_argument("--recover-steps", type=int, help="recovery steps after compression (120; --quick: 16; "
                    "0 skips recovery; a recipe with its own recover section sets its own)")
+    d.add_argument("--recover-objective", choices=("end_to_end", "blockwise"),
+                   help="end_to_end (default: distil the whole model) or blockwise (first fit each block to the "
+                   "dense block's outputs, then the end-to-end steps; README, Retraining after compression)")
     d.add_argument("--no-measure", action="store_true", help="skip measuring what the final model costs to run "
                    "against dense (decoding speed, prefill, peak RSS, bytes held: about a minute)")
     device(d)
@@ -119,7 +122,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise DataError(f"--recover-steps must be 0 or more, got {args.recover_steps}")
     result = run_demo(model=args.model, recipe=args.recipe, quick=args.quick, limit=args.limit, seed=args.seed,
                       recover_steps=args.recover_steps, device=args.device, json_path=args.json,
-                      measure=not args.no_measure, progress=not args.quiet)
+                      measure=not args.no_measure, recover_objective=args.recover_objective,
+                      progress=not args.quiet)
     say(result.summary())
     return 0
 

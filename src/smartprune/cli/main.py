@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from smartprune.cli import compression, measurement, studies
-from smartprune.cli.shared import Parser
+from smartprune.cli.shared import Parser, check_paths
 from smartprune.errors import SmartpruneError, Terminated
 
 log = logging.getLogger("smartprune")
@@ -30,6 +30,8 @@ def build_parser() -> Parser:
     p = Parser(prog="smartprune", description="Compress causal language models with the smart-pruning methods "
                "of Belhaouari & Kraidia (2025), and measure what it costs and buys.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    p.add_argument("--no-verify", action="store_true", help="read compressed folders whose weights file does not "
+                   "match, or whose manifest does not record, its SHA-256 (damaged or hand-edited files load anyway)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for add in COMMANDS:
         add(sub)
@@ -39,14 +41,17 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.quiet)
-    if args.quiet:
-        import os
+    import os
 
+    if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
+    if args.no_verify:  # read by `storage.load`, also in the processes a command starts
+        os.environ["SMARTPRUNE_VERIFY"] = "0"
     _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     previous = _terminate_like_interrupt()
     try:
+        check_paths(args)  # what it reads against what it writes, before any work
         if getattr(args, "device", None) is not None:  # resolved once, here at the edge: bad names fail first
             from smartprune.device import resolve_device
 

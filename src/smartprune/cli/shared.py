@@ -40,16 +40,88 @@ def device(p: argparse.ArgumentParser, what: str = DEVICE_HELP) -> None:
     p.add_argument("--device", default="auto", help=what)
 
 
+def seed_value(value: str) -> int:
+    """A seed torch's generators take: a whole number from 0 to 2**63 - 1."""
+    n = int(value)
+    if not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**63 - 1, got {value}")
+    return n
+
+
 def seed(p: argparse.ArgumentParser, what: str = "seed") -> None:
-    p.add_argument("--seed", type=int, default=0, help=f"{what} (0)")
+    p.add_argument("--seed", type=seed_value, default=0, help=f"{what} (0)")
 
 
-def json_out(p: argparse.ArgumentParser, what: str = "write the results to this JSON file") -> None:
-    p.add_argument("--json", help=what)
+def json_out(p: argparse.ArgumentParser, what: str = "write the results to this JSON file",
+             read_back: bool = False) -> None:
+    """``--json``; unless the command reads the file back (`read_back`: the sweep resumes from it), an
+    existing file is replaced only with ``--overwrite`` (`check_paths`), added here when missing."""
+    if read_back:
+        p.add_argument("--json", help=what)
+        return
+    p.add_argument("--json", help=what + " (an existing file is replaced only with --overwrite)")
+    if "--overwrite" in p._option_string_actions:
+        p._option_string_actions["--overwrite"].help += "; and an existing --json file"
+    else:
+        overwrite(p, "replace an existing --json file")
 
 
 def overwrite(p: argparse.ArgumentParser, what: str = "replace output folders that are not empty") -> None:
     p.add_argument("--overwrite", action="store_true", help=what)
+
+
+# Where a command's paths live in its parsed arguments: what it reads, and what it writes.
+INPUTS = ("model", "models", "compressed", "teacher", "recipe", "runs")
+OUTPUTS = ("out", "dense_out", "gguf_out", "json", "keep")
+POSITIONAL = ("model", "models", "compressed", "runs")
+# --json files that are also read back: the sweep resumes from its own file (and refuses any other)
+JSON_READ_BACK = ("sweep",)
+# commands whose --json has a Markdown twin beside it (`write_outputs`)
+JSON_TWIN = ("compare", "bench", "sweep")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path a command reads against every path it writes, before any work: ``~`` expanded once
+    here (so the writers see the same path the checks saw), no output equal to, inside or around an
+    input or another output, and an existing --json file replaced only with --overwrite."""
+    from pathlib import Path
+
+    from smartprune.errors import OutputError
+    from smartprune.files import refuse_protected
+
+    def expand(value):
+        if isinstance(value, list):
+            return [expand(v) for v in value]
+        return str(Path(value).expanduser()) if isinstance(value, str) and value.startswith("~") else value
+
+    for name in (*INPUTS, *OUTPUTS):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, expand(getattr(args, name)))
+    inputs: list[tuple[str, Path]] = []
+    for name in INPUTS:
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and Path(v).exists():  # names (built-ins, hub ids, recipes) are not paths
+                inputs.append((name, Path(v).resolve()))
+    outputs = [(name, refuse_protected(Path(getattr(args, name)))) for name in OUTPUTS if getattr(args, name, None)]
+    if getattr(args, "json", None) and args.command in JSON_TWIN:
+        outputs.append(("json (its Markdown twin)", Path(args.json).resolve().with_suffix(".md")))
+    def label(name: str) -> str:  # as the command line spells it
+        return name.upper().rstrip("S") if name in POSITIONAL else "--" + name.replace("_", "-")
+
+    for i, (name, path) in enumerate(outputs):
+        for other, where in inputs + outputs[i + 1:]:
+            if path == where or path.is_relative_to(where) or where.is_relative_to(path):
+                what = "input" if (other, where) in inputs else "output"
+                raise OutputError(f"{label(name)} {path} overlaps {what} {label(other)} {where}: nothing is "
+                                  "written on, inside or around another path of the run")
+    if getattr(args, "json", None):
+        files = [Path(args.json)] + ([Path(args.json).with_suffix(".md")] if args.command in JSON_TWIN else [])
+        for path in files:
+            if path.is_dir():
+                raise OutputError(f"--json {path} is a folder; name a file")
+            if path.exists() and not getattr(args, "overwrite", False) and args.command not in JSON_READ_BACK:
+                raise OutputError(f"--json: {path} exists (use --overwrite to replace it)")
 
 
 def eval_options(p: argparse.ArgumentParser, *groups: str) -> None:

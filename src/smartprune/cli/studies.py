@@ -37,6 +37,8 @@ def add_compare(sub) -> None:
     k.add_argument("--recover-tokens", type=positive, help="also retrain every model with this many WikiText-2 "
                    "train tokens (distillation from the dense model) and add a dense fine-tuned row: the ranking "
                    "at equal size and equal retraining")
+    k.add_argument("--recover-budget", choices=("quick", "full"), help="instead of --recover-tokens: the demo's "
+                   "recovery budget for every model (quick: 16 steps of 4 x 128 tokens; full: 120 steps of 4 x 256)")
     k.add_argument("--measure", help="also measure every final model's running cost against dense, in one bench "
                    "run: speed (greedy decoding tokens/s, 512-token prefill, batch-8 throughput), memory (bytes held "
                    "once loaded, weight files, peak RSS of load + forward); e.g. speed,memory")
@@ -64,7 +66,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings = CompareSettings(model=args.model, methods=args.methods.split(","), sparsities=args.sparsity.split(","),
                                tasks=args.tasks.split(","), limit=args.limit, seqlen=args.seqlen,
                                calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                               recover_tokens=args.recover_tokens, device=args.device, measure=measures,
+                               recover_tokens=args.recover_tokens, recover_budget=args.recover_budget,
+                               device=args.device, measure=measures,
                                keep=Path(args.keep).expanduser() if args.keep else None)
     result = run_compare(settings, progress=not args.quiet)
     if args.json:
@@ -95,7 +98,7 @@ def add_sweep(sub) -> None:
                    "WikiText-2 train tokens before evaluating: curves at equal retraining")
     device(w, "where points are compressed, evaluated and retrained: auto "
                    "(a GPU when torch sees one), cpu, cuda or cuda:N")
-    json_out(w, "write (and resume from) this JSON file")
+    json_out(w, "write (and resume from) this JSON file", read_back=True)
     w.set_defaults(func=cmd_sweep)
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from smartprune.adapters import Adapter, get_adapter, paper_methods_unsupported
 from smartprune.compression.accounting import accounting, group_counts, unique_parameters
 from smartprune.compression.allocation import plan
+from smartprune.compression.owl import owl_rates
 from smartprune.compression.structured import plan_structure
 from smartprune.data import Calibration, calibration, check_positions
 from smartprune.device import autocast, model_device, resolve_compute_dtype, resolve_device
@@ -277,6 +278,8 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
     adapter = get_adapter(model)
     if calib is None:
         c = recipe.calibration
+        if tokenizer is None:
+            raise DataError(f"the model has no tokenizer files; its calibration windows of {c.text} text need one")
         check_positions(model, c.seqlen, "calibration window length (calib-seqlen)")
         calib = calibration(tokenizer, c.text, c.samples, c.seqlen, c.eval_samples, seed)
     total = unique_parameters(model)
@@ -302,6 +305,10 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
                 run.shared["allocation"], allocation = plan(
                     adapter, recipe.overall, calib.ids, calib.eval_ids, embedding="fpp_emb" in recipe.stages,
                     blocks=any(k in PRUNING_STAGES for k in recipe.stages), progress=progress)
+            owl = next((c for k, c in recipe.stages.items() if k in PRUNING_STAGES and c.owl is not None), None)
+            if owl is not None:  # OWL's block sparsities, from the dense model (the schema excludes `overall`)
+                run.shared["allocation"], owl_report = owl_rates(adapter, calib.ids, owl.sparsity, owl.owl.m,
+                                                                 owl.owl.lam)
             run.compress_embeddings()
             run.compress_blocks()
     finally:
@@ -323,6 +330,7 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
         "device": {"device": str(dev), "compute_dtype": str(dtype).removeprefix("torch."), "offload": offload},
         **({"allocation": allocation} if recipe.overall is not None and "allocation" in run.shared else {}),
         **({"structure": whole} if whole else {}),
+        **({"owl": owl_report} if owl is not None else {}),
     })
     return CompressionResult(model, adapter, report)
 

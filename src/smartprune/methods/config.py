@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 
 
 def option(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
-           lo: float | None = None, hi: float | None = None) -> Any:
-    """A dataclass field with validation metadata (choices or closed range [lo, hi])."""
-    return field(default=default, metadata={"doc": doc, "choices": choices, "lo": lo, "hi": hi})
+           lo: float | None = None, hi: float | None = None, alias: str | None = None) -> Any:
+    """A dataclass field with validation metadata (choices or closed range [lo, hi]; `alias`: the key a
+    recipe may use instead of the field's name, e.g. a Python keyword such as ``lambda``)."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "lo": lo, "hi": hi, "alias": alias})
 
 
 @dataclass(frozen=True)

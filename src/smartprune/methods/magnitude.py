@@ -25,6 +25,8 @@ class MagnitudeConfig(PruneConfig):
         super().__post_init__()
         if self.scope == "global" and self.nm is not None:
             raise ValueError("scope: 'global' cannot be combined with an N:M pattern")
+        if self.scope == "global" and self.owl is not None:
+            raise ValueError("scope: 'global' ranks all block linears together; OWL sets one sparsity per block")
 
 def global_threshold(weights: list[Tensor], sparsity: float) -> tuple[float, int]:
     """The |W| value at which ``round(sparsity * total)`` entries of all `weights` are removed, and

@@ -21,6 +21,15 @@ from smartprune.modules.masked import Projection, forward_pre_hooks, run_in_chun
 
 
 @dataclass(frozen=True)
+class OWLConfig:
+    """OWL's layer-wise sparsities (Yin et al. 2024; `smartprune.compression.owl`)."""
+
+    m: float = option(5.0, "a score is an outlier above m times its block's mean Wanda score", lo=0.0, hi=1e6)
+    lam: float = option(0.08, "block sparsities span 2 x lambda, their mean the target (key: lambda)", lo=0.0, hi=1.0,
+                        alias="lambda")
+
+
+@dataclass(frozen=True)
 class PruneConfig(NMPattern, FitConfig):
     """A one-shot pruning baseline on every linear layer of every block (no re-fitting by default)."""
 
@@ -29,9 +38,14 @@ class PruneConfig(NMPattern, FitConfig):
     steps: int = option(0, "Adam steps after pruning (0 = the published one-shot method)", lo=0, hi=100_000)
     sparsity: float = option(0.5, "fraction of each matrix's weights zeroed (N:M patterns: N/M)", lo=0.0, hi=1.0)
     pattern: str = option("unstructured", "unstructured | N:M (N zeros in every M consecutive inputs, e.g. 2:4)")
+    owl: OWLConfig | None = option(  # noqa: RUF009 (option() is dataclasses.field with metadata)
+        None, "OWL's non-uniform block sparsities around `sparsity`, e.g. {m: 5, lambda: 0.08} ({} for these "
+        "defaults); none: every matrix at `sparsity`")
 
     def __post_init__(self) -> None:
         self._rate_from_pattern()
+        if self.owl is not None and self.nm is not None:
+            raise ValueError("owl: an N:M pattern fixes every matrix's sparsity; OWL needs unstructured")
 
 def prune_groups(sub: Sublayer) -> list[list[str]]:
     """Projection roles of a sublayer in data-flow groups: inputs first, the output projection last."""

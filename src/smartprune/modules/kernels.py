@@ -1,8 +1,9 @@
 """The compiled kernel for few-token products with a packed matrix (``csrc/packed_product.cpp``).
 
 Built once per source, torch version and machine kind with the system's C++ compiler against torch's
-own headers and libraries (no ninja, no Python bindings: the kernel registers a torch operator,
-``torch.ops.smartprune.packed_product``, and runs on torch's thread pool), cached under
+own headers and libraries (no ninja, no Python bindings: the kernel registers torch operators,
+``torch.ops.smartprune.packed_product`` and, for matrices stored without a mask,
+``torch.ops.smartprune.dense_product``, and runs on torch's thread pool), cached under
 ``$SMARTPRUNE_CACHE/kernels`` (default ``~/.cache/smartprune/kernels``) and loaded with ``torch.ops.load_library``.
 ``./run setup`` builds it ahead; otherwise the first packed product does (about 30 s).
 
@@ -99,6 +100,12 @@ def packed_product():
                     "which is slower", why)
     _state["op"] = op
     return op
+
+
+def dense_product():
+    """The same library's product with a matrix whose every entry is stored (no mask; e.g. a dense model
+    in 8-bit values), or None where the kernel cannot be built."""
+    return None if packed_product() is None else torch.ops.smartprune.dense_product
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from smartprune.modules.kernels import MAX_TOKENS, packed_product
+from smartprune.modules.kernels import MAX_TOKENS, dense_product, packed_product
 
 KERNEL_VALUES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # what the kernel reads
 # np.packbits order: the first entry of a byte is its highest bit
@@ -169,16 +169,18 @@ class PackedProjection(nn.Module):
         or None where it does not apply (many tokens, CSR storage, not float32 on the CPU)."""
         p = self.packed
         tokens = x.numel() // max(x.shape[-1], 1)
-        if p.bits is None or tokens > MAX_TOKENS or x.dtype != torch.float32 or x.device.type != "cpu" \
-                or p.shape[1] % 8 or p.values.dtype not in KERNEL_VALUES:
+        every = p.bits is None and p.indices is None  # every entry stored (a dense matrix in narrower values)
+        if not (p.bits is not None or every) or tokens > MAX_TOKENS or x.dtype != torch.float32 \
+                or x.device.type != "cpu" or p.shape[1] % 8 or p.values.dtype not in KERNEL_VALUES:
             return None
-        op = packed_product()
+        op = dense_product() if every else packed_product()
         if op is None:
             return None
         a = x.reshape(tokens, p.shape[0])
         if p.quant is not None and p.quant.axis == 0:  # one scale per input row: scale the coefficients
             a = a * p.scale.to(a.dtype)
-        y = op(a.contiguous(), p.bits, p.values, p.row_ptr, p.shape[1])
+        y = op(a.contiguous(), p.values, p.shape[1]) if every else \
+            op(a.contiguous(), p.bits, p.values, p.row_ptr, p.shape[1])
         if p.quant is not None and p.quant.axis == 1:  # one scale per output column
             y = y * p.scale.to(y.dtype)
         return y.view(*x.shape[:-1], p.shape[1])

@@ -93,6 +93,12 @@ class RecoverConfig:
         return ", ".join(f"{k} {getattr(self, k)}" for k in given) or "steps 200"
 
 
+# Named recovery budgets (the demo's, and `compare --recover-budget`'s): what fits the demo's time on two CPU
+# cores (README: measured numbers), distillation from the dense model.
+RECOVERY_BUDGETS = {"full": {"steps": 120, "seqlen": 256, "batch_size": 4, "lr": 1e-3, "eval_every": 40},
+                    "quick": {"steps": 16, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 8}}
+
+
 @dataclass(frozen=True)
 class OverallConfig:
     """Allocation instead of fixed rates: the overall compression to reach exactly, shared out over the
@@ -189,6 +195,8 @@ def _check_value(where: str, f: dataclasses.Field, value: Any, hint: Any) -> Any
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise RecipeError(f"{where}: {value} is outside [{lo:g}, {hi:g}]")
         return value
+    if dataclasses.is_dataclass(base):  # a nested section, e.g. sparsegpt.owl
+        return build_section(base, value, where)
     if base is str:
         choices = f.metadata.get("choices")
         if not isinstance(value, str):
@@ -207,11 +215,13 @@ def build_section(cls: type, data: Any, where: str) -> Any:
         raise RecipeError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields |= {f.metadata["alias"]: f for f in fields.values() if f.metadata.get("alias")}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise RecipeError(f"{where}: unknown key '{key}'{did_you_mean(str(key), fields)}")
-        kwargs[key] = _check_value(f"{where}.{key}", fields[key], value, hints[key])
+        f = fields[key]
+        kwargs[f.name] = _check_value(f"{where}.{key}", f, value, hints[f.name])
     try:
         return cls(**kwargs)
     except ValueError as exc:  # cross-field checks in __post_init__ name their field first
@@ -311,6 +321,9 @@ def _check_overall(stages: dict[str, FitConfig], overall: OverallConfig | None, 
                           f"stage ({', '.join(PRUNING_STAGES)}); remove {', '.join(others)}")
     if sum(k in PRUNING_STAGES for k in stages) > 1:
         raise RecipeError(f"recipe {source}: overall: one pruning stage at most")
+    if any(getattr(stages.get(k), "owl", None) is not None for k in PRUNING_STAGES):
+        raise RecipeError(f"recipe {source}: overall: the allocation and OWL both set the block sparsities; "
+                          "keep one")
     if getattr(stages.get("magnitude"), "scope", "matrix") == "global" or any(
             getattr(stages.get(k), "nm", None) for k in (*PRUNING_STAGES, "fpp_emb")):
         raise RecipeError(f"recipe {source}: overall: per-matrix rates exclude magnitude scope 'global' and N:M "

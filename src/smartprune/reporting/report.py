@@ -11,6 +11,7 @@ that regenerates it.
 from __future__ import annotations
 
 import html
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,15 +245,16 @@ def sweep_figures(runs, fig_dir: Path, out: Path) -> list[Section]:
     for i, (_, path, data) in enumerate(r for r in runs if r[0] == "sweep"):
         s = data["settings"]
         variants = ",".join(v for v in s["variants"] if v)
-        cmd = (f"smartprune sweep {s['model']} --method {s['method']} --rates {','.join(f'{r:g}' for r in s['rates'])}"
-               + (f" --variants {variants}" if variants else "") + f" --tasks {','.join(s['tasks'])}"
-               + (f" --limit {s['limit']}" if s.get("limit") else "") + f" --json {path}")
+        cmd = shell("smartprune", "sweep", s["model"], "--method", s["method"], "--rates",
+                    ",".join(f"{r:g}" for r in s["rates"]), *(["--variants", variants] if variants else []),
+                    "--tasks", ",".join(s["tasks"]), *(["--limit", s["limit"]] if s.get("limit") else []),
+                    "--json", path)
         sec = Section(f"Sweep: {s['method']}" + (f" ({variants})" if variants else ""))
         for task in s["tasks"]:
             name = f"sweep{i}-{s['method'].replace('+', '-')}-{task}.png"
             save(curve_figure(data, task), fig_dir / name)
             sec.figures.append(Figure(f"figures/{name}", f"{s['method']}: {task} against compression rate",
-                                      f"{cmd}\nsmartprune report {path} --out {out}"))
+                                      f"{cmd}\n{shell('smartprune', 'report', path, '--out', out)}"))
         from smartprune.runs.sweep import summary_rows
 
         sec.ours = summary_rows(data)
@@ -271,8 +273,8 @@ def weight_figures(runs, fig_dir: Path, out: Path, block: int) -> list[Section]:
         after = layer_weights(load(path, structured=False), block)
         name = f"weights{i}-block{block}.png"
         save(weight_figure(before, after, f"{data['model']}, recipe {data['recipe']}, block {block}"), fig_dir / name)
-        cmd = f"smartprune compress {data['model']} --recipe {data['recipe']} --out {path}\n" \
-              f"smartprune report {path} --out {out} --block {block}"
+        cmd = shell("smartprune", "compress", data["model"], "--recipe", data["recipe"], "--out", path) + "\n" + \
+            shell("smartprune", "report", path, "--out", out, "--block", block)
         sections.append(Section(f"Weights before and after ({data['recipe']}, block {block})",
                                 figures=[Figure(f"figures/{name}", "Q, K, V, feed-forward and embedding weights; "
                                                 "before and after share one colour scale", cmd)]))
@@ -290,8 +292,8 @@ def frontier_figures(runs, fig_dir: Path, out: Path) -> list[Section]:
         name = f"frontier{i}.png"
         save(frontier_figure(data), fig_dir / name)
         s = data["settings"]
-        cmd = f"smartprune compare {s['model']} --methods {','.join(s['methods'])} --measure " \
-              f"{','.join(s['measure'])} --json {path}\nsmartprune report {path} --out {out}"
+        cmd = shell("smartprune", "compare", s["model"], "--methods", ",".join(s["methods"]), "--measure",
+                    ",".join(s["measure"]), "--json", path) + "\n" + shell("smartprune", "report", path, "--out", out)
         lines = cost_table(data["rows"], s.get("measure_length", 512)).splitlines()
         table = ([c.strip() for c in lines[0].strip("|").split("|")],
                  [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]])
@@ -308,9 +310,19 @@ def _html_table(t: Table) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def shell(*argv) -> str:
+    """A command line that a shell runs as these arguments, whatever a model name or path holds."""
+    return shlex.join(str(a) for a in argv)
+
+
+def _md(text: str) -> str:
+    """Text from a run (model names, paths) as Markdown shows it literally: no HTML, no table breaks."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
 def _md_table(t: Table) -> str:
-    lines = ["| " + " | ".join(t[0]) + " |", "|" + "---|" * len(t[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in t[1]]
+    lines = ["| " + " | ".join(map(_md, t[0])) + " |", "|" + "---|" * len(t[0])]
+    lines += ["| " + " | ".join(map(_md, row)) + " |" for row in t[1]]
     return "\n".join(lines)
 
 
@@ -341,17 +353,17 @@ def render_html(title: str, sections: list[Section], intro: str) -> str:
 
 
 def render_md(title: str, sections: list[Section], intro: str) -> str:
-    parts = [f"# {title}", "", intro, ""]
+    parts = [f"# {_md(title)}", "", _md(intro), ""]
     for s in sections:
-        parts += [f"## {s.title}", ""]
+        parts += [f"## {_md(s.title)}", ""]
         if s.ours:
             parts += ["Measured here:", "", _md_table(s.ours), ""]
         if s.reported:
             parts += ["Reported in the paper (not measured here):", "", _md_table(s.reported), ""]
         if s.note:
-            parts += [s.note, ""]
-        for f in s.figures:
-            parts += [f"![{f.caption}]({f.file})", "", "Regenerate:", "", "```", f.command, "```", ""]
+            parts += [_md(s.note), ""]
+        for f in s.figures:  # the command stays raw inside its code block, where Markdown shows it as is
+            parts += [f"![{_md(f.caption)}]({f.file})", "", "Regenerate:", "", "```", f.command, "```", ""]
     return "\n".join(parts)
 
 

@@ -31,17 +31,21 @@ from smartprune.evaluation.perplexity import check_limit, perplexity_of_ids
 from smartprune.methods import METHODS
 from smartprune.methods.config import parse_pattern
 from smartprune.recipes import Recipe, load_recipe
-from smartprune.recipes.schema import RecoverConfig, build_recipe
+from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig, build_recipe
 from smartprune.storage.sources import load_model
 from smartprune.training.recover import recover
 
 log = logging.getLogger(__name__)
 
-BASELINES = {k: {} for k, spec in METHODS.items() if spec.baseline} | {"magnitude-global": {"scope": "global"}}
+# the peers, run at each --sparsity: the pruning stages uniform, magnitude over all block linears at once, and
+# SparseGPT and Wanda with OWL's non-uniform block sparsities (m 5, lambda 0.08)
+BASELINES = {k: {} for k, spec in METHODS.items() if spec.baseline} | {"magnitude-global": {"scope": "global"},
+                                                                       "owl-sparsegpt": {"owl": {}},
+                                                                       "owl-wanda": {"owl": {}}}
 
 
 def _baseline_key(name: str) -> str:
-    return "magnitude" if name == "magnitude-global" else name
+    return "magnitude" if name == "magnitude-global" else name.removeprefix("owl-")
 
 
 def parse_sparsity(token: str) -> tuple[str, float | None, str | None]:
@@ -107,6 +111,7 @@ class CompareSettings:
     calib_seqlen: int = 128
     seed: int = 0
     recover_tokens: int | None = None  # equal recovery for every row (and a dense fine-tuned row)
+    recover_budget: str | None = None  # or a named budget (`RECOVERY_BUDGETS`: the demo's quick / full)
     device: str | torch.device = "auto"
     measure: tuple[str, ...] = ()  # running cost of every row's final model: "speed", "memory" (`runs.cost`)
     keep: Path | None = None  # where the measured models are written (None: a temporary folder, removed after)
@@ -147,8 +152,9 @@ class Comparison:
             lines.append(f"| {r['method']} | {r['sparsity']} | {100 * r['compression']:.2f}% | {' | '.join(cells)} | "
                          f"{r['seconds']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
         if recovered:
-            lines += ["", f"recovered: every model retrained with the same budget ({self.settings['recover_tokens']:,} "
-                      "tokens of WikiText-2 train, distillation from the dense model); 'dense fine-tuned' is the "
+            tokens = next(r["recovered"]["tokens"] for r in self.rows if "recovered" in r)
+            lines += ["", f"recovered: every model retrained with the same budget ({tokens:,} tokens of WikiText-2 "
+                      "train, distillation from the dense model); 'dense fine-tuned' is the "
                       "dense model retrained the same way: a compressed model that beats the untouched dense model "
                       "may only be beating it because it trained on the task's text"]
         return "\n".join(lines)
@@ -243,8 +249,7 @@ def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: boo
             load_recipe(label[6:])
     check_limit(settings.limit)
     dev = resolve_device(settings.device)
-    recover_cfg = None if settings.recover_tokens is None else \
-        RecoverConfig(tokens=settings.recover_tokens, seqlen=min(256, settings.seqlen))
+    recover_cfg = _recover_config(settings)
     train_text_path("wikitext2")
     texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
     loaded = load_model(settings.model)
@@ -311,6 +316,21 @@ def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: boo
                     label = f"{label} ({fraction:.4f})"
                 run(name, label, _baseline_recipe(name, fraction, pattern))
     return Comparison({**settings.__dict__}, rows)
+
+
+def _recover_config(settings: CompareSettings) -> RecoverConfig | None:
+    """Every row's recovery: a token budget, or a named one (the demo's), or none."""
+    if settings.recover_tokens is not None and settings.recover_budget is not None:
+        raise RecipeError("--recover-tokens and --recover-budget both set the recovery budget: give one")
+    if settings.recover_budget is not None:
+        if settings.recover_budget not in RECOVERY_BUDGETS:
+            raise RecipeError(f"--recover-budget: unknown budget '{settings.recover_budget}'"
+                              f"{did_you_mean(settings.recover_budget, list(RECOVERY_BUDGETS))}; known: "
+                              f"{', '.join(RECOVERY_BUDGETS)}")
+        return RecoverConfig(**RECOVERY_BUDGETS[settings.recover_budget])
+    if settings.recover_tokens is None:
+        return None
+    return RecoverConfig(tokens=settings.recover_tokens, seqlen=min(256, settings.seqlen))
 
 
 def _matched_fraction(recipe_name: str, removed_by: dict[str, int], model, settings: CompareSettings,

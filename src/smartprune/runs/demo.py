@@ -13,18 +13,17 @@ from smartprune.compression.accounting import format_table
 from smartprune.compression.engine import compress
 from smartprune.data import TRAIN_TEXTS, eval_text, train_text_path
 from smartprune.device import resolve_device
+from smartprune.errors import RecipeError
 from smartprune.evaluation.perplexity import check_limit, perplexity
 from smartprune.files import write_json
 from smartprune.recipes import load_recipe
-from smartprune.recipes.schema import RecoverConfig
+from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
 from smartprune.runs.compress import check_windows, stage_seconds, with_calibration
 from smartprune.runs.environment import environment
 from smartprune.storage.sources import load_model
 
-# Recovery in the demo when the recipe has none of its own: a budget that fits the demo's time on two CPU
-# cores (README: measured numbers), distillation from the dense model.
-DEMO_RECOVERY = {"full": {"steps": 120, "seqlen": 256, "batch_size": 4, "lr": 1e-3, "eval_every": 40},
-                 "quick": {"steps": 16, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 8}}
+# Recovery in the demo when the recipe has none of its own (`RECOVERY_BUDGETS`: quick and full)
+DEMO_RECOVERY = RECOVERY_BUDGETS
 
 
 @dataclass
@@ -77,12 +76,13 @@ class DemoRun:
 def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick: bool = False,
              limit: int | None = None, seed: int = 0, seqlen: int = 1024, recover_steps: int | None = None,
              device: str | torch.device = "auto", json_path: str | Path | None = None,
-             measure: bool = True, progress: bool = True) -> DemoRun:
+             measure: bool = True, recover_objective: str | None = None, progress: bool = True) -> DemoRun:
     """The main job: perplexity of MODEL before and after compressing it with `recipe`, and after
     retraining the compressed model (distillation from the dense one; ``recover_steps=0`` skips it).
 
     Default subset: the first 16 windows of 1024 tokens of the WikiText-2 test text. ``quick``
-    uses 4 evaluation windows, 8 calibration windows of 64 tokens and a shorter recovery. With
+    uses 4 evaluation windows, 8 calibration windows of 64 tokens and a shorter recovery;
+    ``recover_objective`` ("end_to_end" or "blockwise") replaces the recovery's objective. With
     ``measure`` the final model's running cost is then measured against the dense one (decoding speed,
     prefill, peak RSS, bytes held; `_running_cost`).
     """
@@ -99,6 +99,14 @@ def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick
     if recover_steps is not None:
         recovery_cfg = None if recover_steps == 0 else dataclasses.replace(recovery_cfg, steps=recover_steps,
                                                                            tokens=None, minutes=None)
+    if recover_objective is not None and recovery_cfg is not None:
+        try:
+            recovery_cfg = dataclasses.replace(recovery_cfg, objective=recover_objective)
+        except ValueError as exc:
+            raise RecipeError(f"--recover-objective: {exc}") from None
+        if recover_objective == "blockwise" and "depth" in rec.stages:
+            raise RecipeError(f"--recover-objective: blockwise pairs each block with the dense model's, and recipe "
+                              f"'{rec.name}' removes blocks (stage 'depth'); use end_to_end")
     limit = limit or (4 if quick else 16)
     train_text_path(rec.calibration.text)
     eval_text("wikitext2")  # the data files are checked before the model loads

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,14 +56,15 @@ def parse_rates(text: str) -> list[float]:
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0:
+            if not (step > 0 and math.isfinite(start) and math.isfinite(stop) and (stop - start) / step < 10_000):
                 raise ValueError
             n = round((stop - start) / step)
             rates = [round(start + i * step, 6) for i in range(n + 1)]
         else:
             rates = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise DataError(f"rates '{text}': expected start:stop:step (e.g. 0:1:0.1) or a comma list") from None
+        raise DataError(f"rates '{text}': expected start:stop:step (e.g. 0:1:0.1: finite, a positive step, at most "
+                        "10,000 points) or a comma list") from None
     bad = [r for r in rates if not 0 <= r <= 1]
     if bad or not rates:
         raise DataError(f"rates must lie in [0, 1], got {bad or text}")

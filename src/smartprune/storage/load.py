@@ -60,7 +60,7 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def load(path: str | os.PathLike, *, structured: bool = True, verify: bool = True,
+def load(path: str | os.PathLike, *, structured: bool = True, verify: bool | None = None,
          resident: str | None = None) -> nn.Module:
     """Load a folder written by `save` (``smartprune compress --out``) into a ready model.
 
@@ -68,7 +68,8 @@ def load(path: str | os.PathLike, *, structured: bool = True, verify: bool = Tru
     (`smartprune.adapters.install.use_structure`); ``False`` gives the modules compression works on (what
     `save`, further compression, retraining and `write_dense` need). ``resident``: ``"compact"``
     (the default when structured) or ``"dense"`` (see the module docstring; measured trade-off in
-    docs/compact-results.md). ``verify`` checks the weights file against the manifest's SHA-256."""
+    docs/compact-results.md). ``verify`` checks the weights file against the manifest's SHA-256 and refuses a
+    manifest without one (default: on, unless ``$SMARTPRUNE_VERIFY`` is 0: the CLI's ``--no-verify``)."""
     from transformers import AutoModelForCausalLM
 
     resident = resident or ("compact" if structured else "dense")
@@ -82,6 +83,10 @@ def load(path: str | os.PathLike, *, structured: bool = True, verify: bool = Tru
         raise ArtifactError(f"compressed model folder not found: {path}")
     manifest = read_manifest(path)
     config = read_config(path)
+    if not (path / TENSORS).is_file():
+        raise ArtifactError(f"{path / TENSORS} is missing: the compressed folder is incomplete")
+    if verify is None:
+        verify = os.environ.get("SMARTPRUNE_VERIFY", "1") != "0"
     if verify:
         _verify(path, manifest)
     try:
@@ -160,6 +165,10 @@ class _Reader:
 
     def _masked(self, name: str, rec: dict) -> None:
         key = f"{name}.weight"
+        expected = getattr(self.model.get_submodule(name), "weight", None)
+        if expected is not None and tuple(rec["shape"]) != tuple(expected.shape):  # before anything is allocated
+            raise ArtifactError(f"{self.path / MANIFEST}: module '{name}' is recorded with shape {rec['shape']}, its "
+                                f"model's is {list(expected.shape)}")
         values = self._tensor(f"{key}.values")
         quant = rec.get("quant")
         scale = self._tensor(f"{key}.scale").float() if quant else None
@@ -300,10 +309,14 @@ class _Reader:
 
 
 def _verify(path: Path, manifest: dict) -> None:
-    """Compare the stored SHA-256 (folders written before checksums were recorded have none)."""
-    expected = manifest.get("sha256", {}).get(TENSORS) if isinstance(manifest.get("sha256"), dict) else None
-    if expected is None:
-        return
+    """Compare the weights file with the SHA-256 its manifest records. A manifest without a valid one is
+    refused too: a checksum that can be left out protects nothing (``verify=False`` reads it anyway)."""
+    recorded = manifest.get("sha256")
+    expected = recorded.get(TENSORS) if isinstance(recorded, dict) else None
+    if not (isinstance(expected, str) and len(expected) == 64 and all(c in "0123456789abcdef" for c in expected)):
+        raise ArtifactError(f"{path / MANIFEST} records no valid SHA-256 for {TENSORS}, so its weights cannot be "
+                            "checked (load with verify=False, or --no-verify, to read it anyway)")
     if sha256(path / TENSORS) != expected:
         raise ArtifactError(f"{path / TENSORS} does not match the checksum in {MANIFEST}: the file was changed "
-                            "or damaged after it was written (load with verify=False to read it anyway)")
+                            "or damaged after it was written (load with verify=False, or --no-verify, to read it "
+                            "anyway)")

@@ -115,6 +115,9 @@ def save(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, report: di
         raise OutputError(f"unknown dtype '{dtype}'{did_you_mean(dtype, DTYPES)}; known: {', '.join(DTYPES)}")
     out = Path(out)
     _check_not_structured(model)
+    # the format stores a model's layers as smartprune's modules lay them out (what `load` rebuilds): a model
+    # never compressed (plain nn.Linear layers, e.g. the dense model re-encoded in int8) is converted first
+    get_adapter(model)
     tensors, modules, aliases, quantized = _encode(model, DTYPES[dtype])
     manifest = {"format": FORMAT, "version": QUANTIZED_VERSION if dtype == "int8" else VERSION,
                 "model_type": model.config.model_type, "dtype": dtype, "modules": modules, "aliases": aliases}

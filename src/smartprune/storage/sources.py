@@ -18,7 +18,7 @@ from torch import nn
 
 from smartprune.errors import ModelError, did_you_mean
 from smartprune.files import apply_umask
-from smartprune.hf import check_architecture, first_line, hub_reachable, read_config, use_sdpa
+from smartprune.hf import check_architecture, check_size, first_line, hub_reachable, read_config, use_sdpa
 from smartprune.modules.masked import report_non_finite
 from smartprune.paths import cache_dir
 
@@ -61,14 +61,32 @@ def _builtin_gguf(name: str) -> Path:
 
 
 
+def _check_gguf(path: Path) -> None:
+    """A .gguf file that is not one (empty, or without the magic bytes) is one line, not a traceback."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ModelError(f"{path} is empty, not a GGUF file")
+    if head != b"GGUF":
+        raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
 def _from_gguf(path: Path):
     """Dequantize a GGUF file into a plain fp32 model (transformers reads GGUF into torch tensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    _check_gguf(path)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, TypeError, OSError, IndexError) as exc:  # a damaged or foreign file
+        raise ModelError(f"{path} cannot be read as a GGUF model ({first_line(exc)})") from None
     check_architecture(config, str(path))
-    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    check_size(config, str(path))
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, TypeError, OSError, IndexError, RuntimeError) as exc:
+        raise ModelError(f"{path} cannot be read as a GGUF model ({first_line(exc)})") from None
     # A GGUF-loaded model refuses save_pretrained, so rebuild it as a plain model from its config.
     cfg = quantized.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -125,24 +143,25 @@ def _convert(gguf: Path, target: Path) -> Path:
 
 def _from_folder(path: Path):
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     _check_folder(path)
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as exc:
+    try:  # a tensor of the wrong shape is reported below with the missing ones, not raised mid-load
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
         # e.g. a pickled .bin that torch's weights_only loader refuses (safe, but not loadable)
         raise ModelError(f"{path}: the weights cannot be loaded ({first_line(exc)})") from None
     # transformers fills missing tensors with random values and only logs it (muted here): refuse.
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(map(str, info.get(kind) or ()))
+        keys = sorted(f"{k[0]} (stored {list(k[1])}, expected {list(k[2])})" if isinstance(k, tuple) else str(k)
+                      for k in info.get(kind) or ())
         if keys:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
             raise ModelError(f"{path}: {kind.replace('_', ' ')} in the weights ({shown}); the folder is incomplete "
                              "or of another model")
     report_non_finite(model, str(path))
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
-    return model, tokenizer
+    return model, read_tokenizer(path)
 
 
 def _check_folder(path: Path) -> None:
@@ -176,6 +195,18 @@ def _refuse_compressed_without_manifest(path: Path) -> None:
 def has_tokenizer(path: Path) -> bool:
     """Whether a model folder holds tokenizer files."""
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+
+
+def read_tokenizer(path: Path):
+    """The folder's tokenizer, None when it has no tokenizer files; damaged ones are one line."""
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(path):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # tokenizers' parsers raise anything from JSONDecodeError to Exception
+        raise ModelError(f"{path}: the tokenizer files cannot be read ({first_line(exc)})") from None
 
 
 
@@ -217,6 +248,7 @@ def check_model(spec: str | os.PathLike) -> str:
             _builtin_gguf(spec)
         return "builtin"
     if path.is_file() and path.suffix == ".gguf":
+        _check_gguf(path)
         return "gguf"
     if path.is_dir() and (path / "smartprune.json").is_file():
         from smartprune.storage.format import read_manifest
@@ -258,11 +290,10 @@ def model_config(spec: str | os.PathLike):
 
 
 def _from_compressed(path: Path, resident: str = "dense"):
-    from transformers import AutoTokenizer
-
     from smartprune.storage.load import load
 
-    return load(path, resident=resident), AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+    tokenizer = read_tokenizer(path)  # the cheaper check first
+    return load(path, resident=resident), tokenizer
 
 
 # kind (from check_model) -> loader of its local path (a built-in is a converted, cached folder); a

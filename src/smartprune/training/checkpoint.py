@@ -66,7 +66,15 @@ class Checkpointer:
              cfg: RecoverConfig) -> RecoveryState:
         if self.path is None or not self.path.is_file():
             raise DataError(f"nothing to resume: no checkpoint at {self.path}")
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)  # plain tensors and containers
+        try:
+            ckpt = torch.load(self.path, map_location="cpu", weights_only=True)  # plain tensors and containers
+        except Exception as exc:  # damaged, truncated, or a pickle with anything but tensors in it
+            raise DataError(f"checkpoint {self.path} cannot be read ({type(exc).__name__}): it is damaged or not a "
+                            "smartprune recovery checkpoint; remove it and run without --resume") from None
+        if not isinstance(ckpt, dict) or not {"model", "optimizer", "generator", "state", "config"} <= set(ckpt) \
+                or not isinstance(ckpt["config"], dict):
+            raise DataError(f"checkpoint {self.path} is not a smartprune recovery checkpoint; remove it and run "
+                            "without --resume")
         if ckpt["config"] != asdict(cfg):
             changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != asdict(cfg).get(k))
             raise DataError(f"checkpoint {self.path} was made with other recovery settings ({', '.join(changed)}); "

@@ -158,6 +158,40 @@ void columns(const float* a, int64_t t, int64_t rows, const uint8_t* bits, const
   }
 }
 
+// Columns [c8_0 * 8, c8_1 * 8) of y (t, cols) = a (t, rows) @ W for a W with every entry stored (no mask:
+// a dense matrix in narrower values, e.g. the dense model in int8): the same loops without the expansion.
+template <Kind kind>
+void dense_columns(const float* a, int64_t t, int64_t rows, const void* values, int64_t cols, int64_t c8_0,
+                   int64_t c8_1, float* y) {
+  int64_t i = 0;
+  if (t == 1) {
+    for (; i + kBlock <= rows; i += kBlock) {
+      const __m256 c0 = _mm256_set1_ps(a[i]), c1 = _mm256_set1_ps(a[i + 1]);
+      const __m256 c2 = _mm256_set1_ps(a[i + 2]), c3 = _mm256_set1_ps(a[i + 3]);
+      const int64_t r0 = i * cols, r1 = r0 + cols, r2 = r1 + cols, r3 = r2 + cols;
+      for (int64_t c = c8_0 * 8; c < c8_1 * 8; c += 8) {
+        __m256 acc = _mm256_loadu_ps(y + c);
+        acc = _mm256_fmadd_ps(c0, load8<kind>(values, r0 + c), acc);
+        acc = _mm256_fmadd_ps(c1, load8<kind>(values, r1 + c), acc);
+        acc = _mm256_fmadd_ps(c2, load8<kind>(values, r2 + c), acc);
+        acc = _mm256_fmadd_ps(c3, load8<kind>(values, r3 + c), acc);
+        _mm256_storeu_ps(y + c, acc);
+      }
+    }
+  }
+  __m256 coef[8];
+  for (; i < rows; i++) {
+    for (int64_t s = 0; s < t; s++) coef[s] = _mm256_set1_ps(a[s * rows + i]);
+    for (int64_t c = c8_0 * 8; c < c8_1 * 8; c += 8) {
+      const __m256 e = load8<kind>(values, i * cols + c);
+      for (int64_t s = 0; s < t; s++) {
+        float* out = y + s * cols + c;
+        _mm256_storeu_ps(out, _mm256_fmadd_ps(coef[s], e, _mm256_loadu_ps(out)));
+      }
+    }
+  }
+}
+
 Kind kind_of(const at::Tensor& values) {
   switch (values.scalar_type()) {
     case at::kFloat: return kFloat;
@@ -199,10 +233,38 @@ at::Tensor packed_product(const at::Tensor& a, const at::Tensor& bits, const at:
   return y;
 }
 
+// a (t, rows) float32, t <= 8; values (rows * cols,) row-major -> (t, cols) float32
+at::Tensor dense_product(const at::Tensor& a, const at::Tensor& values, int64_t cols) {
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat && a.is_contiguous() && a.size(0) <= 8,
+              "dense_product: a must be a contiguous float32 (t, rows) matrix with t <= 8");
+  TORCH_CHECK(cols % 8 == 0, "dense_product: cols must be a multiple of 8");
+  TORCH_CHECK(values.is_contiguous() && values.numel() == a.size(1) * cols,
+              "dense_product: values must hold rows * cols entries");
+  const int64_t t = a.size(0), rows = a.size(1);
+  at::Tensor y = at::zeros({t, cols}, a.options());
+  const float* ap = a.data_ptr<float>();
+  const void* vp = values.data_ptr();
+  const Kind kind = kind_of(values);
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, cols / 8, 32, [&](int64_t c0, int64_t c1) {
+    switch (kind) {
+      case kFloat: dense_columns<kFloat>(ap, t, rows, vp, cols, c0, c1, yp); break;
+      case kBFloat16: dense_columns<kBFloat16>(ap, t, rows, vp, cols, c0, c1, yp); break;
+      case kHalf: dense_columns<kHalf>(ap, t, rows, vp, cols, c0, c1, yp); break;
+      default: dense_columns<kInt8>(ap, t, rows, vp, cols, c0, c1, yp);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(smartprune, m) {
   m.def("packed_product(Tensor a, Tensor bits, Tensor values, Tensor row_ptr, int cols) -> Tensor");
+  m.def("dense_product(Tensor a, Tensor values, int cols) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(smartprune, CPU, m) { m.impl("packed_product", packed_product); }
+TORCH_LIBRARY_IMPL(smartprune, CPU, m) {
+  m.impl("packed_product", packed_product);
+  m.impl("dense_product", dense_product);
+}
