@@ -59,10 +59,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     measures = parse_measures(args.measure)
     if args.keep and not measures:
         raise DataError("--keep names where the measured models go: it needs --measure")
-    if args.keep:  # run_compare checks --keep itself; here it is checked against the CLI's other paths
-        from smartprune.files import check_outputs_apart
-
-        check_outputs_apart(args.keep, args.json, args.model if Path(args.model).exists() else None)
     settings = CompareSettings(model=args.model, methods=args.methods.split(","), sparsities=args.sparsity.split(","),
                                tasks=args.tasks.split(","), limit=args.limit, seqlen=args.seqlen,
                                calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
