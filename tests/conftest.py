@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -175,3 +176,16 @@ def pytest_collection_modifyitems(items) -> None:
 def device(request) -> str:
     """Device-generic tests run on the CPU everywhere and on the GPU too where torch sees one."""
     return request.param
+
+
+@pytest.fixture
+def compressed(kind):
+    """A tiny model of `kind` (GPT-2 vocabulary) compressed with `paper`, and its dense teacher."""
+    model = tiny_model(kind, VOCAB)
+    teacher = copy.deepcopy(model)
+    from smartprune.compression.engine import compress
+    from smartprune.recipes import load_recipe
+
+    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(0))
+    compress(model, None, load_recipe("paper"), calib=Calibration(ids, ids[:3], "synthetic"), progress=False)
+    return model, teacher

@@ -33,3 +33,17 @@ def test_tied_parameters_count_once():
     assert model.lm_head.weight is model.transformer.wte.weight
     assert unique_parameters(model) == sum(p.numel() for p in model.parameters())  # parameters() dedups too
     assert unique_parameters(model) < sum(t.numel() for t in model.state_dict().values())
+
+
+def test_the_table_names_a_method_only_where_it_ran_and_counts_all_the_time():
+    from smartprune.compression.accounting import format_table
+
+    group = {"before": 10, "after": 5, "c_ub": 0.5, "t": 0.1}
+    acc = {"groups": {"irc": group, "fpp_ff": group}, "overall": {"params_before": 20, "params_after": 10,
+                                                                  "compression": 0.5},
+           "stages": {"ff_neurons": {"seconds": 2.0}}}
+    table = format_table(acc, {"ff_neurons": 2.0}, total=7.5)
+    assert "| W_Q, W_K |" in table and "| feed-forward |" in table and "IRC" not in table and "FPP" not in table
+    assert table.splitlines()[-1].endswith(" 7.5 |")  # the whole compression's time, allocation included
+    acc["stages"] = {"irc": {"seconds": 1.0}}
+    assert "| IRC (W_Q, W_K) |" in format_table(acc, {"irc": 1.0})

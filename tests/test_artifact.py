@@ -280,3 +280,28 @@ def test_version_1_folders_still_load(compressed, calib, tmp_path):
     loaded = load(tmp_path / "v1", structured=False)
     with torch.no_grad():
         assert torch.allclose(loaded(calib.ids).logits, compressed(calib.ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+@pytest.mark.parametrize("edit", ["integers", "float64", "int8-not-listed"])
+def test_values_in_another_type_than_the_manifest_declares_are_refused(edit, dtype, compressed, tmp_path):
+    """A weight file edited to hold integers (or doubles) where the manifest says float32 values was cast
+    on load; now it is refused, with the checksum re-computed so only the types differ."""
+    from safetensors.torch import load_file, save_file
+
+    from smartprune.files import sha256
+
+    save(compressed, tmp_path / "a", dtype=dtype)
+    path, manifest = tmp_path / "a" / "model.safetensors", tmp_path / "a" / "smartprune.json"
+    tensors = load_file(str(path))
+    assert isinstance(load(tmp_path / "a"), torch.nn.Module)  # as written it loads
+    data = json.loads(manifest.read_text())
+    floating = sorted((not k.endswith(".weight.values"), k) for k, t in tensors.items() if t.is_floating_point())
+    key = floating[0][1]  # stored values of a masked matrix where there are any (all 8-bit in int8)
+    changed = {"integers": torch.int64, "float64": torch.float64, "int8-not-listed": torch.int8}[edit]
+    tensors[key] = tensors[key].round().clamp(-128, 127).to(changed) if edit != "float64" else tensors[key].double()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    data["sha256"] = {"model.safetensors": sha256(path)}
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=rf"tensor '{key}' is .*declares {dtype} values"):
+        load(tmp_path / "a")

@@ -22,7 +22,7 @@ def test_compress_writes_a_loadable_model_report_and_dense_twin(arch, model_dirs
     code, stdout, err = run(capsys, "compress", model_dirs[arch], "--recipe", "paper", "--out", out,
                             "--dense-out", dense, "--calib-samples", "8", "--calib-seqlen", "32")
     assert code == 0, err
-    assert "overall" in stdout and "FPP-FF" in stdout
+    assert "overall" in stdout and "FPP-FF" in stdout  # the paper recipe: its method names on its groups
     report = json.loads((out / "report.json").read_text())
     assert set(report["groups"]) == {"irc", "dwc", "attn_out", "fpp_emb", "fpp_ff"}
     assert report["groups"]["irc"]["after"] < report["groups"]["irc"]["before"]

@@ -252,3 +252,27 @@ def test_a_damaged_recovery_checkpoint_is_one_line(content, model_dirs, use_data
     code, _, err = run(capsys, "recover", model_dirs["llama"], "--teacher", "none", "--out", tmp_path / "r",
                        "--steps", "2", "--seqlen", "16", "--batch-size", "2", "--eval-windows", "1", "--resume")
     assert code == 2 and "remove it and run without --resume" in _one_clean_line(err), err
+
+
+@pytest.mark.parametrize("command", ["compress", "compare", "sweep"])
+def test_a_one_token_calibration_window_is_refused_on_the_command_line(command, model_dirs, use_data, tmp_path,
+                                                                       capsys, monkeypatch):
+    """The recipe refuses `calibration: {seqlen: 1}`; the flag that overrides it refused nothing."""
+    import smartprune.storage.sources as sources
+
+    monkeypatch.setattr(sources, "load_model", _fail_if_called)
+    extra = {"compress": ["--recipe", "irc", "--out", tmp_path / "o"], "compare": [], "sweep": ["--recipe", "irc"]}
+    with pytest.raises(SystemExit) as exit_:  # argparse's own refusal: usage, then the one error line
+        run(capsys, command, model_dirs["llama"], *extra[command], "--calib-seqlen", "1")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "expected a window of at least 2 tokens, got 1" in err.splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_library_validates_calibration_overrides_like_the_recipe(model_dirs, use_data, tmp_path):
+    from smartprune.errors import RecipeError
+    from smartprune.runs.compress import compress_model
+
+    with pytest.raises(RecipeError, match=r"calibration.seqlen: 1 is outside \[2"):
+        compress_model(str(model_dirs["llama"]), "irc", out=tmp_path / "o", calib_seqlen=1)
+    assert not (tmp_path / "o").exists()

@@ -219,3 +219,89 @@ def test_a_tilde_in_an_output_means_the_home_folder(model_dirs, use_data, tmp_pa
                        "--json=~/e.json")
     assert code == 0, err
     assert (home / "e.json").is_file() and not (work / "~").exists()
+
+
+# ---- a full disk: one line, nothing half-written -----------------------------------------------------
+def _full_disk(*args, **kwargs):
+    """What safetensors raises when the file system is full (its own type, the OS's words)."""
+    raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_while_compress_writes_is_one_line_and_leaves_nothing(sandbox, model_dirs, use_data, capsys,
+                                                                         monkeypatch):
+    import smartprune.storage.save as storage_save
+
+    monkeypatch.setattr(storage_save, "save_file", _full_disk)
+    code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "irc", "--out", "out",
+                       "--calib-samples", "4", "--calib-seqlen", "16")
+    assert code == 2 and "no space left on the device for out" in _one_clean_line(err)
+    assert sorted(p.name for p in sandbox.iterdir()) == ["precious.txt"]  # no output, no temporary folder
+
+
+def test_a_full_disk_while_writing_json_keeps_the_old_file(sandbox, monkeypatch):
+    import errno
+
+    from smartprune.files import write_json
+
+    (sandbox / "r.json").write_text("{}\n")
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fd, *a, **k):
+            self.f = real(fd, *a, **k)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("smartprune.files.os.fdopen", Full)
+    with pytest.raises(OutputError, match="no space left on the device"):
+        write_json(sandbox / "r.json", {"a": 1})
+    assert (sandbox / "r.json").read_text() == "{}\n"
+    assert sorted(p.name for p in sandbox.iterdir()) == ["precious.txt", "r.json"]
+
+
+def test_too_little_free_space_is_refused_before_the_work(sandbox, model_dirs, use_data, capsys, monkeypatch):
+    import shutil
+
+    import smartprune.runs.compress as runs_compress
+
+    monkeypatch.setattr("smartprune.files.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    monkeypatch.setattr(runs_compress, "load_model", lambda *a, **k: pytest.fail("loaded before the space check"))
+    code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "irc", "--out", "out")
+    assert code == 2 and "MB free on its device" in _one_clean_line(err)
+    assert not (sandbox / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama"])
+def test_a_full_disk_for_checkpoints_warns_once_and_training_goes_on(compressed, gpt2_tokenizer, use_data, tmp_path,
+                                                                     monkeypatch, caplog):
+    import errno
+
+    import smartprune.training.checkpoint as checkpoint
+    from smartprune.recipes.schema import RecoverConfig
+    from smartprune.training.recover import recover
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    model, teacher = compressed
+    cfg = RecoverConfig(steps=3, checkpoint_minutes=0.0, seqlen=32, batch_size=2, eval_windows=1)
+    import logging
+
+    ours = logging.getLogger("smartprune")  # the CLI stops its records at this logger (propagate off)
+    ours.addHandler(caplog.handler)
+    try:
+        r = recover(model, gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path / "ck", progress=False)
+    finally:
+        ours.removeHandler(caplog.handler)
+    assert r["steps"] == 3
+    assert sum("no space for the checkpoint" in m for m in caplog.messages) == 1
+    assert not any((tmp_path / "ck").iterdir())  # no partial checkpoint left

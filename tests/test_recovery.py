@@ -8,10 +8,7 @@ import pytest
 import torch
 
 from smartprune.cli.main import main
-from smartprune.compression.engine import compress
-from smartprune.data import Calibration
 from smartprune.modules.masked import FoldedProjection, Maskable
-from smartprune.recipes import load_recipe
 from smartprune.recipes.schema import RecoverConfig
 from smartprune.storage.load import load
 from smartprune.storage.save import save
@@ -21,16 +18,6 @@ from smartprune.training.schedule import lr_at
 from .conftest import VOCAB, tiny_model
 
 SMALL = {"seqlen": 32, "batch_size": 4, "eval_every": 5, "eval_windows": 2, "lr": 3e-3}
-
-
-@pytest.fixture
-def compressed(kind):
-    """A tiny model of `kind` (GPT-2 vocabulary) compressed with `paper`, and its dense teacher."""
-    model = tiny_model(kind, VOCAB)
-    teacher = copy.deepcopy(model)
-    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(0))
-    compress(model, None, load_recipe("paper"), calib=Calibration(ids, ids[:3], "synthetic"), progress=False)
-    return model, teacher
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -282,10 +269,13 @@ def test_demo_prints_dense_compressed_and_recovered(model_dirs, use_data, tmp_pa
     assert data["recovered"]["windows"] == data["dense"]["windows"] == 4
     assert data["report"]["recovery"]["steps"] == 4 and data["report"]["recovery"]["structure"]["kept"]
     assert "| compressed + recovered |" in run.summary()
-    # what it buys: the recovered model measured against the dense one, in both residencies, in one run
+    # what it buys: the recovered model measured against the dense one in one run; --quick holds a model with
+    # pruned entries packed only (how it would be deployed), on the coarser schedule it says it used
     cost = data["cost"]
-    assert cost["dense"]["resident"] == "dense" and [e["resident"] for e in cost["compressed"]] == ["dense", "compact"]
-    compact = cost["compressed"][1]
+    assert cost["dense"]["resident"] == "dense" and [e["resident"] for e in cost["compressed"]] == ["compact"]
+    assert "quick schedule: recursive rate steps of 0.25 (recipe: 0.05)" in run.summary()
+    assert data["report"]["recipe_config"]["fpp_ff"]["p_pos"] == pytest.approx(0.175)
+    compact = cost["compressed"][0]
     assert compact["metrics"]["resident_bytes"] < cost["dense"]["metrics"]["resident_bytes"]
     assert compact["ratios"]["resident_bytes"] == pytest.approx(
         compact["metrics"]["resident_bytes"] / cost["dense"]["metrics"]["resident_bytes"])
@@ -358,9 +348,11 @@ def test_a_signal_during_recovery_leaves_a_usable_checkpoint(sig, code, model_di
     assert sorted(p.name for p in tmp_path.iterdir()) == [".r.recover-checkpoint"]  # nothing half-written
 
 
-def _fsdp_run(rank: int, port: int, folder, teacher_dir, cfg, ckpt_dir, interrupt_at, resume, result_file) -> None:
+def _fsdp_run(rank: int, port: int, folder, teacher_dir, cfg, ckpt_dir, interrupt_at, resume, result_file,
+              by_signal: bool = False) -> None:
     """One of two gloo processes of a sharded recovery (spawned by the test below)."""
     import os
+    import signal
 
     import torch.distributed as dist
 
@@ -374,7 +366,10 @@ def _fsdp_run(rank: int, port: int, folder, teacher_dir, cfg, ckpt_dir, interrup
 
         def stop(state):
             if state.step == interrupt_at:
-                raise KeyboardInterrupt
+                if not by_signal:
+                    raise KeyboardInterrupt
+                if rank == 1:  # one process is signalled; both must stop at this step, and checkpoint it
+                    os.kill(os.getpid(), signal.SIGTERM)
 
         try:
             r = recover(student, dense.tokenizer, cfg, teacher=dense.model, device="cpu", checkpoint_dir=ckpt_dir,
@@ -389,7 +384,8 @@ def _fsdp_run(rank: int, port: int, folder, teacher_dir, cfg, ckpt_dir, interrup
 
 
 @pytest.mark.parametrize("kind", ["llama"])
-def test_a_sharded_run_resumes_bit_for_bit(compressed, model_dirs, use_data, tmp_path, gpt2_tokenizer):
+@pytest.mark.parametrize("by_signal", [False, True])
+def test_a_sharded_run_resumes_bit_for_bit(by_signal, compressed, model_dirs, use_data, tmp_path, gpt2_tokenizer):
     import torch.multiprocessing as mp
 
     from smartprune.runs.recover import _free_port
@@ -400,11 +396,13 @@ def test_a_sharded_run_resumes_bit_for_bit(compressed, model_dirs, use_data, tmp
 
     def spawn(ckpt, interrupt_at, resume, result):
         mp.spawn(_fsdp_run, nprocs=2, args=(_free_port(), tmp_path / "c", model_dirs["llama"], cfg, tmp_path / ckpt,
-                                            interrupt_at, resume, tmp_path / result))
+                                            interrupt_at, resume, tmp_path / result, by_signal))
 
     spawn("straight", 0, False, "straight.pt")
     spawn("cut", 3, False, "unused.pt")
     assert (tmp_path / "cut" / "recover-checkpoint.pt").is_file() and not (tmp_path / "unused.pt").exists()
+    # an exception in `on_step` keeps the last periodic checkpoint (step 2); a signal is agreed and saved at 3
+    assert torch.load(tmp_path / "cut" / "recover-checkpoint.pt")["state"]["step"] == (3 if by_signal else 2)
     spawn("cut", 0, True, "resumed.pt")
     straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "resumed.pt")
     assert resumed["loss"] == straight["loss"]

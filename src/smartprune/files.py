@@ -3,8 +3,10 @@ atomically, JSON and text written by replacement, and the process umask applied 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -12,6 +14,52 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from smartprune.errors import DataError, OutputError, SmartpruneError
+
+log = logging.getLogger(__name__)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """The write failed because the file system is full (or the user's quota is spent). Libraries that
+    write in native code (safetensors) report it in their own exception type, with the OS's words."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, Exception) and ("No space left on device" in str(exc) or "os error 28" in str(exc))
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the file system that holds `path` (or would: its nearest existing parent)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+class NoSpace(OutputError):
+    """A write that the file system could not hold (its temporary files are removed)."""
+
+
+def no_space(target: Path) -> NoSpace:
+    free = free_bytes(target)
+    left = "" if free is None else f" ({free / 1e6:,.0f} MB free)"
+    return NoSpace(f"no space left on the device for {target}{left}; nothing was written, the temporary "
+                       "files are removed")
+
+
+def check_free_space(target: Path, need: int, likely: int, what: str) -> None:
+    """Before the work: refuse when `target`'s file system has less than `need` bytes free (a bound the
+    output cannot be smaller than), warn when it has less than the `likely` size."""
+    free = free_bytes(Path(target).expanduser())
+    if free is None:
+        return
+    if free < need:
+        raise OutputError(f"{target}: {free / 1e6:,.0f} MB free on its device, and {what} needs at least "
+                          f"{need / 1e6:,.0f} MB; free some space or choose another place")
+    if free < likely:
+        log.warning("%s: %s MB free on its device; %s may need up to %s MB", target, f"{free / 1e6:,.0f}", what,
+                    f"{likely / 1e6:,.0f}")
 
 
 def check_output(path: Path, overwrite: bool) -> None:
@@ -99,9 +147,12 @@ def atomic_dir(target: Path, overwrite: bool):
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
             os.replace(target, old / target.name)
         _move_exclusive(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if old is not None and not target.exists():
             os.replace(old / target.name, target)  # put the previous output back
+        if disk_full(exc) or isinstance(exc, NoSpace):  # the latter: a file written inside the folder
+            shutil.rmtree(tmp, ignore_errors=True)  # before measuring what is free
+            raise no_space(target) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -168,6 +219,11 @@ def write_text(path: Path, text: str) -> None:
             f.write(text)
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; the user's umask decides
         os.replace(tmp, path)
+    except OSError as exc:
+        if disk_full(exc):
+            os.unlink(tmp)
+            raise no_space(path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

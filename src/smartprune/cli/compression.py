@@ -15,6 +15,7 @@ from smartprune.cli.shared import (
     positive,
     say,
     seed,
+    window,
 )
 from smartprune.errors import DataError
 
@@ -59,7 +60,7 @@ def add_compress(sub) -> None:
     c.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16 (default), bf16 or q8_0")
     seed(c, "seed for calibration windows and random choices")
     c.add_argument("--calib-samples", type=positive, help="override the recipe's calibration window count")
-    c.add_argument("--calib-seqlen", type=positive, help="override the recipe's calibration window length")
+    c.add_argument("--calib-seqlen", type=window, help="override the recipe's calibration window length")
     c.add_argument("--target-compression", type=float, help="the overall compression to reach exactly, for a recipe "
                    "with an overall section (e.g. smart): rates per group and layer chosen by measured sensitivity")
     c.add_argument("--dtype", default="float32", help="stored value precision in --out: float32 (default), float16, "
@@ -73,6 +74,9 @@ def add_compress(sub) -> None:
     c.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the block being compressed on the GPU, the others in host memory (default: when "
                    "the model would not fit the GPU's free memory); needs objectives local to each sublayer")
+    c.add_argument("--resume", action="store_true", help="continue a recipe's recover section that was stopped "
+                   "(Ctrl-C, SIGTERM): the compressed model and the recovery checkpoint kept beside --out are "
+                   "retrained from where they stopped, without compressing again (same MODEL, recipe and seed)")
     overwrite(c)
     c.set_defaults(func=cmd_compress)
 
@@ -85,7 +89,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                             calib_seqlen=args.calib_seqlen, target_compression=args.target_compression,
                             dtype=args.dtype, device=args.device,
                             offload=args.offload, compute_dtype=args.compute_dtype, gguf_out=args.gguf_out,
-                            gguf_type=args.gguf_type, progress=not args.quiet)
+                            gguf_type=args.gguf_type, resume=args.resume, progress=not args.quiet)
     say(result.summary())
     return 0
 

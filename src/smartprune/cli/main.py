@@ -96,7 +96,7 @@ def _configure_logging(quiet: bool) -> None:
         log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-    for name in ("huggingface_hub", "transformers", "urllib3", "httpx"):
+    for name in ("huggingface_hub", "transformers", "urllib3", "httpx", "lm_eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

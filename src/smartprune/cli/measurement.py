@@ -25,9 +25,14 @@ def add_eval(sub) -> None:
                        "(wikitext2, wikitext103, ptb: standard protocol, non-overlapping windows, trailing "
                        "partial window dropped), classification (cola, sst2, mrpc, rte, qnli, mnli, sms, qqp; "
                        "--mode zero-shot or finetune; a task without data here is reported as not available), "
-                       "and generation (repetition and meaningless-word rates, see docs/evaluation.md).")
+                       "generation (repetition and meaningless-word rates, see docs/evaluation.md), and any "
+                       "lm-evaluation-harness task as lm-eval:NAME (its own task definition, run on the model as "
+                       "smartprune loaded it; the optional lm-eval extra).")
     e.add_argument("models", nargs="+", metavar="MODEL", help=MODEL_HELP)
-    e.add_argument("--tasks", default="wikitext2", help="comma-separated task names (wikitext2)")
+    e.add_argument("--tasks", default="wikitext2", help="comma-separated task names (wikitext2); "
+                   "lm-eval:NAME[,NAME...] for lm-evaluation-harness tasks, e.g. lm-eval:arc_easy,hellaswag")
+    e.add_argument("--lm-eval-include", metavar="DIR", help="a folder of local lm-eval task YAMLs (lm-eval's "
+                   "--include_path); --examples N runs the first N documents of each lm-eval task")
     eval_options(e, "perplexity", "classification", "mode", "finetune", "generation", "device", "resident")
     e.set_defaults(func=cmd_eval)
 

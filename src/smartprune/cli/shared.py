@@ -35,6 +35,14 @@ def positive(value: str) -> int:
     return n
 
 
+def window(value: str) -> int:
+    """A window length in tokens: next-token statistics need at least two."""
+    n = int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"expected a window of at least 2 tokens, got {value}")
+    return n
+
+
 def device(p: argparse.ArgumentParser, what: str = DEVICE_HELP) -> None:
     """``--device``; the CLI resolves it once (`smartprune.cli.main`) and passes a torch.device on."""
     p.add_argument("--device", default="auto", help=what)
@@ -180,5 +188,5 @@ def eval_settings(args: argparse.Namespace):
                                                            ("seed", a["seed"])) if v != ()})
     except ValueError as exc:
         raise DataError(str(exc)) from None
-    return EvalSettings(**{k: a[k] for k in ("seqlen", "stride", "limit", "examples", "mode") if k in a},
-                        finetune=finetune, generation=generation, seed=args.seed)
+    return EvalSettings(**{k: a[k] for k in ("seqlen", "stride", "limit", "examples", "mode", "lm_eval_include")
+                           if k in a}, finetune=finetune, generation=generation, seed=args.seed)

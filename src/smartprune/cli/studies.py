@@ -15,6 +15,7 @@ from smartprune.cli.shared import (
     positive,
     say,
     seed,
+    window,
 )
 
 
@@ -32,7 +33,7 @@ def add_compare(sub) -> None:
     k.add_argument("--limit", type=int, help="evaluate only the first N windows of each task")
     k.add_argument("--seqlen", type=positive, default=1024, help="evaluation window length (1024)")
     k.add_argument("--calib-samples", type=positive, default=32, help="calibration windows (32)")
-    k.add_argument("--calib-seqlen", type=positive, default=128, help="tokens per calibration window (128)")
+    k.add_argument("--calib-seqlen", type=window, default=128, help="tokens per calibration window (128)")
     seed(k)
     k.add_argument("--recover-tokens", type=positive, help="also retrain every model with this many WikiText-2 "
                    "train tokens (distillation from the dense model) and add a dense fine-tuned row: the ranking "
@@ -88,7 +89,7 @@ def add_sweep(sub) -> None:
     w.add_argument("--examples", type=int, help="classification: at most N dev examples")
     w.add_argument("--seqlen", type=positive, default=1024, help="perplexity window (1024)")
     w.add_argument("--calib-samples", type=positive, help="override the calibration window count")
-    w.add_argument("--calib-seqlen", type=positive, help="override the calibration window length")
+    w.add_argument("--calib-seqlen", type=window, help="override the calibration window length")
     seed(w)
     w.add_argument("--recover-tokens", type=positive, help="retrain every point (the dense one too) with this many "
                    "WikiText-2 train tokens before evaluating: curves at equal retraining")

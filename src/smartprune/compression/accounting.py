@@ -62,14 +62,27 @@ def accounting(before: dict[str, int], after: dict[str, int], total: int, added:
     return {"groups": groups, "overall": {**overall, "head_params_added": added} if added else overall}
 
 
-def format_table(acc: dict, seconds: dict[str, float] | None = None) -> str:
-    """A Markdown table like the paper's Table 4 (plus wall time per stage when given)."""
+# the matrices of each group, named by what they are: the paper's method names (GROUPS) only where that
+# method ran, so a structured or SparseGPT recipe's table does not read as if IRC or FPP had pruned it
+MATRICES = {"irc": "W_Q, W_K", "dwc": "W_V", "attn_out": "W_O", "fpp_emb": "embedding", "fpp_ff": "feed-forward",
+            "linear": "block linears"}
+
+
+def group_label(group: str, stages: dict) -> str:
+    return GROUPS[group] if group in stages else MATRICES[group]
+
+
+def format_table(acc: dict, seconds: dict[str, float] | None = None, total: float | None = None) -> str:
+    """A Markdown table like the paper's Table 4, plus wall time per stage when given (`total`: the
+    whole compression's, which also counts stages without a group of their own and the allocation)."""
     head = "| group | before | after | C%UB | T% |" + (" seconds |" if seconds is not None else "")
     rule = "|---|---:|---:|---:|---:|" + ("---:|" if seconds is not None else "")
     rows = [head, rule]
-    for g, label in GROUPS.items():
+    stages = acc.get("stages", {})
+    for g in GROUPS:
         if g not in acc["groups"]:
             continue
+        label = group_label(g, stages)
         r = acc["groups"][g]
         row = f"| {label} | {r['before']:,} | {r['after']:,} | {100 * r['c_ub']:.2f}% | {100 * r['t']:.2f}% |"
         if seconds is not None:
@@ -77,5 +90,7 @@ def format_table(acc: dict, seconds: dict[str, float] | None = None) -> str:
         rows.append(row)
     o = acc["overall"]
     tail = f"| **overall** | {o['params_before']:,} | {o['params_after']:,} | | {100 * o['compression']:.2f}% |"
-    rows.append(tail + (f" {sum(seconds.values()):.1f} |" if seconds is not None else ""))
+    if seconds is not None:
+        tail += f" {sum(seconds.values()) if total is None else total:.1f} |"
+    rows.append(tail)
     return "\n".join(rows)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from smartprune.data import EVAL_TEXTS
 from smartprune.errors import DataError, did_you_mean
-from smartprune.evaluation import classify
+from smartprune.evaluation import classify, lm_eval_tasks
 from smartprune.evaluation.classify import FinetuneConfig, SequenceClassifier
 from smartprune.evaluation.generation import GenerationConfig, generation_quality, reference_vocabulary
 from smartprune.evaluation.perplexity import check_limit, perplexity
@@ -37,6 +37,7 @@ class EvalSettings:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     batch_size: int = 8
     seed: int = 0
+    lm_eval_include: str | None = None  # a folder of local lm-eval task YAMLs (lm-eval's --include_path)
 
     def __post_init__(self) -> None:
         check_limit(self.limit)
@@ -87,6 +88,16 @@ def _generation(loaded, name: str, s: EvalSettings, progress: bool) -> dict:
     return {**out, "seconds": time.perf_counter() - start}
 
 
+def _lm_eval(loaded, name: str, s: EvalSettings, progress: bool) -> dict:
+    start = time.perf_counter()
+    out = lm_eval_tasks.run(loaded.model, loaded.tokenizer, name, include=s.lm_eval_include, limit=s.examples,
+                            batch_size=s.batch_size, seed=s.seed, progress=progress)
+    return {**out, "seconds": time.perf_counter() - start}
+
+
+LM_EVAL = TaskKind(_lm_eval, lm_eval_tasks.shown)
+
+
 def _fixed(*names: str) -> Callable[[dict], list[str]]:
     return lambda result: [m for m in names if isinstance(result.get(m), (int, float))]
 
@@ -102,23 +113,29 @@ def task_names() -> list[str]:
     return list(_kinds())
 
 
-def check_tasks(names: list[str]) -> list[str]:
-    """`names` without blanks; an unknown one raises with a suggestion."""
+def check_tasks(names: list[str], lm_eval_include: str | None = None) -> list[str]:
+    """`names` without blanks (a bare name after an `lm-eval:` one is lm-eval's too); an unknown one
+    raises with a suggestion."""
     kinds = _kinds()
-    names = [n.strip() for n in names if n.strip()]
+    names = lm_eval_tasks.expand([n.strip() for n in names if n.strip()], set(kinds))
     if not names:
         raise DataError("no tasks given")
     for n in names:
-        if n not in kinds:
-            raise DataError(f"unknown task '{n}'{did_you_mean(n, kinds)}; known: {', '.join(kinds)}")
+        if n not in kinds and not lm_eval_tasks.is_lm_eval(n):
+            raise DataError(f"unknown task '{n}'{did_you_mean(n, kinds)}; known: {', '.join(kinds)}, or "
+                            "lm-eval:TASK (lm-evaluation-harness)")
+    lm_eval_tasks.check(names, lm_eval_include)
     return names
 
 
+def _kind(task: str) -> TaskKind:
+    return LM_EVAL if lm_eval_tasks.is_lm_eval(task) else _kinds()[task]
+
+
 def shown_metrics(task: str, result: dict) -> list[str]:
-    return _kinds()[task].shown(result)
+    return _kind(task).shown(result)
 
 
 def evaluate(loaded, tasks: list[str], settings: EvalSettings, *, progress: bool = True) -> dict[str, dict]:
     """``{task: result}`` for one loaded model."""
-    kinds = _kinds()
-    return {t: kinds[t].run(loaded, t, settings, progress) for t in check_tasks(tasks)}
+    return {t: _kind(t).run(loaded, t, settings, progress) for t in check_tasks(tasks, settings.lm_eval_include)}

@@ -125,6 +125,20 @@ def table5(runs) -> Section:
     return sec
 
 
+def lm_eval_section(runs) -> Section | None:
+    """Every lm-evaluation-harness task of every eval run: one row per model, task and metric."""
+    from smartprune.evaluation.lm_eval_tasks import is_lm_eval, shown
+
+    rows = [[model, task.removeprefix("lm-eval:"), metric, _f(result[metric], 4)]
+            for model, results in _eval_models(runs) for task, result in results.items() if is_lm_eval(task)
+            for metric in shown(result)]
+    if not rows:
+        return None
+    return Section("lm-evaluation-harness tasks", ours=(["model", "task", "metric", "value"], rows),
+                   note="lm-eval's own task definitions, run on each model as smartprune loaded it "
+                        "(`smartprune eval --tasks lm-eval:TASK`).")
+
+
 def table6(runs) -> Section:
     tasks = paper.TABLE6_TASKS
     sec = Section("Table 6: text classification accuracy (%)",
@@ -378,7 +392,8 @@ def write_report(paths: list[str | Path], out: str | Path, *, block: int = 0, ov
         fig_dir = tmp / "figures"
         fig_dir.mkdir()
         sections = [table3(runs), table4(runs), table5(runs), table6(runs), table8(runs)]
-        extra = [s for s in (comparison(runs), recovery_section(runs), claims_section(runs)) if s]
+        extra = [s for s in (lm_eval_section(runs), comparison(runs), recovery_section(runs), claims_section(runs))
+                 if s]
         sections += extra + frontier_figures(runs, fig_dir, out) + sweep_figures(runs, fig_dir, out)
         sections += weight_figures(runs, fig_dir, out, block)
         (tmp / "index.html").write_text(render_html(title, sections, intro))

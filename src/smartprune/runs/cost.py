@@ -83,23 +83,25 @@ def _memory_only(spec: str, resident: str, length: int) -> dict[str, float]:
 
 
 def measure(specs: list[str], measures: tuple[str, ...], *, repeats: int = 3, length: int = LENGTH,
-            new_tokens: int = NEW_TOKENS, device: str | torch.device = "cpu", progress: bool = True
+            new_tokens: int = NEW_TOKENS, device: str | torch.device = "cpu",
+            residencies: tuple[str, ...] = ("dense", "compact"), progress: bool = True
             ) -> tuple[list[list[dict]], dict]:
-    """Per spec (the dense model first): its entries, one per residency, each ``{resident, metrics,
-    ratios}``; and the machine. Ratios are to the first spec."""
+    """Per spec (the dense model first): its entries, one per residency of `residencies` (a plain
+    model: dense only), each ``{resident, metrics, ratios}``; and the machine. Ratios are to the first
+    spec."""
     from smartprune.runs.bench import BenchSettings, bench, machine
     from smartprune.storage.sources import is_compressed
 
-    residencies = {s: ("dense", "compact") if is_compressed(s) else ("dense",) for s in specs}
+    held = {s: residencies if is_compressed(s) else ("dense",) for s in specs}
     if "speed" in measures:
         result = bench(specs, BenchSettings(repeats=repeats, lengths=(length,), batches=(8,), device=device,
                                             new_tokens=new_tokens,
-                                            residencies=("dense", "compact"), compute_dtypes=("float32",),
+                                            residencies=residencies, compute_dtypes=("float32",),
                                             rss="memory" in measures), progress=progress)
         entries = iter(result.models)
-        out = [[_entry(next(entries)) for _ in residencies[s]] for s in specs]
+        out = [[_entry(next(entries)) for _ in held[s]] for s in specs]
         return out, result.machine
-    out = [[{"resident": r, "metrics": _memory_only(s, r, length)} for r in residencies[s]] for s in specs]
+    out = [[{"resident": r, "metrics": _memory_only(s, r, length)} for r in held[s]] for s in specs]
     base = out[0][0]["metrics"]
     for entry in (e for per in out for e in per):
         entry["ratios"] = {k: v / base[k] for k, v in entry["metrics"].items() if base.get(k)}

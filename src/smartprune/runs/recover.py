@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 from smartprune.device import resolve_device
-from smartprune.errors import ArtifactError, DataError
-from smartprune.files import atomic_dir, check_output, check_outputs_apart, read_json, write_json
+from smartprune.errors import ArtifactError, DataError, Terminated
+from smartprune.files import atomic_dir, check_free_space, check_output, check_outputs_apart, read_json, write_json
 from smartprune.recipes.schema import RecoverConfig
-from smartprune.storage.format import MANIFEST
+from smartprune.storage.format import MANIFEST, TENSORS
 from smartprune.storage.save import save, write_dense
 from smartprune.storage.sources import check_model, model_reference
 from smartprune.training.checkpoint import CHECKPOINT
@@ -99,6 +100,7 @@ def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg:
         check_model(compressed)
         if teacher is not None:
             check_model(teacher)
+        _check_space(compressed, out)
         if resume and not (checkpoint_dir(out) / CHECKPOINT).is_file():
             raise DataError(f"nothing to resume: no checkpoint at {checkpoint_dir(out)}")
         if nproc > 1:
@@ -151,6 +153,16 @@ def snapshot_teacher(model, cfg: RecoverConfig | None):
 
 
 # ---- processes ---------------------------------------------------------------------------------------
+def _check_space(compressed: str, out: Path) -> None:
+    """The retrained model is as large as the compressed one; its checkpoints (weights and two optimizer
+    moments) three times that."""
+    local = Path(compressed).expanduser()
+    weights = local / TENSORS if (local / MANIFEST).is_file() else None
+    if weights is not None and weights.is_file():
+        size = weights.stat().st_size
+        check_free_space(out, size, 4 * size, "the retrained model and its checkpoints")
+
+
 def _rank_device(device: str) -> torch.device:
     """Each process's device: under torch.distributed with GPUs, the GPU of its local rank."""
     dev = resolve_device(device)
@@ -180,18 +192,57 @@ def _worker(rank: int, size: int, port: int, kwargs: dict) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     try:
         recover_model(**kwargs, nproc=1)
+    except KeyboardInterrupt as exc:  # stopped by a signal at a step boundary: say which in the exit status
+        # (torch's spawn wrapper would exit 0 on KeyboardInterrupt, as if the run had finished)
+        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+STOP_GRACE_S = 120  # how long stopped workers may take to finish their step and write the checkpoint
+
+
 def _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, overwrite, nproc, progress) -> RecoverRun:
-    """Run `recover_model` on `nproc` local processes (gloo on CPU, NCCL on GPU); rank 0 writes."""
+    """Run `recover_model` on `nproc` local processes (gloo on CPU, NCCL on GPU); rank 0 writes.
+
+    A signal to this process (a scheduler's SIGTERM, Ctrl-C) is passed on to the workers, which stop
+    together at the next step boundary and checkpoint there; then this process exits as they did."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing import ProcessExitedException
 
     check_batch_split(cfg.batch_size, nproc)  # before spawning, not in every process
     kwargs = {"compressed": compressed, "teacher": teacher, "out": out, "cfg": cfg, "dense_out": dense_out,
               "device": device, "seed": seed, "resume": resume, "overwrite": overwrite, "progress": progress}
-    mp.spawn(_worker, args=(nproc, _free_port(), kwargs), nprocs=nproc, join=True)
+    workers = mp.start_processes(_worker, args=(nproc, _free_port(), kwargs), nprocs=nproc, join=False,
+                                 start_method="spawn")
+    try:
+        while not workers.join(timeout=1.0):
+            pass
+    except KeyboardInterrupt as exc:  # this process was signalled: the workers stop at a step boundary
+        _stop(workers.processes, signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        raise
+    except ProcessExitedException as exc:  # a worker was signalled on its own: the others followed it
+        if exc.exit_code in (130, 143):
+            raise Terminated() if exc.exit_code == 143 else KeyboardInterrupt() from None
+        raise
     report = json.loads((Path(out) / "report.json").read_text())
     return RecoverRun(str(compressed), teacher or "none", Path(out), report["recovery"])
+
+
+def _stop(processes, signum: int) -> None:
+    """Pass `signum` on, give the workers `STOP_GRACE_S` to checkpoint and exit, then kill what is left."""
+    import time
+
+    for p in processes:
+        if p.is_alive():
+            os.kill(p.pid, signum)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in processes:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            log.warning("recovery process %d did not stop within %d s; killed (the last checkpoint stays)", p.pid,
+                        STOP_GRACE_S)
+            p.kill()
+            p.join()

@@ -18,6 +18,7 @@ that loads into another model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from smartprune.errors import OutputError
+from smartprune.files import disk_full, no_space
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 ARCHITECTURES = {"llama": "LLAMA", "qwen3": "QWEN3", "gemma3_text": "GEMMA3"}  # model_type -> gguf.MODEL_ARCH
@@ -171,8 +173,11 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, ggu
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
-    except BaseException:
-        writer.close()
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # closing a file the disk could not hold fails again
+            writer.close()
         tmp.unlink(missing_ok=True)
+        if disk_full(exc):
+            raise no_space(path) from None
         raise
     return path

@@ -32,10 +32,34 @@ from smartprune.hf import read_config, use_sdpa
 from smartprune.modules.head import LowRankHead
 from smartprune.modules.masked import Projection, report_non_finite
 from smartprune.modules.packed import PackedEmbedding, PackedLinear, PackedMatrix, PackedProjection, Quant, dequantize
-from smartprune.storage.format import FOLDED_KINDS, MANIFEST, TENSORS, read_manifest
+from smartprune.storage.format import DTYPES, FOLDED_KINDS, MANIFEST, TENSORS, read_manifest
 
 RESIDENT = ("compact", "dense")
 _COMPACT_KEYS = (".weight.values", ".weight.mask", ".weight.indices", ".weight.indptr", ".weight.scale")
+# the tensors stored as integers: masks, CSR positions, and which rows/columns a folded projection shares
+_INTEGER_KEYS = (".weight.mask", ".weight.indices", ".weight.indptr", ".free_rows", ".folded_rows", ".free_cols",
+                 ".folded_cols")
+
+
+def check_dtypes(manifest: dict, tensors: dict[str, Tensor], path: Path) -> None:
+    """Every tensor in the precision the manifest declares: floating values in its dtype (float32 beside
+    8-bit values, which only the matrices it records as quantized hold), integers only where the format
+    stores integers. A file edited to hold other types would otherwise be cast silently on load."""
+    name = manifest.get("dtype", "float32")
+    floating = torch.float32 if name == "int8" else DTYPES.get(name)
+    if floating is None:
+        raise ArtifactError(f"{path / MANIFEST} declares dtype '{name}'; known: {', '.join(DTYPES)}")
+    quantized, modules = manifest.get("quantized", {}), manifest["modules"]
+    for key, t in tensors.items():
+        if t.is_floating_point():
+            ok = t.dtype == floating
+        elif t.dtype == torch.int8:  # a dense matrix listed as quantized, or a masked one whose record says so
+            ok = key in quantized or "quant" in modules.get(key.removesuffix(".weight.values"), {})
+        else:
+            ok = key.endswith(_INTEGER_KEYS)
+        if not ok:
+            raise ArtifactError(f"{path / TENSORS}: tensor '{key}' is {str(t.dtype).removeprefix('torch.')}, but "
+                                f"{MANIFEST} declares {name} values; the folder was damaged or edited")
 
 
 @contextlib.contextmanager
@@ -93,6 +117,7 @@ def load(path: str | os.PathLike, *, structured: bool = True, verify: bool | Non
         tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{path / TENSORS} is missing, truncated or corrupt ({exc})") from None
+    check_dtypes(manifest, tensors, path)
     # The generic adapter finds its layers with one forward pass, which needs real weights.
     on_meta = paper_methods_unsupported(config) is None
     with parameters_on_meta() if on_meta else contextlib.nullcontext():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from smartprune.errors import DataError
+from smartprune.files import disk_full
 from smartprune.recipes.schema import RecoverConfig
 from smartprune.training.distributed import world
 from smartprune.training.sharding import full_state, load_full_state
@@ -42,6 +43,8 @@ class Checkpointer:
         self.path = None if folder is None else folder / CHECKPOINT
         self.every = minutes * 60
         self.last = time.monotonic()
+        self.saved_step = -1  # the step of the last checkpoint this run wrote
+        self.full = False  # a save found the disk full
         self.sharded = sharded  # states are gathered from every process first (all must call save)
 
     def due(self) -> bool:
@@ -52,13 +55,28 @@ class Checkpointer:
         if self.path is None:
             return
         model_state, opt_state = full_state(model, opt) if self.sharded else (model.state_dict(), opt.state_dict())
+        self.saved_step = state.step
         if world()[0] != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"model": model_state, "optimizer": opt_state, "generator": gen.get_state(),
-                    "state": asdict(state), "config": asdict(cfg)}, tmp)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:  # through a Python file: a full disk then surfaces as an OSError
+                torch.save({"model": model_state, "optimizer": opt_state, "generator": gen.get_state(),
+                            "state": asdict(state), "config": asdict(cfg)}, f)
+            os.replace(tmp, self.path)
+        except (OSError, RuntimeError) as exc:
+            tmp.unlink(missing_ok=True)
+            # torch's zip writer reports a short write (a full disk) as "unexpected pos", the file's close as
+            # the OSError itself, depending on where the space ran out
+            if not (disk_full(exc) or disk_full(exc.__context__) or "unexpected pos" in str(exc)):
+                raise
+            if not self.full:  # once: every later save will likely fail the same way
+                log.warning("no space for the checkpoint at step %d in %s; training goes on (%s)", state.step,
+                            self.path.parent, "the previous checkpoint stays" if self.path.is_file() else
+                            "nothing to resume from yet")
+            self.full = True
+            return
         self.last = time.monotonic()
         log.info("checkpoint at step %d: %s", state.step, self.path)
 

@@ -44,3 +44,13 @@ def agreed(flag: bool, sharded: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+
+
+def any_rank(value: int, size: int, device: torch.device) -> int:
+    """The largest of `value` over all processes (0 on all of them when none is set): a stop that any
+    process received is taken by every process at the same step."""
+    if size == 1:
+        return value
+    t = torch.tensor([value], device=device)  # NCCL sends only GPU tensors
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -37,9 +37,10 @@ from smartprune.modules.masked import FOLDED, Maskable
 from smartprune.recipes.schema import RecoverConfig
 from smartprune.training.blockwise import check_blockwise, fit_blocks
 from smartprune.training.checkpoint import Checkpointer, RecoveryState
-from smartprune.training.distributed import agreed, all_reduce_mean, check_batch_split, world
+from smartprune.training.distributed import agreed, all_reduce_mean, any_rank, check_batch_split, world
 from smartprune.training.schedule import lr_at
 from smartprune.training.sharding import StructureMasks, gather_into, local_part, shard
+from smartprune.training.stopping import StopAtBoundary, interruption
 
 log = logging.getLogger(__name__)
 
@@ -243,21 +244,30 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
                disable=not progress or run.rank != 0)
     _fit_blocks(run, cfg, progress and run.rank == 0)
     started = time.perf_counter() - state.seconds
+    at_boundary = True  # the state is one the loop passes through (not half a step): a checkpoint may be taken
     try:
-        while state.step < state.total_steps:
-            _step(run, cfg, started)
-            bar.total = state.total_steps
-            bar.update(1)
-            bar.set_postfix(loss=f"{state.loss[-1]:.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):,.0f}",
-                            held_out=f"{state.held_out[-1]['perplexity']:,.1f}")
-            if on_step is not None:
-                on_step(state)
-            if agreed(run.ckpt.due(), run.sharded, run.device):
-                run.ckpt.save(run.student, run.opt, run.gen, state, cfg)
+        with StopAtBoundary(escalate=run.size == 1) as stop:
+            while state.step < state.total_steps:
+                at_boundary = False
+                _step(run, cfg, started)
+                at_boundary = True
+                bar.total = state.total_steps
+                bar.update(1)
+                bar.set_postfix(loss=f"{state.loss[-1]:.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):,.0f}",
+                                held_out=f"{state.held_out[-1]['perplexity']:,.1f}")
+                if on_step is not None:
+                    on_step(state)
+                signum = any_rank(stop.signum, run.size, run.device)  # every process stops at the same step
+                if signum:
+                    run.ckpt.save(run.student, run.opt, run.gen, state, cfg)
+                    raise interruption(signum)
+                if agreed(run.ckpt.due(), run.sharded, run.device):
+                    run.ckpt.save(run.student, run.opt, run.gen, state, cfg)
     except KeyboardInterrupt:
-        # A sharded checkpoint needs every process at the same point, which an interrupt does not give;
-        # the last periodic one stays usable (checkpoints are written atomically).
-        if not run.sharded:
+        # Saved here only at a step boundary (an exception from `on_step`): half a step is not a state to
+        # resume from, so then the last checkpoint stays (written atomically, it is whole). A sharded
+        # checkpoint needs every process at the same point, which only the signal path above gives.
+        if at_boundary and not run.sharded and run.ckpt.saved_step != state.step:
             run.ckpt.save(run.student, run.opt, run.gen, state, cfg)
         if run.ckpt.path is not None and run.rank == 0:
             log.warning("interrupted at step %d of %d; %s", state.step, state.total_steps,

@@ -1,0 +1,109 @@
+"""lm-evaluation-harness tasks on smartprune-loaded models: the numbers of lm-eval's own CLI on the
+`--dense-out` export, in both residencies; unknown tasks, hub-only data and a missing include folder
+refused in one line, before a model loads."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from .test_cli import _one_clean_line, run
+
+QUESTIONS = [("The capital of France is", [" Paris", " Rome", " a banana"], 0),
+             ("Two plus two equals", [" four", " seven", " the sky"], 0),
+             ("The opposite of hot is", [" loud", " cold", " green"], 1),
+             ("Water freezes at zero degrees", [" Celsius", " Kelvin", " dollars"], 0),
+             ("A week has seven", [" days", " wheels", " oceans"], 0),
+             ("The sun rises in the", [" east", " drawer", " soup"], 0)]
+TEXTS = ["The quick brown fox jumps over the lazy dog. It was a bright cold day in April.",
+         "Call me Ishmael. Some years ago, never mind how long precisely, I thought I would sail about a little.",
+         "It is a truth universally acknowledged, that a single man in possession of a good fortune must be in want."]
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    """A multiple-choice task and a rolling-loglikelihood task over local JSON files, as lm-eval YAMLs
+    (one folder for the module: lm-eval indexes its tasks once per folder, about 20 s)."""
+    d = tmp_path_factory.mktemp("tasks")
+    (d / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                                        for q, c, a in QUESTIONS))
+    (d / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    common = f"dataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {d}/"
+    (d / "sp_mc.yaml").write_text(f"task: sp_mc\n{common}mc.jsonl\noutput_type: multiple_choice\n"
+                                  "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+                                  "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    (d / "sp_rolling.yaml").write_text(f"task: sp_rolling\n{common}text.jsonl\noutput_type: loglikelihood_rolling\n"
+                                       "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
+                                       "  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    return d
+
+
+METRICS = {"sp_mc": ("acc", "acc_norm"), "sp_rolling": ("word_perplexity", "bits_per_byte")}
+
+
+def test_lm_eval_tasks_on_a_compressed_model_equal_lm_evals_own_cli_on_its_export(model_dirs, use_data, tasks_dir,
+                                                                                    tmp_path, capsys):
+    out, dense = tmp_path / "c", tmp_path / "d"
+    code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "fpp-ff", "--out", out, "--dense-out",
+                       dense, "--calib-samples", "4", "--calib-seqlen", "16")
+    assert code == 0, err
+    ours = {}
+    for resident in ("dense", "compact"):
+        code, stdout, err = run(capsys, "eval", out, "--tasks", "lm-eval:sp_mc,sp_rolling", "--lm-eval-include",
+                                tasks_dir, "--resident", resident, "--json", tmp_path / f"{resident}.json")
+        assert code == 0, err
+        assert "| lm-eval:sp_rolling | bits_per_byte |" in stdout
+        ours[resident] = json.loads((tmp_path / f"{resident}.json").read_text())["results"]
+    done = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+                           f"pretrained={dense},dtype=float32", "--tasks", "sp_mc,sp_rolling", "--include_path",
+                           str(tasks_dir), "--device", "cpu", "--batch_size", "8", "--output_path",
+                           str(tmp_path / "theirs")], capture_output=True, text=True,
+                          env={**os.environ, "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = json.loads(next((tmp_path / "theirs").rglob("results_*.json")).read_text())["results"]
+    for task, metrics in METRICS.items():
+        for m in metrics:
+            want = theirs[task][f"{m},none"]
+            for resident in ("dense", "compact"):
+                assert ours[resident][f"lm-eval:{task}"][m] == pytest.approx(want, rel=1e-4, abs=1e-6), (task, m)
+    assert ours["dense"]["lm-eval:sp_mc"]["lm_eval"]["n_samples"]["effective"] == len(QUESTIONS)
+    code, _, err = run(capsys, "report", tmp_path / "compact.json", "--out", tmp_path / "report")
+    assert code == 0, err
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "lm-evaluation-harness tasks" in page and "| sp_rolling | bits_per_byte |" in page
+
+
+@pytest.mark.parametrize("tasks, include, message", [
+    ("lm-eval:sp_mcc", True, "unknown lm-eval task 'sp_mcc' (did you mean 'sp_mc'?)"),
+    ("lm-eval:arc_easy", True, "reads its data from the Hugging Face hub"),
+    ("lm-eval:sp_mc", "missing", "not a folder of task YAML files"),
+    ("lm-evil:sp_mc", True, "unknown task 'lm-evil:sp_mc'"),
+])
+def test_lm_eval_bad_input_is_one_line_before_the_model_loads(tasks, include, message, model_dirs, use_data,
+                                                             tasks_dir, tmp_path, capsys, monkeypatch):
+    import smartprune.hf
+    import smartprune.runs.evaluate as runs_evaluate
+
+    monkeypatch.setattr(smartprune.hf, "hub_reachable", lambda timeout=3.0: False)  # as on this offline machine
+    monkeypatch.setattr(runs_evaluate, "load_model", lambda *a, **k: pytest.fail("a model loaded first"))
+    folder = tmp_path / "nothing" if include == "missing" else tasks_dir
+    argv = ["eval", model_dirs["llama"], "--tasks", tasks] + (["--lm-eval-include", folder] if include else [])
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in _one_clean_line(err)
+
+
+def test_lm_eval_runs_on_a_structured_model(model_dirs, use_data, tasks_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("export: standard\nff_neurons: {rate: 0.5}\nattn_heads: {rate: 0.5}\n")
+    code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", recipe, "--out", tmp_path / "s",
+                       "--calib-samples", "4", "--calib-seqlen", "16")
+    assert code == 0, err
+    code, _, err = run(capsys, "eval", tmp_path / "s", "--tasks", "lm-eval:sp_rolling", "--lm-eval-include",
+                       tasks_dir, "--json", tmp_path / "s.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "s.json").read_text())["results"]["lm-eval:sp_rolling"]
+    assert result["bits_per_byte"] > 0 and result["lm_eval"]["n_samples"]["effective"] == len(TEXTS)
