@@ -78,3 +78,39 @@ def test_compare_puts_smart_beside_the_peers_at_equal_size(model_dirs, use_data,
     assert rows[str(recipe)]["allocation"]["target"] == 0.01
     for peer in ("sparsegpt", "wanda"):  # the same number of parameters removed, within one per matrix
         assert rows[peer]["compression"] == pytest.approx(0.01, abs=1e-5)
+
+
+def test_scored_by_its_stage_a_unit_is_pruned_as_sparsegpt_will_prune_it(calib):
+    """`sensitivity: stage` measures each unit after SparseGPT's own pruning (the surviving weights
+    updated): the same zeros count as Wanda's scoring, and a smaller error in the layer's output."""
+    import torch
+
+    from smartprune.adapters import get_adapter
+    from smartprune.compression.allocation import block_pruner
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    path = list(adapter.ff_paths(0).values())[-1]  # the feed-forward output matrix of block 0
+    w = model.get_submodule(path).weight
+    x = []
+    hook = model.get_submodule(path).register_forward_pre_hook(lambda m, a: x.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(calib.ids)
+    hook.remove()
+    x = torch.cat(x).double()
+    errors = {}
+    for how in ("wanda", "sparsegpt"):
+        pruned = w.detach().clone()
+        block_pruner(model, [path], calib.ids, how)(path, pruned, 0.6)
+        assert int((pruned == 0).sum()) == round(0.6 * w.numel())
+        errors[how] = float((x @ (pruned.double() - w.detach().double())).norm())
+    assert errors["sparsegpt"] < errors["wanda"]
+
+
+def test_the_allocation_reports_how_it_scored_units(kind, calib):
+    model = tiny_model(kind)
+    recipe = build_recipe({"overall": {"target": 0.3, "sensitivity": "stage"}, "sparsegpt": {}}, "x", "test")
+    report = compress(model, None, recipe, calib=calib, progress=False).report
+    assert report["allocation"]["sensitivity"] == "sparsegpt"
+    o = report["overall"]
+    assert o["params_before"] - o["params_after"] == round(0.3 * o["params_before"])

@@ -276,3 +276,20 @@ def test_the_library_validates_calibration_overrides_like_the_recipe(model_dirs,
     with pytest.raises(RecipeError, match=r"calibration.seqlen: 1 is outside \[2"):
         compress_model(str(model_dirs["llama"]), "irc", out=tmp_path / "o", calib_seqlen=1)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_gguf_file_cut_anywhere_is_one_line(model_dirs, use_data, tmp_path, capsys):
+    """A download cut short: the magic alone, inside the header, the metadata or the tensor data."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smartprune.storage.gguf_writer import write_gguf
+
+    whole = tmp_path / "whole.gguf"
+    write_gguf(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]), whole,
+               tokenizer=AutoTokenizer.from_pretrained(model_dirs["llama"]), gguf_type="f32")
+    blob = whole.read_bytes()
+    for n in (4, 12, 200, len(blob) // 2, len(blob) - 7):
+        cut = tmp_path / f"cut{n}.gguf"
+        cut.write_bytes(blob[:n])
+        code, _, err = run(capsys, "eval", cut, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
+        assert code == 2 and "cannot be read as a GGUF model" in _one_clean_line(err), (n, err[-500:])

@@ -384,7 +384,7 @@ def _fsdp_run(rank: int, port: int, folder, teacher_dir, cfg, ckpt_dir, interrup
 
 
 @pytest.mark.parametrize("kind", ["llama"])
-@pytest.mark.parametrize("by_signal", [False, True])
+@pytest.mark.parametrize("by_signal", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_a_sharded_run_resumes_bit_for_bit(by_signal, compressed, model_dirs, use_data, tmp_path, gpt2_tokenizer):
     import torch.multiprocessing as mp
 
@@ -409,3 +409,21 @@ def test_a_sharded_run_resumes_bit_for_bit(by_signal, compressed, model_dirs, us
     assert all(torch.equal(straight["weights"][k], resumed["weights"][k]) for k in straight["weights"])
     whole = sum(p.numel() for p in model.parameters() if p.numel())
     assert straight["held"] < 0.6 * whole  # each process held about half of every parameter
+
+
+@pytest.mark.parametrize("stages, objective", [("fpp_ff: {target_sparsity: 0.5, steps: 0}\n", "blockwise"),
+                                               ("depth: {rate: 0.5}\n", "end_to_end")])
+def test_the_quick_demo_recovers_by_block_fits_unless_blocks_were_removed(stages, objective, model_dirs, use_data,
+                                                                         tmp_path):
+    from smartprune.runs.demo import run_demo
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(stages)
+    run = run_demo(str(model_dirs["llama"]), str(recipe), quick=True, seqlen=64, measure=False, progress=False)
+    rec = run.report["recovery"]
+    assert rec["config"]["objective"] == objective and rec["structure"]["kept"]
+    if objective == "blockwise":
+        assert rec["steps"] == 0 and rec["blockwise"]["block_steps"] == 32
+        assert "32 block-wise steps per block on 64 cached windows, then 0 end-to-end steps" in run.summary()
+    else:
+        assert rec["steps"] == 16 and "blockwise" not in rec

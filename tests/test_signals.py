@@ -98,7 +98,7 @@ def _wait_for(path, proc, seconds: float = 180) -> None:
     assert path.is_file(), proc.stderr.read() if proc.poll() is not None else f"no {path.name} in time"
 
 
-@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), pytest.param("SIGINT", 130, marks=pytest.mark.slow)])
 def test_sigterm_stops_every_process_of_recover_nproc(sig, code, model_dirs, use_data, tmp_path):
     """A scheduler's SIGTERM (or Ctrl-C) to `recover --nproc 2` reaches the workers: they stop together at
     a step boundary and checkpoint, and nothing is written to --out."""

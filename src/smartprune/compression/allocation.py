@@ -3,12 +3,14 @@ the whole model reaches an exact overall compression with the least damage.
 
 Units: the embedding table(s), and in every block its Q and K projections together, V, O, and the
 feed-forward matrices together (the paper's groups). For each unit and each rate of a grid, the
-unit alone is pruned (lowest scores: ``|W_ij| * ||X_i||``, Wanda's, for projections; the embedding
-by its own criterion) and the model's next-token loss on the held-out calibration windows is
-measured, then the unit is restored. Each unit's loss-increase curve is replaced by its lower convex
-hull, and removed parameters are handed out segment by segment in order of the lowest loss increase
-per parameter (optimal for convex curves: the non-uniform, layer-wise allocation OWL motivates, here
-measured rather than inferred from outliers). The last segment is cut so the total is exact.
+unit alone is pruned (``sensitivity: wanda``: lowest ``|W_ij| * ||X_i||``, no weight update;
+``sensitivity: stage``: by the stage that will prune it, so SparseGPT's reconstruction of the
+surviving weights is in the measurement; the embedding by its own criterion) and the model's
+next-token loss on the held-out calibration windows is measured, then the unit is restored.
+Each unit's loss-increase curve is replaced by its lower convex hull, and removed parameters are
+handed out segment by segment in order of the lowest loss increase per parameter (optimal for convex
+curves: the non-uniform, layer-wise allocation OWL motivates, here measured rather than inferred from
+outliers). The last segment is cut so the total is exact.
 
 The chosen rate of every matrix goes to the stages through ``Sublayer.shared["allocation"]``.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,20 +62,50 @@ def units(adapter: Adapter, embedding: bool, blocks: bool) -> list[Unit]:
     return out
 
 
-def _input_norms(model: nn.Module, ids: Tensor, paths: list[str]) -> dict[str, Tensor]:
+def input_norms(model: nn.Module, ids: Tensor, paths: list[str]) -> dict[str, Tensor]:
     """``||X_i||`` of every input feature of each projection over the calibration windows."""
+    return _input_stats(model, ids, paths, gram=False)
+
+
+def _input_stats(model: nn.Module, ids: Tensor, paths: list[str], gram: bool) -> dict[str, Tensor]:
+    """Per projection, over the calibration windows: ``||X_i||`` of every input feature, or with `gram`
+    the Gram matrix ``X^T X`` (float64) SparseGPT's update needs."""
     sums = {p: None for p in paths}
 
     def hook(path: str):
         def add(_module, args) -> None:
             x = args[0].detach().double()
-            sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
-            sums[path] = sq if sums[path] is None else sums[path] + sq
+            x = x.reshape(-1, x.shape[-1])
+            s = x.T @ x if gram else x.pow(2).sum(0)
+            sums[path] = s if sums[path] is None else sums[path] + s
         return add
 
     with forward_pre_hooks((model.get_submodule(p), hook(p)) for p in paths):
         run_in_chunks(model, ids)
-    return {p: v.sqrt() for p, v in sums.items()}
+    return sums if gram else {p: v.sqrt() for p, v in sums.items()}
+
+
+Pruner = Callable[[str, Tensor, float], None]  # (path, weight d_in x d_out, rate): prune it in place
+
+
+def block_pruner(model: nn.Module, paths: list[str], ids: Tensor, how: str, stage_cfg=None) -> Pruner:
+    """How a block matrix is pruned while its unit's sensitivity is measured: `how` is ``wanda``
+    (``|W_ij| * ||X_i||``), ``magnitude`` or ``sparsegpt`` (OBS with the weight update, the stage's
+    blocksize and dampening)."""
+    from smartprune.methods.sparsegpt import sparsegpt
+
+    if how == "magnitude":
+        return lambda path, w, rate: _prune_lowest(w, w.detach().abs(), rate)
+    if how == "sparsegpt":
+        grams = _input_stats(model, ids, paths, gram=True)
+        blocksize, damp = (stage_cfg.blocksize, stage_cfg.damp) if stage_cfg is not None else (128, 0.01)
+
+        def obs(path: str, w: Tensor, rate: float) -> None:
+            new_t, _ = sparsegpt(w.detach().T, grams[path].to(w.device), rate, None, blocksize, damp)
+            w.copy_(new_t.T)
+        return obs
+    norms = input_norms(model, ids, paths)
+    return lambda path, w, rate: _prune_lowest(w, w.detach().abs() * norms[path].to(w.dtype)[:, None], rate)
 
 
 class HeldOutLoss:
@@ -107,11 +140,13 @@ def _prune_lowest(weight: Tensor, score: Tensor, rate: float) -> None:
 
 
 def sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor, eval_ids: Tensor,
-                grid: tuple[float, ...], emb_criterion: str, progress: bool = True) -> dict[str, list[float]]:
-    """Loss increase (nats per token) of pruning each unit alone at each rate of `grid`."""
+                grid: tuple[float, ...], emb_criterion: str, progress: bool = True,
+                prune: Pruner | None = None) -> dict[str, list[float]]:
+    """Loss increase (nats per token) of pruning each unit alone at each rate of `grid` (block matrices
+    by `prune`; default Wanda's score, no update)."""
     model = adapter.model
-    projection_paths = [p for u in all_units if u.block is not None for p in u.paths]
-    norms = _input_norms(model, calib_ids, projection_paths)
+    if prune is None:
+        prune = block_pruner(model, [p for u in all_units if u.block is not None for p in u.paths], calib_ids, "wanda")
     loss = HeldOutLoss(adapter, eval_ids)
     base = loss()
     out = {}
@@ -119,17 +154,19 @@ def sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor, eval
         modules = [model.get_submodule(p) for p in u.paths]
         weights = [m.weight for m in modules]
         saved = [w.detach().clone() for w in weights]
+        scores = None
         if u.block is None:  # the embedding: scored by its FPP criterion (no input activations)
             counts = lookup_counts(adapter.embed, calib_ids, modules)
             found = [criterion_score(w, emb_criterion, c) for w, c in zip(weights, counts, strict=True)]
             scores = [w.detach().abs() if s is None else s for w, s in zip(weights, found, strict=True)]
-        else:
-            scores = [w.detach().abs() * norms[p].to(w.dtype)[:, None] for p, w in zip(u.paths, weights, strict=True)]
         curve = []
         with torch.no_grad():
             for rate in grid:
-                for w, s in zip(weights, scores, strict=True):
-                    _prune_lowest(w, s, rate)
+                for i, (p, w) in enumerate(zip(u.paths, weights, strict=True)):
+                    if scores is None:
+                        prune(p, w, rate)
+                    else:
+                        _prune_lowest(w, scores[i], rate)
                 curve.append(max(0.0, loss(u.block) - base))
                 for w, keep in zip(weights, saved, strict=True):
                     w.copy_(keep)
@@ -194,8 +231,9 @@ def matrix_rates(all_units: list[Unit], counts: dict[str, int], model: nn.Module
 
 
 def plan(adapter: Adapter, cfg: OverallConfig, calib_ids: Tensor, eval_ids: Tensor, *, embedding: bool, blocks: bool,
-         progress: bool = True) -> tuple[dict[str, float], dict]:
-    """The per-matrix rates reaching ``cfg.target`` overall, and the report of how they were chosen."""
+         stage: str | None = None, stage_cfg=None, progress: bool = True) -> tuple[dict[str, float], dict]:
+    """The per-matrix rates reaching ``cfg.target`` overall, and the report of how they were chosen;
+    `stage` (and its config) is the pruning stage that will use the block rates."""
     from smartprune.compression.accounting import unique_parameters
 
     model = adapter.model
@@ -205,10 +243,13 @@ def plan(adapter: Adapter, cfg: OverallConfig, calib_ids: Tensor, eval_ids: Tens
                           "on the block linears: sparsegpt, wanda, magnitude)")
     grid = cfg.grid()
     remove = round(cfg.target * unique_parameters(model))
-    curves = sensitivity(adapter, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress)
+    how = stage if cfg.sensitivity == "stage" and stage in ("sparsegpt", "wanda", "magnitude") else "wanda"
+    paths = [p for u in all_units if u.block is not None for p in u.paths]
+    prune = block_pruner(model, paths, calib_ids, how, stage_cfg) if paths else None
+    curves = sensitivity(adapter, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress, prune)
     counts = allocate(all_units, curves, grid, remove)
     rates = matrix_rates(all_units, counts, model)
-    report = {"target": cfg.target, "removed": sum(counts.values()), "grid": list(grid),
+    report = {"target": cfg.target, "removed": sum(counts.values()), "grid": list(grid), "sensitivity": how,
               "units": [{"unit": u.name, "entries": u.size, "rate": counts[u.name] / u.size,
                          "loss_increase": curves[u.name]} for u in all_units]}
     log.info("allocation: %s of %d units pruned, rates %.2f-%.2f", sum(1 for c in counts.values() if c),

@@ -302,9 +302,11 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
             run = _Run(adapter, recipe, calib, seed, task_objective, progress, placement)
             run.shared.update(shared)
             if recipe.overall is not None and not shared:
+                pruning = next((k for k in recipe.stages if k in PRUNING_STAGES), None)
                 run.shared["allocation"], allocation = plan(
                     adapter, recipe.overall, calib.ids, calib.eval_ids, embedding="fpp_emb" in recipe.stages,
-                    blocks=any(k in PRUNING_STAGES for k in recipe.stages), progress=progress)
+                    blocks=pruning is not None, stage=pruning,
+                    stage_cfg=recipe.stages.get(pruning) if pruning else None, progress=progress)
             owl = next((c for k, c in recipe.stages.items() if k in PRUNING_STAGES and c.owl is not None), None)
             if owl is not None:  # OWL's block sparsities, from the dense model (the schema excludes `overall`)
                 run.shared["allocation"], owl_report = owl_rates(adapter, calib.ids, owl.sparsity, owl.owl.m,

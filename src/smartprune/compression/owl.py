@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from smartprune.adapters import Adapter
-from smartprune.compression.allocation import _input_norms
+from smartprune.compression.allocation import input_norms
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def owl_rates(adapter: Adapter, calib_ids: Tensor, sparsity: float, m: float, la
     """The rate of every block linear under OWL, and the report (ratios, sparsities)."""
     model = adapter.model
     paths = [list(adapter.linear_paths(i).values()) for i in range(len(adapter.blocks()))]
-    norms = _input_norms(model, calib_ids, [p for block in paths for p in block])  # the dense model, one pass
+    norms = input_norms(model, calib_ids, [p for block in paths for p in block])  # the dense model, one pass
     ratios = []
     for block in paths:
         scores = [model.get_submodule(p).weight.detach().abs().double() * norms[p][:, None] for p in block]

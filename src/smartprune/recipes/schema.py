@@ -110,6 +110,9 @@ class OverallConfig:
     points: int = option(4, "sensitivity grid: rates max_rate * k / points for k = 1..points", lo=1, hi=100)
     emb_criterion: str = option("frequency", "how the embedding is scored while measuring: magnitude | frequency",
                                 choices=("magnitude", "frequency"))
+    sensitivity: str = option("wanda", "how a block unit is pruned while its loss is measured: wanda (|W| * ||X||, "
+                              "no weight update) | stage (by the recipe's own pruning stage: SparseGPT with its "
+                              "weight update, Wanda or magnitude)", choices=("wanda", "stage"))
 
     def grid(self) -> tuple[float, ...]:
         return tuple(self.max_rate * k / self.points for k in range(1, self.points + 1))

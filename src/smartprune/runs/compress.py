@@ -160,12 +160,11 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
         report["recovery"] = recover(student, loaded.tokenizer, recipe.recover, teacher=teacher, device=device,
                                      seed=seed, checkpoint_dir=resume_from, resume=resume, progress=progress)
         student.to("cpu")
-    loaded.model = student
-    save(loaded.model, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite, dtype=dtype)
+    save(student, out, tokenizer=loaded.tokenizer, report=report, overwrite=overwrite, dtype=dtype)
     if dense_out is not None:
-        write_dense(loaded.model, dense_out, tokenizer=loaded.tokenizer, overwrite=overwrite)
+        write_dense(student, dense_out, tokenizer=loaded.tokenizer, overwrite=overwrite)
     if gguf_out is not None:
-        write_gguf(plain_model(loaded.model), gguf_out, tokenizer=loaded.tokenizer, gguf_type=gguf_type)
+        write_gguf(plain_model(student), gguf_out, tokenizer=loaded.tokenizer, gguf_type=gguf_type)
     if recipe.recover is not None:  # the model is written: its recovery checkpoint is no longer needed
         shutil.rmtree(resume_from, ignore_errors=True)
     return CompressRun(report, out, Path(dense_out) if dense_out else None, Path(gguf_out) if gguf_out else None)

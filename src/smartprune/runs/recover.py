@@ -152,7 +152,6 @@ def snapshot_teacher(model, cfg: RecoverConfig | None):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-# ---- processes ---------------------------------------------------------------------------------------
 def _check_space(compressed: str, out: Path) -> None:
     """The retrained model is as large as the compressed one; its checkpoints (weights and two optimizer
     moments) three times that."""
@@ -163,6 +162,7 @@ def _check_space(compressed: str, out: Path) -> None:
         check_free_space(out, size, 4 * size, "the retrained model and its checkpoints")
 
 
+# ---- processes ---------------------------------------------------------------------------------------
 def _rank_device(device: str) -> torch.device:
     """Each process's device: under torch.distributed with GPUs, the GPU of its local rank."""
     dev = resolve_device(device)

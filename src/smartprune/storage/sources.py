@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,11 @@ def _builtin_gguf(name: str) -> Path:
 
 
 
+# what a damaged, truncated or foreign GGUF file raises inside transformers' reader and the gguf package
+GGUF_ERRORS = (ValueError, KeyError, TypeError, OSError, IndexError, RuntimeError, struct.error, EOFError,
+               OverflowError, MemoryError)
+
+
 def _check_gguf(path: Path) -> None:
     """A .gguf file that is not one (empty, or without the magic bytes) is one line, not a traceback."""
     with open(path, "rb") as f:
@@ -78,14 +84,14 @@ def _from_gguf(path: Path):
     _check_gguf(path)
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, TypeError, OSError, IndexError) as exc:  # a damaged or foreign file
+    except GGUF_ERRORS as exc:  # a damaged or foreign file
         raise ModelError(f"{path} cannot be read as a GGUF model ({first_line(exc)})") from None
     check_architecture(config, str(path))
     check_size(config, str(path))
     try:
         quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, TypeError, OSError, IndexError, RuntimeError) as exc:
+    except GGUF_ERRORS as exc:
         raise ModelError(f"{path} cannot be read as a GGUF model ({first_line(exc)})") from None
     # A GGUF-loaded model refuses save_pretrained, so rebuild it as a plain model from its config.
     cfg = quantized.config.to_dict()
