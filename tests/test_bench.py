@@ -49,6 +49,7 @@ def test_bad_bench_settings_are_refused(model_dirs):
             bench(["no/such/model"], BenchSettings(rss=False, device="cpu", semi_structured=True), progress=False)
 
 
+@pytest.mark.slow  # 53 s: the default suite stays under 15 minutes; the residencies are also timed by test_cost
 def test_compressed_folders_are_measured_per_residency_with_load_time_and_rss(calib, tmp_path):
     from smartprune.compression.engine import compress
     from smartprune.recipes import load_recipe

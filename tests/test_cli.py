@@ -123,6 +123,42 @@ def test_compare_runs_every_method_on_equal_terms(model_dirs, use_data, tmp_path
     assert "Reported in the paper (not measured here)" in (tmp_path / "c.md").read_text()
 
 
+def test_an_interrupted_compare_resumes_from_the_rows_it_kept(model_dirs, use_data, tmp_path, monkeypatch):
+    import smartprune.runs.compare as cmp
+    from smartprune.errors import DataError
+
+    def settings(**kw) -> cmp.CompareSettings:
+        return cmp.CompareSettings(model=str(model_dirs["llama"]), methods=["dense", "magnitude", "wanda"],
+                                   sparsities=["0.5", "match:irc"], tasks=["wikitext2"], limit=1, seqlen=32,
+                                   calib_samples=4, calib_seqlen=16, device="cpu", **kw)
+
+    straight = cmp.run_compare(settings(), progress=False)
+    real, compressed = cmp.compress, []
+
+    def compress(model, tok, recipe, **kw):
+        compressed.append(recipe.name)
+        if recipe.name == "wanda" and fail:
+            raise RuntimeError("interrupted")
+        return real(model, tok, recipe, **kw)
+
+    monkeypatch.setattr(cmp, "compress", compress)
+    partial, fail = cmp.resume_file(tmp_path / "c.json"), True
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cmp.run_compare(settings(), progress=False, partial=partial)
+    kept = json.loads(partial.read_text())
+    assert list(kept["units"]) == ["dense", "magnitude 0.5", "magnitude match:irc"] and "irc" in kept["removed_by"]
+    with pytest.raises(DataError, match="interrupted compare with other settings"):
+        cmp.run_compare(settings(seed=1), progress=False, partial=partial)
+    compressed.clear()
+    fail = False
+    resumed = cmp.run_compare(settings(), progress=False, partial=partial)
+    assert compressed == ["wanda", "wanda"]  # neither dense, magnitude nor irc (for match:irc) again
+    assert [(r["method"], r["sparsity"], r["perplexity"]) for r in resumed.rows] == \
+        [(r["method"], r["sparsity"], r["perplexity"]) for r in straight.rows]
+    cmp.write_outputs(resumed, tmp_path / "c.json")
+    assert not partial.exists() and (tmp_path / "c.json").is_file()
+
+
 def test_compare_with_equal_recovery_adds_recovered_columns_and_a_dense_fine_tuned_row(model_dirs, use_data,
                                                                                       tmp_path, capsys):
     code, out, err = run(capsys, "compare", model_dirs["llama"], "--methods", "dense,wanda", "--tasks", "wikitext2",

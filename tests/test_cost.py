@@ -15,6 +15,7 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
+@pytest.mark.slow  # 64 s; compare --measure stays in the default suite through the test below
 def test_compare_measures_each_final_model_against_dense_in_one_run(model_dirs, use_data, tmp_path):
     narrow = tmp_path / "narrow.yaml"  # structured: fewer heads and neurons in every block
     narrow.write_text("attn_heads: {rate: 0.5}\nff_neurons: {rate: 0.5}\n")

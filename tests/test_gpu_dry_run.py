@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 64 s: run before firing benchmarks/gpu.py on a lent GPU (docs/gpu.md)
 def test_gpu_script_dry_run_runs_every_step(use_data, tmp_path, monkeypatch):
     if not (use_data / "gpt2-tokenizer").is_dir():
         pytest.skip("GPT-2 tokenizer not in the data folder")

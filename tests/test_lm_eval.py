@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
+from smartprune.evaluation import lm_eval_tasks
+
 from .test_cli import _one_clean_line, run
 
 QUESTIONS = [("The capital of France is", [" Paris", " Rome", " a banana"], 0),
@@ -89,11 +91,25 @@ def test_lm_eval_bad_input_is_one_line_before_the_model_loads(tasks, include, me
     import smartprune.runs.evaluate as runs_evaluate
 
     monkeypatch.setattr(smartprune.hf, "hub_reachable", lambda timeout=3.0: False)  # as on this offline machine
+    monkeypatch.setattr(lm_eval_tasks, "_verified", set())  # no earlier test's check stands in for this one
     monkeypatch.setattr(runs_evaluate, "load_model", lambda *a, **k: pytest.fail("a model loaded first"))
     folder = tmp_path / "nothing" if include == "missing" else tasks_dir
     argv = ["eval", model_dirs["llama"], "--tasks", tasks] + (["--lm-eval-include", folder] if include else [])
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in _one_clean_line(err)
+
+
+def test_lm_eval_tasks_are_checked_once_not_per_model(tasks_dir, monkeypatch):
+    import smartprune.hf
+
+    probes = []
+    monkeypatch.setattr(smartprune.hf, "hub_reachable", lambda timeout=3.0: probes.append(1) or False)
+    monkeypatch.setattr(lm_eval_tasks, "_verified", set())
+    for _ in range(3):  # `eval A B C` checks before loading, then once per model
+        lm_eval_tasks.check(["lm-eval:sp_mc", "wikitext2"], str(tasks_dir))
+    assert len(probes) == 1
+    lm_eval_tasks.check(["lm-eval:sp_rolling"], str(tasks_dir))  # a new task is checked
+    assert len(probes) == 2
 
 
 def test_lm_eval_runs_on_a_structured_model(model_dirs, use_data, tasks_dir, tmp_path, capsys):

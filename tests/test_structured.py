@@ -164,6 +164,7 @@ def _gguf_ready(name: str):
     return model
 
 
+@pytest.mark.slow  # 38 s; the Llama GGUF export stays in the default suite
 @pytest.mark.parametrize("name", ["qwen3", "gemma3_text"])
 def test_gguf_export_of_qwen3_and_gemma3_reads_back_in_transformers(name, use_data, tmp_path, capsys,
                                                                     gpt2_tokenizer):

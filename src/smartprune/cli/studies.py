@@ -46,7 +46,8 @@ def add_compare(sub) -> None:
     k.add_argument("--keep", help="with --measure: write the measured models to this new folder (default: a "
                    "temporary folder, removed after)")
     device(k)
-    json_out(k, "write rows to this JSON file, and a Markdown twin beside it")
+    json_out(k, "write rows to this JSON file, and a Markdown twin beside it; until then (without --measure) each "
+             "method's rows are kept in .FILE.partial beside it as they finish, and the same command resumes from them")
     k.set_defaults(func=cmd_compare)
 
 
@@ -54,7 +55,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from smartprune.errors import DataError
-    from smartprune.runs.compare import CompareSettings, run_compare, write_outputs
+    from smartprune.runs.compare import CompareSettings, resume_file, run_compare, write_outputs
     from smartprune.runs.cost import parse_measures
 
     measures = parse_measures(args.measure)
@@ -66,7 +67,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                recover_tokens=args.recover_tokens, recover_budget=args.recover_budget,
                                device=args.device, measure=measures,
                                keep=Path(args.keep).expanduser() if args.keep else None)
-    result = run_compare(settings, progress=not args.quiet)
+    partial = resume_file(Path(args.json).expanduser()) if args.json and not measures else None
+    result = run_compare(settings, progress=not args.quiet, partial=partial)
     if args.json:
         write_outputs(result, Path(args.json))
     say(result.summary())

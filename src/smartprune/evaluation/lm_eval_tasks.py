@@ -62,6 +62,7 @@ def _task_manager(include: str | None):
 
 
 LOCAL_BUILDERS = {"json", "csv", "text", "parquet", "arrow"}  # datasets' builders that read local data_files
+_verified: set[tuple[str, str | None]] = set()  # (task, include) already checked: `eval` checks once, then per model
 
 
 def check(tasks: list[str], include: str | None) -> None:
@@ -70,7 +71,7 @@ def check(tasks: list[str], include: str | None) -> None:
     from smartprune.hf import hub_reachable
 
     names = [t.removeprefix(PREFIX) for t in tasks if is_lm_eval(t)]
-    if not names:
+    if all((n, include) in _verified for n in names):  # nothing new: no second hub probe per model
         return
     manager = _task_manager(include)
     known = manager.all_tasks
@@ -79,6 +80,7 @@ def check(tasks: list[str], include: str | None) -> None:
             raise DataError(f"unknown lm-eval task '{n}'{did_you_mean(n, known)}; `python -m lm_eval ls tasks` "
                             "lists lm-eval's, --lm-eval-include DIR adds local task YAMLs")
     if hub_reachable():
+        _verified.update((n, include) for n in names)
         return
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a group's tasks (seen at run time) fail at once, not retry
     remote = [n for n in names if _remote_data(manager.task_index.get(n))]
@@ -86,6 +88,7 @@ def check(tasks: list[str], include: str | None) -> None:
         raise DataError(f"lm-eval task '{remote[0]}' reads its data from the Hugging Face hub "
                         f"({manager.task_index[remote[0]].cfg['dataset_path']}), which this machine cannot reach; "
                         "offline, only tasks whose data are local files run (--lm-eval-include)")
+    _verified.update((n, include) for n in names)
 
 
 def _remote_data(entry) -> bool:
@@ -95,7 +98,7 @@ def _remote_data(entry) -> bool:
 
 
 def run(model, tokenizer, task: str, *, include: str | None, limit: int | None, batch_size: int,
-        seed: int, progress: bool) -> dict:
+        seed: int) -> dict:
     """One lm-eval task on a loaded model: ``{metric: value, ..., "lm_eval": {...}}``."""
     import torch
 

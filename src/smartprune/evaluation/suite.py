@@ -91,7 +91,7 @@ def _generation(loaded, name: str, s: EvalSettings, progress: bool) -> dict:
 def _lm_eval(loaded, name: str, s: EvalSettings, progress: bool) -> dict:
     start = time.perf_counter()
     out = lm_eval_tasks.run(loaded.model, loaded.tokenizer, name, include=s.lm_eval_include, limit=s.examples,
-                            batch_size=s.batch_size, seed=s.seed, progress=progress)
+                            batch_size=s.batch_size, seed=s.seed)
     return {**out, "seconds": time.perf_counter() - start}
 
 

@@ -119,6 +119,18 @@ class CompareSettings:
     measure_length: int = 512  # prefill and batch-8 throughput length
     measure_new_tokens: int = 128  # greedy decoding length
 
+    def key(self) -> dict:
+        """What must match for rows of an interrupted run to be reused (`resume_file`)."""
+        keys = ("model", "methods", "sparsities", "tasks", "limit", "seqlen", "calib_samples", "calib_seqlen", "seed",
+                "recover_tokens", "recover_budget")
+        return {k: getattr(self, k) for k in keys}
+
+
+def resume_file(json_path: Path) -> Path:
+    """Where `compare --json FILE` keeps its rows as they finish: ``.FILE.partial`` beside FILE, removed once
+    FILE is written; the same command after an interruption reuses them."""
+    return json_path.with_name(f".{json_path.name}.partial")
+
 
 @dataclass
 class Comparison:
@@ -193,9 +205,11 @@ def _baseline_recipe(name: str, fraction: float | None, pattern: str | None) -> 
     return build_recipe({_baseline_key(name): fields}, f"{name}", "compare")
 
 
-def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparison:
+def run_compare(settings: CompareSettings, *, progress: bool = True, partial: Path | None = None) -> Comparison:
     """Run every method on the same model, calibration windows and evaluation windows; with
-    ``settings.measure``, then measure every row's final model's running cost in one bench run."""
+    ``settings.measure``, then measure every row's final model's running cost in one bench run.
+    With `partial` (not with ``measure``: its models would be gone), each method's rows are written there
+    as they finish, and the methods already there (same `CompareSettings.key`) are not run again."""
     from smartprune.runs.cost import check_measures
 
     check_measures(settings.measure)  # an unknown word fails before any work
@@ -203,13 +217,29 @@ def run_compare(settings: CompareSettings, *, progress: bool = True) -> Comparis
         raise RecipeError(f"measure_repeats must be at least 1, not {settings.measure_repeats}")
     if settings.measure:
         with _measured_models(settings.keep) as folder:
-            result = _run_compare(settings, folder, progress)
+            result = _run_compare(settings, folder, progress, None)
             _measure_rows(result, settings, progress)
         if settings.keep is None:  # the temporary folders are gone: name none of them
             for row in result.rows:
                 row.pop("folder", None)
         return result
-    return _run_compare(settings, None, progress)
+    return _run_compare(settings, None, progress, partial)
+
+
+def _saved_units(partial: Path | None, settings: CompareSettings) -> dict:
+    """The finished methods of an interrupted run with the same settings: ``{"units": {key: rows},
+    "removed_by": {recipe: parameters removed}}``."""
+    from smartprune.errors import DataError
+    from smartprune.files import read_json
+
+    if partial is None or not partial.is_file():
+        return {"units": {}, "removed_by": {}}
+    data = read_json(partial, "interrupted compare (rows so far)", DataError)
+    if data.get("settings_key") != settings.key():
+        raise DataError(f"{partial} holds the rows of an interrupted compare with other settings; run that command "
+                        "again to finish it, or delete the file")
+    log.info("resuming: %d method(s) already done in %s", len(data.get("units", {})), partial)
+    return {"units": data.get("units", {}), "removed_by": data.get("removed_by", {})}
 
 
 @contextlib.contextmanager
@@ -241,7 +271,8 @@ def _measure_rows(result: Comparison, settings: CompareSettings, progress: bool)
     result.settings["machine"] = machine
 
 
-def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: bool) -> Comparison:
+def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: bool,
+                 partial: Path | None) -> Comparison:
     methods = _resolve_methods(settings.methods)
     sparsities = [parse_sparsity(t) for t in settings.sparsities]
     for label, _, _ in sparsities:  # match:RECIPE names a recipe that must exist before any work
@@ -262,7 +293,8 @@ def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: boo
     tok = loaded.tokenizer
     eval_ids = {t: tokenize(tok, text) for t, text in texts.items()}
     calib = calibration(tok, "wikitext2", settings.calib_samples, settings.calib_seqlen, 4, settings.seed)
-    removed_by: dict[str, int] = {}
+    saved = _saved_units(partial, settings)
+    removed_by: dict[str, int] = dict(saved["removed_by"])
     rows: list[dict] = []
 
     def scores(model) -> dict[str, float]:
@@ -301,20 +333,43 @@ def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: boo
             rows[-1]["allocation"] = report["allocation"]
         return report
 
+    def unit(key: str, work) -> None:
+        """One method (at one sparsity): its rows from an interrupted run, or run now and saved."""
+        if key in saved["units"]:
+            rows.extend(saved["units"][key])
+            return
+        start = len(rows)
+        work()
+        saved["units"][key] = rows[start:]
+        if partial is not None:
+            from smartprune.files import write_json
+
+            write_json(partial, {"settings_key": settings.key(), "units": saved["units"], "removed_by": removed_by})
+
+    def dense() -> None:
+        evaluate(loaded.model, "dense", "0", 0.0, 0.0, PeakRSS._rss(), retrain=False)
+        if recover_cfg is not None:  # the reference for equal retraining: the dense model retrained too
+            evaluate(copy.deepcopy(loaded.model), "dense fine-tuned", "0", 0.0, 0.0, PeakRSS._rss())
+
+    def recipe_row(name: str, recipe: Recipe) -> None:
+        removed_by[name] = _removed(run(name, "recipe", recipe))
+
+    def baseline_row(name: str, label: str, fraction: float | None, pattern: str | None) -> None:
+        if label.startswith("match:"):
+            fraction = _matched_fraction(label[6:], removed_by, loaded.model, settings, calib)
+            label = f"{label} ({fraction:.4f})"
+        run(name, label, _baseline_recipe(name, fraction, pattern))
+
     order = [m for m in methods if m[1] is not None] + [m for m in methods if m[1] is None]
     for name, recipe in order:  # recipes first: their budgets define the match:RECIPE sparsities
         if recipe is not None:
-            removed_by[name] = _removed(run(name, "recipe", recipe))
+            unit(f"recipe {name}", lambda name=name, recipe=recipe: recipe_row(name, recipe))
         elif name == "dense":
-            evaluate(loaded.model, "dense", "0", 0.0, 0.0, PeakRSS._rss(), retrain=False)
-            if recover_cfg is not None:  # the reference for equal retraining: the dense model retrained too
-                evaluate(copy.deepcopy(loaded.model), "dense fine-tuned", "0", 0.0, 0.0, PeakRSS._rss())
+            unit("dense", dense)
         else:
             for label, fraction, pattern in sparsities:
-                if label.startswith("match:"):
-                    fraction = _matched_fraction(label[6:], removed_by, loaded.model, settings, calib)
-                    label = f"{label} ({fraction:.4f})"
-                run(name, label, _baseline_recipe(name, fraction, pattern))
+                unit(f"{name} {label}", lambda name=name, label=label, fraction=fraction, pattern=pattern:
+                     baseline_row(name, label, fraction, pattern))
     return Comparison({**settings.__dict__}, rows)
 
 
@@ -372,6 +427,8 @@ def write_outputs(result: Comparison, json_path: Path, md_path: Path | None = No
 
     write_json(json_path, result.to_dict())
     write_text(md_path or json_path.with_suffix(".md"), f"# smartprune compare\n\n{result.summary()}\n\n{REPORTED}")
+    resume_file(json_path).unlink(missing_ok=True)  # the rows are all in json_path now
 
 
-__all__ = ["BASELINES", "CompareSettings", "Comparison", "parse_sparsity", "run_compare", "write_outputs"]
+__all__ = ["BASELINES", "CompareSettings", "Comparison", "parse_sparsity", "resume_file", "run_compare",
+           "write_outputs"]

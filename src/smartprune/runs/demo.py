@@ -121,11 +121,8 @@ def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick
     if quick:
         rec, schedule = quick_schedule(with_calibration(rec, samples=8, seqlen=64))
     recovery_cfg = rec.recover or RecoverConfig(**DEMO_RECOVERY["quick" if quick else "full"])
-    if quick and rec.recover is None and recover_objective is None and recover_steps is None \
-            and "depth" not in rec.stages:
-        # at the quick budget block fits alone beat the 16 end-to-end steps on the test windows in less CPU
-        # time (docs/frontier.md, "Recovery per CPU-minute"); they pair block i with the dense block i
-        recovery_cfg = dataclasses.replace(recovery_cfg, objective="blockwise", steps=0)
+    # Recovery stays end-to-end by default, quick or not: block fits alone won on a structured model
+    # (width-40) but lost on `paper` in both time and quality (docs/frontier.md, "The quick demo").
     if recover_steps is not None:
         recovery_cfg = None if recover_steps == 0 else dataclasses.replace(recovery_cfg, steps=recover_steps,
                                                                            tokens=None, minutes=None)

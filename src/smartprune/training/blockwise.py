@@ -85,6 +85,7 @@ def _fit_block(adapter, i: int, x: Tensor, target: Tensor, cfg: RecoverConfig, g
     params = [p for p in adapter.blocks()[i].parameters() if p.numel() and p.requires_grad]
     if not params or cfg.block_steps == 0:
         return
+    masks = masks.subset(params)  # only this block's weights change
     opt = torch.optim.AdamW(params, lr=cfg.block_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     warmup = max(1, round(cfg.warmup * cfg.block_steps)) if cfg.warmup > 0 else 0
     for step in range(cfg.block_steps):

@@ -64,6 +64,13 @@ class StructureMasks:
                                    f"{tuple(local_part(w).shape)}")
             self.pairs.append((w, mask))
 
+    def subset(self, params: list[nn.Parameter]) -> StructureMasks:
+        """The masks of `params` alone: a block fit re-zeroes its own block, not the whole model, each step."""
+        ids = {id(p) for p in params}
+        out = object.__new__(StructureMasks)
+        out.pairs = [(w, mask) for w, mask in self.pairs if id(w) in ids]
+        return out
+
     def mask_gradients(self) -> None:
         for w, mask in self.pairs:
             if w.grad is not None:
