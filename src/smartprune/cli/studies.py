@@ -67,10 +67,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                recover_tokens=args.recover_tokens, recover_budget=args.recover_budget,
                                device=args.device, measure=measures,
                                keep=Path(args.keep).expanduser() if args.keep else None)
-    partial = resume_file(Path(args.json).expanduser()) if args.json and not measures else None
+    json_path = Path(args.json) if args.json else None  # `~` already expanded by check_paths
+    partial = resume_file(json_path) if json_path and not measures else None
     result = run_compare(settings, progress=not args.quiet, partial=partial)
-    if args.json:
-        write_outputs(result, Path(args.json))
+    if json_path:
+        write_outputs(result, json_path)
     say(result.summary())
     return 0
 

@@ -283,6 +283,7 @@ def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: boo
     recover_cfg = _recover_config(settings)
     train_text_path("wikitext2")
     texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
+    saved = _saved_units(partial, settings)  # an interrupted run's rows: refused (other settings) before the model
     loaded = load_model(settings.model)
     check_positions(loaded.model, settings.seqlen, "--seqlen")
     check_positions(loaded.model, settings.calib_seqlen, "--calib-seqlen")
@@ -293,7 +294,6 @@ def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: boo
     tok = loaded.tokenizer
     eval_ids = {t: tokenize(tok, text) for t, text in texts.items()}
     calib = calibration(tok, "wikitext2", settings.calib_samples, settings.calib_seqlen, 4, settings.seed)
-    saved = _saved_units(partial, settings)
     removed_by: dict[str, int] = dict(saved["removed_by"])
     rows: list[dict] = []
 
