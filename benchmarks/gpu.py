@@ -11,9 +11,12 @@ b. ``compress`` of the model with SparseGPT 50%, ``smart-50`` and ``paper`` on t
    WikiText-2 test perplexity (all windows; dry run: 2);
 c. recovery of ``smart``, SparseGPT at ``smart``'s size (``match:smart``) and the dense model,
    ``--recover-minutes`` each in bfloat16: WikiText-2 and PTB perplexity before and after;
-d. Table 8: dense, SparseGPT 50%, ``paper-structured`` and a 2:4 model (semi-structured kernels on the
-   GPU), batch 1 / 8 / 32 at 512 and 1024 tokens, fp32 and bf16: latency, throughput, peak GPU memory and
-   joules per token (NVML, idle draw subtracted; "not measurable" where no counter exists).
+d. Table 8 in bf16: dense, SparseGPT 50%, ``paper-structured`` and a 2:4 model (semi-structured kernels
+   on the GPU), batch 1 / 8 / 32 at 512 and 1024 tokens: latency, throughput, 32-token generation, peak GPU
+   memory and joules per token (NVML, idle draw subtracted; "not measurable" where no counter exists);
+e. the same in fp32.
+
+``--steps`` picks and orders them (default ``abdce``: recovery after the bf16 table, the paper's claim).
 """
 
 from __future__ import annotations
@@ -117,20 +120,25 @@ def recover_all(model: str, out: Path, device: str, limit: int | None, seqlen: i
     return results
 
 
-def table8(model: str, out: Path, device: str, dry: bool) -> dict:
+def table8(model: str, out: Path, device: str, dry: bool, dtype: str) -> dict:
     from smartprune.runs.bench import BenchSettings, bench
     from smartprune.runs.compress import compress_model
 
     calib = {"calib_samples": 8, "calib_seqlen": 32} if dry else {}
     (out / "two-four.yaml").write_text("sparsegpt: {pattern: '2:4'}\n")
-    for name, recipe in (("paper-structured", "paper-structured"), ("two-four", out / "two-four.yaml")):
+    (out / "sparsegpt-50.yaml").write_text("sparsegpt: {sparsity: 0.5}\n")  # step b's model, when b did not run
+    for name, recipe in (("sparsegpt-50", out / "sparsegpt-50.yaml"), ("paper-structured", "paper-structured"),
+                         ("two-four", out / "two-four.yaml")):
         if not (out / name).is_dir():
             compress_model(model, recipe, out=out / name, device=device, overwrite=True, progress=False, **calib)
     specs = [model, str(out / "sparsegpt-50"), str(out / "paper-structured"), str(out / "two-four")]
+    # One dtype per step, so a run cut short keeps the first. No fine-tuning step (not in Table 8), and 32
+    # generated tokens: on the first H200 run four rounds of four models with 128 tokens and the training
+    # step took 35 s each, over the time left (docs/gpu-results.md).
     settings = BenchSettings(repeats=1 if dry else 3, lengths=(32,) if dry else (512, 1024),
                              batches=(2,) if dry else (8, 32), rss=False, device=device, residencies=("dense",),
-                             compute_dtypes=("float32",) if dry else ("float32", "bfloat16"),
-                             semi_structured=not dry, energy=True, new_tokens=4 if dry else 128)
+                             compute_dtypes=(dtype,), semi_structured=not dry, energy=True,
+                             new_tokens=4 if dry else 32, train=False)
     return bench(specs, settings, progress=False).to_dict()
 
 
@@ -153,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with a tiny model")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--recover-minutes", type=float, default=2.0)
+    p.add_argument("--steps", default="abdce",
+                   help="which steps, in this order (default abdce: Table 8 in bfloat16 before recovery)")
     args = p.parse_args(argv)
+    if not args.steps or set(args.steps) - set("abcde") or len(set(args.steps)) != len(args.steps):
+        p.error(f"--steps takes each of a, b, c, d, e at most once, got {args.steps!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
@@ -163,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = {"steps": 2, "seqlen": 32, "batch_size": 2, "eval_windows": 1} if dry else \
         {"minutes": args.recover_minutes, "seqlen": 1024, "batch_size": 8}
     steps = Steps(args.out, {"dry_run": dry, "device": device, "model": model, "recover": budget})
-    steps.run("a_tests", lambda: tests(dry))
-    steps.run("b_compress", lambda: compress_all(model, args.out, device, limit, seqlen, calib))
-    steps.run("c_recover", lambda: recover_all(model, args.out, device, limit, seqlen, budget, calib))
-    steps.run("d_table8", lambda: table8(model, args.out, device, dry))
+    todo = {"a": ("a_tests", lambda: tests(dry)),
+            "b": ("b_compress", lambda: compress_all(model, args.out, device, limit, seqlen, calib)),
+            "c": ("c_recover", lambda: recover_all(model, args.out, device, limit, seqlen, budget, calib)),
+            "d": ("d_table8_bf16", lambda: table8(model, args.out, device, dry, "bfloat16")),
+            "e": ("e_table8_fp32", lambda: table8(model, args.out, device, dry, "float32"))}
+    for letter in args.steps:
+        steps.run(*todo[letter])
     failed = [k for k, v in steps.data["steps"].items() if v["status"] != "ok"]
     print("== done:", "all steps ok" if not failed else f"failed: {', '.join(failed)}", flush=True)
     return 1 if failed else 0

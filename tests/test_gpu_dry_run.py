@@ -18,16 +18,18 @@ def test_gpu_script_dry_run_runs_every_step(use_data, tmp_path, monkeypatch):
     sys.modules.pop("gpu", None)
     import gpu
 
-    code = gpu.main(["--out", str(tmp_path), "--dry-run"])
+    code = gpu.main(["--out", str(tmp_path), "--dry-run"])  # every step, in the default order
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert code == 0, {k: v["result"] for k, v in data["steps"].items() if v["status"] != "ok"}
     steps = data["steps"]
-    assert list(steps) == ["a_tests", "b_compress", "c_recover", "d_table8"]
+    assert list(steps) == ["a_tests", "b_compress", "d_table8_bf16", "c_recover", "e_table8_fp32"]
     assert "collected" in steps["a_tests"]["result"]["summary"]
     assert set(steps["b_compress"]["result"]) == {"sparsegpt-50", "smart-50", "paper"}
     recovered = steps["c_recover"]["result"]
     assert {"smart", "sparsegpt-match", "dense"} <= set(recovered)
     assert set(recovered["smart"]["after"]) == {"wikitext2", "ptb"}
-    table = steps["d_table8"]["result"]
-    assert len(table["models"]) == 4 and "energy" in table["machine"]  # measured, or why not
+    for step, dtype in (("d_table8_bf16", "bfloat16"), ("e_table8_fp32", "float32")):
+        table = steps[step]["result"]
+        assert len(table["models"]) == 4 and "energy" in table["machine"]  # measured, or why not
+        assert {m["compute_dtype"] for m in table["models"]} == {dtype}
     assert (tmp_path / "gpu.md").is_file()

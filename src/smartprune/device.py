@@ -50,10 +50,15 @@ def resolve_compute_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for forward passes in `dtype` (weights stay float32); a no-op for float32."""
+    """Mixed precision for forward passes in `dtype` (weights stay float32); a no-op for float32.
+
+    Without torch's cast cache: it keeps the first low-precision copy of each weight for the whole
+    region, and the engine prunes and fits weights in place inside one region, so every later forward
+    would have run the dense copy (on the first GPU run every block's sensitivity read zero). Casting
+    each weight once per use costs little beside the products."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
