@@ -48,13 +48,15 @@ def test_a_signal_mid_step_stops_at_the_boundary_and_resume_is_bit_for_bit(signu
     straight = recover(whole, gpt2_tokenizer, cfg, teacher=teacher, progress=False)
 
     stopped = copy.deepcopy(model)
+    # the handlers of this process before the run (SIGINT is ignored where a shell started it in the background)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with monkeypatch.context() as m:
         _signal_inside_step(m, 3, signum)
         with pytest.raises(raised):
             recover(stopped, gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path, progress=False)
     state = torch.load(tmp_path / "recover-checkpoint.pt", weights_only=True)["state"]
     assert state["step"] == 3 and len(state["loss"]) == 3  # the step in progress was finished, then saved
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers are given back
 
     resumed = copy.deepcopy(model)
     r = recover(resumed, gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path, resume=True, progress=False)
