@@ -28,6 +28,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the baseline recipes the steps compress, written as files beside the models (steps b and d share one)
+RECIPE_FILES = {"sparsegpt-50": "sparsegpt: {sparsity: 0.5}\n", "two-four": "sparsegpt: {pattern: '2:4'}\n"}
+
+
+def recipe_file(out: Path, name: str) -> Path:
+    path = out / f"{name}.yaml"
+    path.write_text(RECIPE_FILES[name])
+    return path
 
 
 class Steps:
@@ -73,9 +81,9 @@ def compress_all(model: str, out: Path, device: str, limit: int | None, seqlen: 
     from smartprune.runs.compress import compress_model
     from smartprune.storage.sources import load_model
 
-    (out / "sparsegpt-50.yaml").write_text("sparsegpt: {sparsity: 0.5}\n")
     results = {}
-    for name, recipe in (("sparsegpt-50", out / "sparsegpt-50.yaml"), ("smart-50", "smart-50"), ("paper", "paper")):
+    for name, recipe in (("sparsegpt-50", recipe_file(out, "sparsegpt-50")), ("smart-50", "smart-50"),
+                         ("paper", "paper")):
         start = time.perf_counter()
         compress_model(model, recipe, out=out / name, device=device, overwrite=True, progress=False, **calib)
         seconds = time.perf_counter() - start
@@ -125,10 +133,9 @@ def table8(model: str, out: Path, device: str, dry: bool, dtype: str) -> dict:
     from smartprune.runs.compress import compress_model
 
     calib = {"calib_samples": 8, "calib_seqlen": 32} if dry else {}
-    (out / "two-four.yaml").write_text("sparsegpt: {pattern: '2:4'}\n")
-    (out / "sparsegpt-50.yaml").write_text("sparsegpt: {sparsity: 0.5}\n")  # step b's model, when b did not run
-    for name, recipe in (("sparsegpt-50", out / "sparsegpt-50.yaml"), ("paper-structured", "paper-structured"),
-                         ("two-four", out / "two-four.yaml")):
+    # step b's SparseGPT model too, when b did not run
+    for name, recipe in (("sparsegpt-50", recipe_file(out, "sparsegpt-50")), ("paper-structured", "paper-structured"),
+                         ("two-four", recipe_file(out, "two-four"))):
         if not (out / name).is_dir():
             compress_model(model, recipe, out=out / name, device=device, overwrite=True, progress=False, **calib)
     specs = [model, str(out / "sparsegpt-50"), str(out / "paper-structured"), str(out / "two-four")]
