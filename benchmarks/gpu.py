@@ -14,7 +14,11 @@ c. recovery of ``smart``, SparseGPT at ``smart``'s size (``match:smart``) and th
 d. Table 8 in bf16: dense, SparseGPT 50%, ``paper-structured`` and a 2:4 model (semi-structured kernels
    on the GPU), batch 1 / 8 / 32 at 512 and 1024 tokens: latency, throughput, 32-token generation, peak GPU
    memory and joules per token (NVML, idle draw subtracted; "not measurable" where no counter exists);
-e. the same in fp32.
+e. the same in fp32;
+o. ``benchmarks/owl.sh``'s 50% step (docs/smart-results.md: ``smart`` against OWL-SparseGPT, OWL-Wanda and
+   uniform SparseGPT at 50% of the block linears, 32 windows, before and after equal retraining) on the
+   device in float32, so its rows compare with the CPU's 70% step; rows are kept in
+   ``DIR/.owl50.json.partial`` as they finish (dry run: the tiny model, 1 window).
 
 ``--steps`` picks and orders them (default ``abdce``: recovery after the bf16 table, the paper's claim).
 """
@@ -149,6 +153,31 @@ def table8(model: str, out: Path, device: str, dry: bool, dtype: str) -> dict:
     return bench(specs, settings, progress=False).to_dict()
 
 
+def owl50(model: str, out: Path, device: str, dry: bool) -> dict:
+    import json
+    import re
+
+    recipes = ROOT / "benchmarks" / "recipes"
+    if dry:  # the tiny model's block linears are a sliver of it: the same recipes at a size it can reach
+        for f in recipes.glob("smart-bl50*.yaml"):
+            (out / f.name).write_text(re.sub(r"target: [0-9.]+", "target: 0.005", f.read_text()))
+        recipes = out
+    rows = ",".join(str(recipes / f"smart-bl50{s}.yaml") for s in ("", "-blocks", "-blocks-stage"))
+    size = ["--limit", "1", "--seqlen", "32", "--calib-samples", "8", "--calib-seqlen", "32", "--recover-tokens",
+            "128"] if dry else ["--limit", "32", "--recover-tokens", "10240"]
+    cmd = [sys.executable, "-m", "smartprune", "compare", model, "--device", device, "--compute-dtype", "float32",
+           *size, "--methods", f"dense,{rows},owl-sparsegpt,owl-wanda,sparsegpt",
+           "--sparsity", f"match:{recipes / 'smart-bl50.yaml'}", "--json", str(out / "owl50.json"), "--overwrite"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    (out / "owl50-log.txt").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"compare exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    rows = json.loads((out / "owl50.json").read_text())["rows"]
+    return {r["method"]: {"compression": r["compression"], **r["perplexity"],
+                          **{f"{t} recovered": v for t, v in r.get("recovered", {}).get("perplexity", {}).items()},
+                          "seconds": r["seconds"]} for r in rows}
+
+
 def tiny_model(out: Path) -> str:
     """A tiny Llama with the GPT-2 tokenizer of the data folder (the dry run's model)."""
     from transformers import AutoTokenizer
@@ -171,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="abdce",
                    help="which steps, in this order (default abdce: Table 8 in bfloat16 before recovery)")
     args = p.parse_args(argv)
-    if not args.steps or set(args.steps) - set("abcde") or len(set(args.steps)) != len(args.steps):
-        p.error(f"--steps takes each of a, b, c, d, e at most once, got {args.steps!r}")
+    if not args.steps or set(args.steps) - set("abcdeo") or len(set(args.steps)) != len(args.steps):
+        p.error(f"--steps takes each of a, b, c, d, e, o at most once, got {args.steps!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
@@ -186,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             "b": ("b_compress", lambda: compress_all(model, args.out, device, limit, seqlen, calib)),
             "c": ("c_recover", lambda: recover_all(model, args.out, device, limit, seqlen, budget, calib)),
             "d": ("d_table8_bf16", lambda: table8(model, args.out, device, dry, "bfloat16")),
-            "e": ("e_table8_fp32", lambda: table8(model, args.out, device, dry, "float32"))}
+            "e": ("e_table8_fp32", lambda: table8(model, args.out, device, dry, "float32")),
+            "o": ("o_owl50", lambda: owl50(model, args.out, device, dry))}
     for letter in args.steps:
         steps.run(*todo[letter])
     failed = [k for k, v in steps.data["steps"].items() if v["status"] != "ok"]

@@ -206,6 +206,33 @@ def test_compare_runs_owl_beside_uniform_at_equal_size(model_dirs, use_data, tmp
     assert "| owl-sparsegpt |" in out
 
 
+def test_compare_runs_compression_and_retraining_in_the_compute_dtype_asked(model_dirs, use_data, tmp_path, capsys,
+                                                                          monkeypatch):
+    import smartprune.runs.compare as cmp
+
+    real_compress, real_recover, seen = cmp.compress, cmp.recover, []
+
+    def compress(model, tok, recipe, **kw):
+        seen.append(("compress", kw["compute_dtype"]))
+        return real_compress(model, tok, recipe, **kw)
+
+    def recover(model, tok, cfg, **kw):
+        seen.append(("recover", cfg.compute_dtype))
+        return real_recover(model, tok, cfg, **kw)
+
+    monkeypatch.setattr(cmp, "compress", compress)
+    monkeypatch.setattr(cmp, "recover", recover)
+    code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "wanda", "--tasks", "wikitext2",
+                       "--limit", "1", "--seqlen", "32", "--calib-samples", "4", "--calib-seqlen", "16",
+                       "--recover-tokens", "64", "--compute-dtype", "bfloat16", "--json", tmp_path / "c.json")
+    assert code == 0, err
+    assert seen == [("compress", "bfloat16"), ("recover", "bfloat16")]
+    assert json.loads((tmp_path / "c.json").read_text())["settings"]["compute_dtype"] == "bfloat16"
+    seen.clear()
+    code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "wanda", "--compute-dtype", "bf16")
+    assert code == 2 and "unknown compute dtype 'bf16'" in _one_clean_line(err) and not seen
+
+
 def test_compare_rejects_unknown_methods_and_bad_sparsities(model_dirs, use_data, capsys):
     code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "wand")
     assert code == 2 and "did you mean 'wanda'" in _one_clean_line(err)

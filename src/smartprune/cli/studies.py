@@ -46,6 +46,8 @@ def add_compare(sub) -> None:
     k.add_argument("--keep", help="with --measure: write the measured models to this new folder (default: a "
                    "temporary folder, removed after)")
     device(k)
+    k.add_argument("--compute-dtype", default="auto", help="precision of the compression and retraining forwards: "
+                   "auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16; evaluation is float32")
     json_out(k, "write rows to this JSON file, and a Markdown twin beside it; until then (without --measure) each "
              "method's rows are kept in .FILE.partial beside it as they finish, and the same command resumes from them")
     k.set_defaults(func=cmd_compare)
@@ -65,7 +67,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                tasks=args.tasks.split(","), limit=args.limit, seqlen=args.seqlen,
                                calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
                                recover_tokens=args.recover_tokens, recover_budget=args.recover_budget,
-                               device=args.device, measure=measures,
+                               device=args.device, compute_dtype=args.compute_dtype, measure=measures,
                                keep=Path(args.keep).expanduser() if args.keep else None)
     json_path = Path(args.json) if args.json else None  # `~` already expanded by check_paths
     partial = resume_file(json_path) if json_path and not measures else None

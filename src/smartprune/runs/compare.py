@@ -25,7 +25,7 @@ from smartprune.adapters import get_adapter
 from smartprune.compression.accounting import block_linear_weights
 from smartprune.compression.engine import compress
 from smartprune.data import calibration, check_positions, eval_text, tokenize, train_text_path
-from smartprune.device import resolve_device
+from smartprune.device import resolve_compute_dtype, resolve_device
 from smartprune.errors import RecipeError, did_you_mean
 from smartprune.evaluation.perplexity import check_limit, perplexity_of_ids
 from smartprune.methods import METHODS
@@ -113,6 +113,7 @@ class CompareSettings:
     recover_tokens: int | None = None  # equal recovery for every row (and a dense fine-tuned row)
     recover_budget: str | None = None  # or a named budget (`RECOVERY_BUDGETS`: the demo's quick / full)
     device: str | torch.device = "auto"
+    compute_dtype: str = "auto"  # compression and recovery forwards (evaluation stays float32)
     measure: tuple[str, ...] = ()  # running cost of every row's final model: "speed", "memory" (`runs.cost`)
     keep: Path | None = None  # where the measured models are written (None: a temporary folder, removed after)
     measure_repeats: int = 3  # bench rounds
@@ -122,7 +123,7 @@ class CompareSettings:
     def key(self) -> dict:
         """What must match for rows of an interrupted run to be reused (`resume_file`)."""
         keys = ("model", "methods", "sparsities", "tasks", "limit", "seqlen", "calib_samples", "calib_seqlen", "seed",
-                "recover_tokens", "recover_budget")
+                "recover_tokens", "recover_budget", "compute_dtype")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -280,6 +281,7 @@ def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: boo
             load_recipe(label[6:])
     check_limit(settings.limit)
     dev = resolve_device(settings.device)
+    resolve_compute_dtype(settings.compute_dtype, dev)  # an unknown name fails before any model work
     recover_cfg = _recover_config(settings)
     train_text_path("wikitext2")
     texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
@@ -326,7 +328,7 @@ def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: boo
         with PeakRSS() as mem:
             t = time.perf_counter()
             report = compress(fresh, tok, recipe, seed=settings.seed, calib=calib, progress=progress,
-                              device=dev).report
+                              device=dev, compute_dtype=settings.compute_dtype).report
             seconds = time.perf_counter() - t
         evaluate(fresh, method, label, report["overall"]["compression"], seconds, mem.peak)
         if "allocation" in report:  # the rates a recipe with an overall section chose
@@ -382,10 +384,11 @@ def _recover_config(settings: CompareSettings) -> RecoverConfig | None:
             raise RecipeError(f"--recover-budget: unknown budget '{settings.recover_budget}'"
                               f"{did_you_mean(settings.recover_budget, list(RECOVERY_BUDGETS))}; known: "
                               f"{', '.join(RECOVERY_BUDGETS)}")
-        return RecoverConfig(**RECOVERY_BUDGETS[settings.recover_budget])
+        return RecoverConfig(**RECOVERY_BUDGETS[settings.recover_budget], compute_dtype=settings.compute_dtype)
     if settings.recover_tokens is None:
         return None
-    return RecoverConfig(tokens=settings.recover_tokens, seqlen=min(256, settings.seqlen))
+    return RecoverConfig(tokens=settings.recover_tokens, seqlen=min(256, settings.seqlen),
+                         compute_dtype=settings.compute_dtype)
 
 
 def _matched_fraction(recipe_name: str, removed_by: dict[str, int], model, settings: CompareSettings,
@@ -395,7 +398,7 @@ def _matched_fraction(recipe_name: str, removed_by: dict[str, int], model, setti
         fresh = load_model(settings.model).model
         removed_by[recipe_name] = _removed(
             compress(fresh, None, load_recipe(recipe_name), seed=settings.seed, calib=calib,
-                     device=settings.device).report)
+                     device=settings.device, compute_dtype=settings.compute_dtype).report)
     total = block_linear_weights(get_adapter(model))
     fraction = removed_by[recipe_name] / total
     if fraction > 1:
