@@ -178,7 +178,7 @@ def test_compare_recovers_every_row_with_the_demos_budget_when_asked(model_dirs,
                                                                     monkeypatch):
     import smartprune.runs.compare as compare
 
-    # the named budget, shrunk for a tiny model (the real one is 16 steps of 4 x 128: minutes here)
+    # the named budget, shrunk for a tiny model (the real one is 8 steps of 4 x 128: minutes here)
     monkeypatch.setitem(compare.RECOVERY_BUDGETS, "quick", {"steps": 3, "seqlen": 16, "batch_size": 2, "lr": 1e-3,
                                                             "eval_every": 8, "eval_windows": 1})
     code, out, err = run(capsys, "compare", model_dirs["llama"], "--methods", "dense,wanda", "--tasks", "wikitext2",

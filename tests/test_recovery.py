@@ -301,6 +301,7 @@ def test_demo_prints_dense_compressed_and_recovered(model_dirs, use_data, tmp_pa
     assert compact["ratios"]["resident_bytes"] == pytest.approx(
         compact["metrics"]["resident_bytes"] / cost["dense"]["metrics"]["resident_bytes"])
     assert compact["metrics"]["generate_tokens_per_s"] > 0 and compact["metrics"]["peak_rss_bytes"] > 0
+    assert "finetune_seq_per_s" not in cost["dense"]["metrics"]  # no fine-tuning step timed that nothing reports
     assert "What it buys" in run.summary() and "| compressed + recovered | " in run.summary().split("What it buys")[1]
 
 
@@ -442,4 +443,4 @@ def test_the_quick_demo_recovers_end_to_end_on_its_quick_budget(model_dirs, use_
     run = run_demo(str(model_dirs["llama"]), str(recipe), quick=True, seqlen=64, measure=False, progress=False)
     rec = run.report["recovery"]
     assert rec["config"]["objective"] == "end_to_end" and rec["structure"]["kept"]
-    assert rec["steps"] == RECOVERY_BUDGETS["quick"]["steps"] == 16 and "blockwise" not in rec
+    assert rec["steps"] == RECOVERY_BUDGETS["quick"]["steps"] == 8 and "blockwise" not in rec

@@ -39,7 +39,7 @@ def add_compare(sub) -> None:
                    "train tokens (distillation from the dense model) and add a dense fine-tuned row: the ranking "
                    "at equal size and equal retraining")
     k.add_argument("--recover-budget", choices=("quick", "full"), help="instead of --recover-tokens: the demo's "
-                   "recovery budget for every model (quick: 16 steps of 4 x 128 tokens; full: 120 steps of 4 x 256)")
+                   "recovery budget for every model (quick: 8 steps of 4 x 128 tokens; full: 40 steps of 4 x 256)")
     k.add_argument("--measure", help="also measure every final model's running cost against dense, in one bench "
                    "run: speed (greedy decoding tokens/s, 512-token prefill, batch-8 throughput), memory (bytes held "
                    "once loaded, weight files, peak RSS of load + forward); e.g. speed,memory")

@@ -95,7 +95,7 @@ def measure(specs: list[str], measures: tuple[str, ...], *, repeats: int = 3, le
     held = {s: residencies if is_compressed(s) else ("dense",) for s in specs}
     if "speed" in measures:
         result = bench(specs, BenchSettings(repeats=repeats, lengths=(length,), batches=(8,), device=device,
-                                            new_tokens=new_tokens,
+                                            new_tokens=new_tokens, train=False,  # no fine-tuning column
                                             residencies=residencies, compute_dtypes=("float32",),
                                             rss="memory" in measures), progress=progress)
         entries = iter(result.models)

@@ -180,15 +180,15 @@ def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick
 
 def _running_cost(model: str, loaded, quick: bool, progress: bool) -> dict:
     """The final model written to a temporary compressed folder and measured against MODEL in one
-    bench run (`smartprune.runs.cost`): a short one, sized for the demo's time."""
+    bench run (`smartprune.runs.cost`): a short one, sized for the demo's time, of the model held the way
+    it would be deployed (packed when it has pruned entries); `compare --measure` and `bench` give the rest."""
     import tempfile
 
     from smartprune.runs.cost import keep, measure
 
-    length, new_tokens = (128, 32) if quick else (512, 64)
-    # --quick measures the model held the way it would be deployed: packed when it has pruned entries
+    length, new_tokens = 128, (16 if quick else 64)
     masked = any(getattr(m, "mask", None) is not None for m in loaded.model.modules())
-    held = (("compact",) if masked else ("dense",)) if quick else ("dense", "compact")
+    held = ("compact",) if masked else ("dense",)
     with tempfile.TemporaryDirectory(prefix="smartprune-demo-") as tmp:
         spec = keep(loaded.model.to("cpu"), loaded.tokenizer, Path(tmp) / "model")
         entries, machine = measure([model, spec], ("speed", "memory"), repeats=1, length=length,
