@@ -18,7 +18,9 @@ e. the same in fp32;
 o. ``benchmarks/owl.sh``'s 50% step (docs/smart-results.md: ``smart`` against OWL-SparseGPT, OWL-Wanda and
    uniform SparseGPT at 50% of the block linears, 32 windows, before and after equal retraining) on the
    device in float32, so its rows compare with the CPU's 70% step; rows are kept in
-   ``DIR/.owl50.json.partial`` as they finish (dry run: the tiny model, 1 window).
+   ``DIR/.owl50.json.partial`` as they finish (dry run: the tiny model, 1 window);
+s. the allocation over the block linears alone with a bounded spread (``smart-bl50-blocks-spread``,
+   ``smart-bl70-blocks-spread``) beside uniform SparseGPT at each size, float32, 32 windows, no retraining.
 
 ``--steps`` picks and orders them (default ``abdce``: recovery after the bf16 table, the paper's claim).
 """
@@ -153,29 +155,51 @@ def table8(model: str, out: Path, device: str, dry: bool, dtype: str) -> dict:
     return bench(specs, settings, progress=False).to_dict()
 
 
-def owl50(model: str, out: Path, device: str, dry: bool) -> dict:
+def _compare(model: str, out: Path, name: str, device: str, methods: str, sparsity: str, size: list[str]) -> dict:
+    """`smartprune compare` on the device in float32 into ``out/name.json`` (rows kept in its .partial as they
+    finish); the rows' perplexities, by method."""
     import json
+
+    cmd = [sys.executable, "-m", "smartprune", "compare", model, "--device", device, "--compute-dtype", "float32",
+           *size, "--methods", methods, "--sparsity", sparsity, "--json", str(out / f"{name}.json"), "--overwrite"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    (out / f"{name}-log.txt").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"compare exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+    rows = json.loads((out / f"{name}.json").read_text())["rows"]
+    return {f"{r['method']} {r['sparsity']}": {
+        "compression": r["compression"], **r["perplexity"], "seconds": r["seconds"],
+        **{f"{t} recovered": v for t, v in r.get("recovered", {}).get("perplexity", {}).items()}} for r in rows}
+
+
+def _recipes(out: Path, names: list[str], dry: bool) -> list[str]:
+    """Paths of benchmarks/recipes/NAME.yaml; for the dry run, copies at a size the tiny model can reach
+    (its block linears are a sliver of it)."""
     import re
 
     recipes = ROOT / "benchmarks" / "recipes"
-    if dry:  # the tiny model's block linears are a sliver of it: the same recipes at a size it can reach
-        for f in recipes.glob("smart-bl50*.yaml"):
-            (out / f.name).write_text(re.sub(r"target: [0-9.]+", "target: 0.005", f.read_text()))
-        recipes = out
-    rows = ",".join(str(recipes / f"smart-bl50{s}.yaml") for s in ("", "-blocks", "-blocks-stage"))
+    if not dry:
+        return [str(recipes / f"{n}.yaml") for n in names]
+    for n in names:
+        (out / f"{n}.yaml").write_text(re.sub(r"target: [0-9.]+", "target: 0.005", (recipes / f"{n}.yaml").read_text()))
+    return [str(out / f"{n}.yaml") for n in names]
+
+
+def owl50(model: str, out: Path, device: str, dry: bool) -> dict:
+    smart, blocks, stage = _recipes(out, ["smart-bl50", "smart-bl50-blocks", "smart-bl50-blocks-stage"], dry)
     size = ["--limit", "1", "--seqlen", "32", "--calib-samples", "8", "--calib-seqlen", "32", "--recover-tokens",
             "128"] if dry else ["--limit", "32", "--recover-tokens", "10240"]
-    cmd = [sys.executable, "-m", "smartprune", "compare", model, "--device", device, "--compute-dtype", "float32",
-           *size, "--methods", f"dense,{rows},owl-sparsegpt,owl-wanda,sparsegpt",
-           "--sparsity", f"match:{recipes / 'smart-bl50.yaml'}", "--json", str(out / "owl50.json"), "--overwrite"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    (out / "owl50-log.txt").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"compare exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
-    rows = json.loads((out / "owl50.json").read_text())["rows"]
-    return {r["method"]: {"compression": r["compression"], **r["perplexity"],
-                          **{f"{t} recovered": v for t, v in r.get("recovered", {}).get("perplexity", {}).items()},
-                          "seconds": r["seconds"]} for r in rows}
+    return _compare(model, out, "owl50", device, f"dense,{smart},{blocks},{stage},owl-sparsegpt,owl-wanda,sparsegpt",
+                    f"match:{smart}", size)
+
+
+def spread(model: str, out: Path, device: str, dry: bool) -> dict:
+    """The allocation over the block linears alone with a bounded spread, at 50% and 70%, beside uniform
+    SparseGPT at each size (no retraining: the issue's item 4, first look)."""
+    s50, s70 = _recipes(out, ["smart-bl50-blocks-spread", "smart-bl70-blocks-spread"], dry)
+    size = ["--limit", "1", "--seqlen", "32", "--calib-samples", "8", "--calib-seqlen", "32"] if dry else \
+        ["--limit", "32"]
+    return _compare(model, out, "spread", device, f"{s50},{s70},sparsegpt", f"match:{s50},match:{s70}", size)
 
 
 def tiny_model(out: Path) -> str:
@@ -200,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="abdce",
                    help="which steps, in this order (default abdce: Table 8 in bfloat16 before recovery)")
     args = p.parse_args(argv)
-    if not args.steps or set(args.steps) - set("abcdeo") or len(set(args.steps)) != len(args.steps):
-        p.error(f"--steps takes each of a, b, c, d, e, o at most once, got {args.steps!r}")
+    if not args.steps or set(args.steps) - set("abcdeos") or len(set(args.steps)) != len(args.steps):
+        p.error(f"--steps takes each of a, b, c, d, e, o, s at most once, got {args.steps!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
@@ -216,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             "c": ("c_recover", lambda: recover_all(model, args.out, device, limit, seqlen, budget, calib)),
             "d": ("d_table8_bf16", lambda: table8(model, args.out, device, dry, "bfloat16")),
             "e": ("e_table8_fp32", lambda: table8(model, args.out, device, dry, "float32")),
-            "o": ("o_owl50", lambda: owl50(model, args.out, device, dry))}
+            "o": ("o_owl50", lambda: owl50(model, args.out, device, dry)),
+            "s": ("s_spread", lambda: spread(model, args.out, device, dry))}
     for letter in args.steps:
         steps.run(*todo[letter])
     failed = [k for k, v in steps.data["steps"].items() if v["status"] != "ok"]

@@ -27,6 +27,19 @@ def test_entries_go_where_the_loss_per_entry_is_lowest():
         allocate(units, curves, (0.5, 1.0), 201)
 
 
+def test_a_spread_keeps_every_rate_near_the_mean():
+    units = [Unit("a", ["a"], 100), Unit("b", ["b"], 100)]
+    curves = {"a": [1.0, 10.0], "b": [2.0, 3.0]}  # unbounded, 120 entries go 50 / 70 (above)
+    # 125 entries, unbounded: a's cheap half (50), then b's 0.03 per entry (75)
+    assert allocate(units, curves, (0.5, 1.0), 125) == {"a": 50, "b": 75}
+    # mean rate 0.625, spread 1/16: both within [0.5625, 0.6875], so 56 each first (56.25 rounded down), then
+    # 13 more by slope: b's (0.03 per entry) up to its cap of 69 (68.75 rounded up)
+    assert allocate(units, curves, (0.5, 1.0), 125, spread=0.0625) == {"a": 56, "b": 69}
+    # spread 0 is uniform; a spread wider than the grid changes nothing
+    assert allocate(units, curves, (0.5, 1.0), 120, spread=0.0) == {"a": 60, "b": 60}
+    assert allocate(units, curves, (0.5, 1.0), 120, spread=1.0) == {"a": 50, "b": 70}
+
+
 @pytest.mark.parametrize("target", [0.3, 0.5])
 def test_the_overall_target_is_met_exactly(target, kind, calib):
     model = tiny_model(kind)
@@ -39,6 +52,20 @@ def test_the_overall_target_is_met_exactly(target, kind, calib):
     assert {u["unit"] for u in units} >= {"embedding", "block 0 qk", "block 1 ff"}
     assert all(0 <= round(u["rate"] * u["entries"]) <= round(0.9 * u["entries"]) and len(u["loss_increase"]) == 4
                for u in units)  # no matrix past max_rate
+
+
+def test_a_recipe_spread_bounds_every_units_rate_in_the_model(calib):
+    model = tiny_model("llama")
+    recipe = load_recipe("smart-50").replace(overall=build_recipe(
+        {"overall": {"target": 0.3, "spread": 0.05}, "sparsegpt": {}}, "x", "test").overall)
+    report = compress(model, None, recipe, calib=calib, progress=False).report
+    o, units = report["overall"], report["allocation"]["units"]
+    assert o["params_before"] - o["params_after"] == round(0.3 * o["params_before"]) and \
+        report["allocation"]["spread"] == 0.05
+    mean = sum(round(u["rate"] * u["entries"]) for u in units) / sum(u["entries"] for u in units)
+    # bounds rounded outwards to whole entries: one entry of slack per unit
+    assert all(mean - 0.05 - 1 / u["entries"] <= u["rate"] <= mean + 0.05 + 1 / u["entries"] for u in units)
+    assert max(u["rate"] for u in units) - min(u["rate"] for u in units) > 0.05  # not simply uniform
 
 
 @pytest.mark.parametrize("recipe, message", [

@@ -191,22 +191,30 @@ def _hull(grid: tuple[float, ...], curve: list[float]) -> list[tuple[float, floa
 
 
 def allocate(all_units: list[Unit], curves: dict[str, list[float]], grid: tuple[float, ...],
-             remove: int) -> dict[str, int]:
-    """Entries to remove per unit, `remove` in all, by increasing loss per removed entry."""
+             remove: int, spread: float | None = None) -> dict[str, int]:
+    """Entries to remove per unit, `remove` in all, by increasing loss per removed entry; with `spread`,
+    every unit's rate stays within it of the mean rate ``remove / entries`` (OWL's bounded spread)."""
     capacity = sum(round(grid[-1] * u.size) for u in all_units)
     if remove > capacity:
         raise RecipeError(f"overall.target asks to remove {remove:,} entries, more than the {capacity:,} the "
                           f"allocatable matrices hold at the grid's highest rate {grid[-1]}")
+    mean = remove / sum(u.size for u in all_units)
+    lo, hi = (0.0, grid[-1]) if spread is None else (max(0.0, mean - spread), min(grid[-1], mean + spread))
+    # each unit's bounds in entries: floors rounded down and caps up, so the floors never pass `remove`
+    # and the caps always reach it
+    bounds = {u.name: (math.floor(lo * u.size), min(round(grid[-1] * u.size), math.ceil(hi * u.size)))
+              for u in all_units}
+    counts = {name: floor for name, (floor, _) in bounds.items()}  # every unit's floor first
     segments = []
     for u in all_units:
+        floor, cap = bounds[u.name]
         hull = _hull(grid, curves[u.name])
-        for (r0, v0), (r1, v1) in itertools.pairwise(hull):
-            entries = round(r1 * u.size) - round(r0 * u.size)
-            if entries > 0:
-                segments.append(((v1 - v0) / entries, u.name, entries))
+        for (r0, v0), (r1, v1) in itertools.pairwise(hull):  # the hull cut to the bounds, slopes unchanged
+            a, b = round(r0 * u.size), round(r1 * u.size)
+            if min(b, cap) > max(a, floor):
+                segments.append(((v1 - v0) / (b - a), u.name, min(b, cap) - max(a, floor)))
     segments.sort(key=lambda s: s[0])  # a unit's hull segments have rising slopes, so they stay in order
-    counts = {u.name: 0 for u in all_units}
-    left = remove
+    left = remove - sum(counts.values())
     for _, name, entries in segments:
         take = min(entries, left)
         counts[name] += take
@@ -247,9 +255,10 @@ def plan(adapter: Adapter, cfg: OverallConfig, calib_ids: Tensor, eval_ids: Tens
     paths = [p for u in all_units if u.block is not None for p in u.paths]
     prune = block_pruner(model, paths, calib_ids, how, stage_cfg) if paths else None
     curves = sensitivity(adapter, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress, prune)
-    counts = allocate(all_units, curves, grid, remove)
+    counts = allocate(all_units, curves, grid, remove, cfg.spread)
     rates = matrix_rates(all_units, counts, model)
     report = {"target": cfg.target, "removed": sum(counts.values()), "grid": list(grid), "sensitivity": how,
+              "spread": cfg.spread,
               "units": [{"unit": u.name, "entries": u.size, "rate": counts[u.name] / u.size,
                          "loss_increase": curves[u.name]} for u in all_units]}
     log.info("allocation: %s of %d units pruned, rates %.2f-%.2f", sum(1 for c in counts.values() if c),

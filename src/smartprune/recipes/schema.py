@@ -114,6 +114,8 @@ class OverallConfig:
     sensitivity: str = option("wanda", "how a block unit is pruned while its loss is measured: wanda (|W| * ||X||, "
                               "no weight update) | stage (by the recipe's own pruning stage: SparseGPT with its "
                               "weight update, Wanda or magnitude)", choices=("wanda", "stage"))
+    spread: float | None = option(None, "bound every unit's rate to within this of the mean rate the allocatable "
+                                  "matrices need (OWL's lambda); none: unbounded", lo=0.0, hi=1.0)
 
     def grid(self) -> tuple[float, ...]:
         return tuple(self.max_rate * k / self.points for k in range(1, self.points + 1))
