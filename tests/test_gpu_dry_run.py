@@ -33,3 +33,24 @@ def test_gpu_script_dry_run_runs_every_step(use_data, tmp_path, monkeypatch):
         assert len(table["models"]) == 4 and "energy" in table["machine"]  # measured, or why not
         assert {m["compute_dtype"] for m in table["models"]} == {dtype}
     assert (tmp_path / "gpu.md").is_file()
+
+
+@pytest.mark.slow  # 39 s: the two compare steps (o: OWL at 50%, s: the bounded-spread allocation)
+def test_gpu_script_dry_run_runs_the_compare_steps(use_data, tmp_path, monkeypatch):
+    if not (use_data / "gpt2-tokenizer").is_dir():
+        pytest.skip("GPT-2 tokenizer not in the data folder")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("gpu", None)
+    import gpu
+
+    code = gpu.main(["--out", str(tmp_path), "--dry-run", "--steps", "os"])
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert code == 0, {k: v["result"] for k, v in data["steps"].items() if v["status"] != "ok"}
+    owl = data["steps"]["o_owl50"]["result"]
+    assert {"dense", "owl-sparsegpt", "owl-wanda"} <= {k.split(" ")[0] for k in owl}
+    assert all("wikitext2 recovered" in v for k, v in owl.items() if not k.startswith("dense "))
+    spread = data["steps"]["s_spread"]["result"]
+    assert sum(k.startswith("sparsegpt match:") for k in spread) == 2 and len(spread) == 4
+    rows = json.loads((tmp_path / "spread.json").read_text())["rows"]
+    assert all(r["allocation"]["spread"] == 0.1 for r in rows if "allocation" in r)
+    assert json.loads((tmp_path / "owl50.json").read_text())["settings"]["compute_dtype"] == "float32"
