@@ -24,7 +24,11 @@ import hashlib
 from pathlib import Path
 
 import yaml
-from structured import _cached, _ppl  # the structured benchmark's, beside this file (same windows, same cache)
+from structured import (  # the structured benchmark's, beside this file (same windows, same cache)
+    RECOVER_STEPS,
+    _cached,
+    _ppl,
+)
 
 from smartprune.files import read_json, write_results
 from smartprune.recipes.schema import RecoverConfig
@@ -190,8 +194,7 @@ def main() -> None:
     p.add_argument("--structured", type=Path, required=True, help="benchmarks/structured.py's --out folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--limit", type=int, default=32, help="evaluation windows per task (32)")
-    # 16 steps: the budget the committed docs were measured with (the quick demo's until 2026-11-30, now 8)
-    p.add_argument("--recover-steps", type=int, default=16)
+    p.add_argument("--recover-steps", type=int, default=RECOVER_STEPS)  # the structured rows' budget
     p.add_argument("--repeats", type=int, default=2, help="bench rounds (2)")
     p.add_argument("--only", nargs="+", default=None, help="rows to include (default: all)")
     p.add_argument("--no-bench", action="store_true", help="make and score the rows only")

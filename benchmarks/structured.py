@@ -37,6 +37,9 @@ from smartprune.storage.sources import converted_builtin, load_model
 
 MODEL = "smollm2-135m"
 GGUF_LIMIT = 8  # perplexity windows of the GGUF read-back check
+# recovery steps (of the quick demo's 4 x 128 tokens): the budget the committed docs were measured with, the
+# quick demo's until 2026-11-30 (now 8); benchmarks/frontier.py reuses these rows, so it shares the number
+RECOVER_STEPS = 16
 
 
 KINDS = ("depth", "width", "mix", "heads")
@@ -283,8 +286,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.4, 0.5])
     p.add_argument("--limit", type=int, default=32, help="evaluation windows per task (32)")
-    # 16 steps: the budget the committed docs were measured with (the quick demo's until 2026-11-30, now 8)
-    p.add_argument("--recover-steps", type=int, default=16)
+    p.add_argument("--recover-steps", type=int, default=RECOVER_STEPS)
     p.add_argument("--repeats", type=int, default=2, help="bench rounds (2)")
     p.add_argument("--gguf-model", default="depth-40", help="the model written as GGUF and read back (depth-40)")
     p.add_argument("--no-sparsegpt", action="store_true", help="leave out the SparseGPT 50%% row")
