@@ -20,7 +20,8 @@ o. ``benchmarks/owl.sh``'s 50% step (docs/smart-results.md: ``smart`` against OW
    device in float32, so its rows compare with the CPU's 70% step; rows are kept in
    ``DIR/.owl50.json.partial`` as they finish (dry run: the tiny model, 1 window);
 s. the allocation over the block linears alone with a bounded spread (``smart-bl50-blocks-spread``,
-   ``smart-bl70-blocks-spread``) beside uniform SparseGPT at each size, float32, 32 windows, no retraining.
+   ``smart-bl70-blocks-spread``) and measured jointly (``smart-bl{50,70}-blocks-joint``) beside uniform
+   SparseGPT at each size, float32, 32 windows, no retraining.
 
 ``--steps`` picks and orders them (default ``abdce``: recovery after the bf16 table, the paper's claim).
 """
@@ -194,12 +195,14 @@ def owl50(model: str, out: Path, device: str, dry: bool) -> dict:
 
 
 def spread(model: str, out: Path, device: str, dry: bool) -> dict:
-    """The allocation over the block linears alone with a bounded spread, at 50% and 70%, beside uniform
-    SparseGPT at each size (no retraining: the issue's item 4, first look)."""
-    s50, s70 = _recipes(out, ["smart-bl50-blocks-spread", "smart-bl70-blocks-spread"], dry)
+    """The allocation over the block linears alone with a bounded spread, and measured jointly, at 50% and
+    70%, beside uniform SparseGPT at each size (no retraining: the OWL issue's item 4)."""
+    s50, s70, j50, j70 = _recipes(out, ["smart-bl50-blocks-spread", "smart-bl70-blocks-spread",
+                                        "smart-bl50-blocks-joint", "smart-bl70-blocks-joint"], dry)
     size = ["--limit", "1", "--seqlen", "32", "--calib-samples", "8", "--calib-seqlen", "32"] if dry else \
         ["--limit", "32"]
-    return _compare(model, out, "spread", device, f"{s50},{s70},sparsegpt", f"match:{s50},match:{s70}", size)
+    return _compare(model, out, "spread", device, f"{s50},{j50},{s70},{j70},sparsegpt", f"match:{s50},match:{s70}",
+                    size)
 
 
 def tiny_model(out: Path) -> str:

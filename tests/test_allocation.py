@@ -141,3 +141,65 @@ def test_the_allocation_reports_how_it_scored_units(kind, calib):
     assert report["allocation"]["sensitivity"] == "sparsegpt"
     o = report["overall"]
     assert o["params_before"] - o["params_after"] == round(0.3 * o["params_before"])
+
+
+def test_a_joint_grid_is_the_mean_and_steps_of_the_spread_either_side():
+    from smartprune.compression.allocation import joint_grid
+
+    cfg = build_recipe({"overall": {"target": 0.3, "spread": 0.1, "points": 2, "sensitivity": "joint"},
+                        "sparsegpt": {}}, "x", "test").overall
+    grid, base = joint_grid(0.5, cfg)
+    assert grid == pytest.approx((0.4, 0.45, 0.5, 0.55, 0.6)) and base == 2
+    grid, base = joint_grid(0.05, cfg)  # clipped at 0: one point below the mean
+    assert grid == pytest.approx((0.0, 0.05, 0.1, 0.15)) and base == 1
+
+
+def test_joint_curves_start_at_the_floor_and_are_made_convex():
+    units = [Unit("a", ["a"], 100), Unit("b", ["b"], 100)]
+    # relative to both at 0.5, per entry: a costs 0.1 from 40 to 50, then 0.05 (not convex: one segment of
+    # 0.075 from 40 to 60); b costs 0.2, then 0.01 (one segment of 0.105)
+    curves = {"a": [-1.0, 0.0, 0.5], "b": [-2.0, 0.0, 0.1]}
+    # 100 entries, rates within 0.5 +- 0.1: 40 each, then the 20 left go to a's cheaper merged segment
+    assert allocate(units, curves, (0.4, 0.5, 0.6), 100, spread=0.1, origin=False) == {"a": 60, "b": 40}
+    # with the unpruned point (0, 0) implied, the gains below the mean would be read as free pruning
+    assert allocate(units, curves, (0.4, 0.5, 0.6), 100, spread=0.1) == {"a": 50, "b": 50}
+
+
+def test_joint_sensitivity_measures_divergence_around_the_mean_and_restores_the_model(calib):
+    import torch
+
+    from smartprune.adapters import get_adapter
+    from smartprune.compression.allocation import HeldOutLoss, block_pruner, joint_sensitivity, units
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    assert HeldOutLoss(adapter, calib.eval_ids, divergence=True)() == pytest.approx(0.0, abs=1e-5)  # dense vs itself
+    block_units = units(adapter, embedding=False, blocks=True)
+    paths = [p for u in block_units for p in u.paths]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune = block_pruner(model, paths, calib.ids, "sparsegpt")
+    curves = joint_sensitivity(adapter, block_units, calib.ids, calib.eval_ids, (0.2, 0.5, 0.8), 1, "frequency",
+                               prune, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # dense again for the stages
+    assert set(curves) == {u.name for u in block_units}
+    assert all(c[1] == 0.0 for c in curves.values())  # the shared starting point
+    # pruning one unit far more than the others costs, pruning it less gains, summed over the units
+    assert sum(c[2] for c in curves.values()) > 0 > sum(c[0] for c in curves.values())
+
+
+def test_a_joint_allocation_meets_the_target_within_the_spread(calib):
+    model = tiny_model("llama")
+    recipe = build_recipe({"overall": {"target": 0.3, "sensitivity": "joint", "spread": 0.1, "points": 1},
+                           "sparsegpt": {}}, "x", "test")
+    report = compress(model, None, recipe, calib=calib, progress=False).report
+    o, a = report["overall"], report["allocation"]
+    assert o["params_before"] - o["params_after"] == round(0.3 * o["params_before"])
+    assert a["sensitivity"] == "joint (sparsegpt)" and len(a["grid"]) == 3
+    mean = a["grid"][1]
+    assert all(mean - 0.1 - 1 / u["entries"] <= u["rate"] <= mean + 0.1 + 1 / u["entries"] for u in a["units"])
+    assert all(u["loss_increase"][1] == 0.0 for u in a["units"])
+
+
+def test_a_joint_measurement_needs_a_spread():
+    with pytest.raises(RecipeError, match=r"set overall\.spread"):
+        build_recipe({"overall": {"sensitivity": "joint"}, "sparsegpt": {}}, "r", "test")

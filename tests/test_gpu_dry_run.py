@@ -50,7 +50,8 @@ def test_gpu_script_dry_run_runs_the_compare_steps(use_data, tmp_path, monkeypat
     assert {"dense", "owl-sparsegpt", "owl-wanda"} <= {k.split(" ")[0] for k in owl}
     assert all("wikitext2 recovered" in v for k, v in owl.items() if not k.startswith("dense "))
     spread = data["steps"]["s_spread"]["result"]
-    assert sum(k.startswith("sparsegpt match:") for k in spread) == 2 and len(spread) == 4
+    assert sum(k.startswith("sparsegpt match:") for k in spread) == 2 and len(spread) == 6
     rows = json.loads((tmp_path / "spread.json").read_text())["rows"]
     assert all(r["allocation"]["spread"] == 0.1 for r in rows if "allocation" in r)
+    assert sum(r["allocation"]["sensitivity"] == "joint (sparsegpt)" for r in rows if "allocation" in r) == 2
     assert json.loads((tmp_path / "owl50.json").read_text())["settings"]["compute_dtype"] == "float32"

@@ -7,6 +7,12 @@ unit alone is pruned (``sensitivity: wanda``: lowest ``|W_ij| * ||X_i||``, no we
 ``sensitivity: stage``: by the stage that will prune it, so SparseGPT's reconstruction of the
 surviving weights is in the measurement; the embedding by its own criterion) and the model's
 next-token loss on the held-out calibration windows is measured, then the unit is restored.
+With ``sensitivity: joint`` the units are measured together instead: every unit is first pruned by the
+stage at the mean rate the target needs, then each unit alone is moved to mean +- k * spread / points
+with all the others kept there, and the damage is the divergence (KL) of the model's next-token
+distribution from the dense model's on the held-out windows -- so a unit's cost is measured where it will
+be pruned, beside the others' damage, and from every token's whole distribution rather than the one
+observed token (single-unit loss increases at low rates are mostly noise on a small model).
 Each unit's loss-increase curve is replaced by its lower convex hull, and removed parameters are
 handed out segment by segment in order of the lowest loss increase per parameter (optimal for convex
 curves: the non-uniform, layer-wise allocation OWL motivates, here measured rather than inferred from
@@ -110,25 +116,42 @@ def block_pruner(model: nn.Module, paths: list[str], ids: Tensor, how: str, stag
 
 class HeldOutLoss:
     """The next-token loss on held-out windows, recomputed from a unit's block on: the blocks before
-    it are unchanged while it is pruned, so their outputs are computed once (about half the work)."""
+    it are unchanged while it is pruned, so their outputs are computed once (about half the work).
+    With `divergence`, the loss is instead KL(dense || model) per token against the model as it is now
+    (the dense one), whose log-probabilities are kept; `refresh` recomputes the blocks' inputs after
+    the model changed."""
 
-    def __init__(self, adapter: Adapter, ids: Tensor) -> None:
+    def __init__(self, adapter: Adapter, ids: Tensor, divergence: bool = False) -> None:
         self.adapter, self.ids = adapter, ids
+        self.reference = self._log_probs(self._from(None)) if divergence else None
+        self.refresh()
+
+    def refresh(self) -> None:
         self.inputs = []
         with torch.no_grad():
-            h = adapter.embed(ids)
-            for i in range(len(adapter.blocks())):
+            h = self.adapter.embed(self.ids)
+            for i in range(len(self.adapter.blocks())):
                 self.inputs.append(h)
-                h = adapter.run_block(i, h)
+                h = self.adapter.run_block(i, h)
 
-    def __call__(self, block: int | None = None) -> float:
+    def _from(self, block: int | None) -> Tensor:
+        """The logits of all but the last position, run from `block` on."""
         a = self.adapter
         with torch.no_grad():
             h = a.embed(self.ids) if block is None else self.inputs[block]
             for i in range(block or 0, len(a.blocks())):
                 h = a.run_block(i, h)
-            logits = a.head(h)[:, :-1].float()
+            return a.head(h)[:, :-1].float()
+
+    @staticmethod
+    def _log_probs(logits: Tensor) -> Tensor:
+        return F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+
+    def __call__(self, block: int | None = None) -> float:
+        logits = self._from(block)
+        if self.reference is None:
             return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.ids[:, 1:].reshape(-1)))
+        return float(F.kl_div(self._log_probs(logits), self.reference, log_target=True, reduction="batchmean"))
 
 
 def _prune_lowest(weight: Tensor, score: Tensor, rate: float) -> None:
@@ -174,10 +197,63 @@ def sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor, eval
     return out
 
 
-def _hull(grid: tuple[float, ...], curve: list[float]) -> list[tuple[float, float]]:
-    """The lower convex hull of (0, 0) and the measured points (rate, loss increase), made
-    non-decreasing first (more pruning never helps)."""
-    points, best = [(0.0, 0.0)], 0.0
+def joint_sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor, eval_ids: Tensor,
+                      rates: tuple[float, ...], base: int, emb_criterion: str, prune: Pruner,
+                      progress: bool = True) -> dict[str, list[float]]:
+    """Divergence from the dense model (nats per token) of each unit at each of `rates` while every other
+    unit is pruned at ``rates[base]`` (the mean rate), minus the divergence with all at the mean rate: the
+    cost of moving one unit away from a uniform allocation. Block matrices are pruned by `prune` from
+    their dense weights (each version computed once), the embedding by its FPP criterion."""
+    model = adapter.model
+    loss = HeldOutLoss(adapter, eval_ids, divergence=True)  # the dense reference, before anything is pruned
+    dense = {p: model.get_submodule(p).weight.detach().clone() for u in all_units for p in u.paths}
+    emb = [u for u in all_units if u.block is None]
+    emb_scores = {}
+    if emb:
+        modules = [model.get_submodule(p) for p in emb[0].paths]
+        counts = lookup_counts(adapter.embed, calib_ids, modules)
+        for p, m, c in zip(emb[0].paths, modules, counts, strict=True):
+            found = criterion_score(m.weight, emb_criterion, c)
+            emb_scores[p] = m.weight.detach().abs() if found is None else found
+    versions: dict[tuple[str, float], Tensor] = {}
+
+    def set_rate(u: Unit, rate: float) -> None:
+        for p in u.paths:
+            if (p, rate) not in versions:
+                w = dense[p].clone()
+                if u.block is None:
+                    _prune_lowest(w, emb_scores[p], rate)
+                else:
+                    prune(p, w, rate)
+                versions[p, rate] = w
+            model.get_submodule(p).weight.copy_(versions[p, rate])
+
+    with torch.no_grad():
+        for u in all_units:
+            set_rate(u, rates[base])
+        loss.refresh()  # the blocks' inputs with every unit at the mean rate
+        at_mean = loss()
+        out = {}
+        for u in tqdm(all_units, desc="joint sensitivity", disable=not progress, leave=False):
+            curve = []
+            for i, rate in enumerate(rates):
+                if i == base:
+                    curve.append(0.0)
+                    continue
+                set_rate(u, rate)
+                curve.append(loss(u.block) - at_mean)
+            set_rate(u, rates[base])
+            out[u.name] = curve
+        for p, w in dense.items():  # the dense model back: the stages prune it for real
+            model.get_submodule(p).weight.copy_(w)
+    return out
+
+
+def _hull(grid: tuple[float, ...], curve: list[float], origin: bool = True) -> list[tuple[float, float]]:
+    """The lower convex hull of (0, 0) (the unit unpruned; without `origin`, the curve starts at the
+    grid's first rate) and the measured points (rate, loss increase), made non-decreasing first (more
+    pruning never helps)."""
+    points, best = ([(0.0, 0.0)], 0.0) if origin else ([], -math.inf)
     for r, v in zip(grid, curve, strict=True):
         best = max(best, v)
         points.append((r, best))
@@ -191,9 +267,10 @@ def _hull(grid: tuple[float, ...], curve: list[float]) -> list[tuple[float, floa
 
 
 def allocate(all_units: list[Unit], curves: dict[str, list[float]], grid: tuple[float, ...],
-             remove: int, spread: float | None = None) -> dict[str, int]:
+             remove: int, spread: float | None = None, origin: bool = True) -> dict[str, int]:
     """Entries to remove per unit, `remove` in all, by increasing loss per removed entry; with `spread`,
-    every unit's rate stays within it of the mean rate ``remove / entries`` (OWL's bounded spread)."""
+    every unit's rate stays within it of the mean rate ``remove / entries`` (OWL's bounded spread).
+    Without `origin` the curves start at ``grid[0]`` (no implied unpruned point; `joint_sensitivity`)."""
     capacity = sum(round(grid[-1] * u.size) for u in all_units)
     if remove > capacity:
         raise RecipeError(f"overall.target asks to remove {remove:,} entries, more than the {capacity:,} the "
@@ -208,7 +285,7 @@ def allocate(all_units: list[Unit], curves: dict[str, list[float]], grid: tuple[
     segments = []
     for u in all_units:
         floor, cap = bounds[u.name]
-        hull = _hull(grid, curves[u.name])
+        hull = _hull(grid, curves[u.name], origin)
         for (r0, v0), (r1, v1) in itertools.pairwise(hull):  # the hull cut to the bounds, slopes unchanged
             a, b = round(r0 * u.size), round(r1 * u.size)
             if min(b, cap) > max(a, floor):
@@ -238,6 +315,15 @@ def matrix_rates(all_units: list[Unit], counts: dict[str, int], model: nn.Module
     return rates
 
 
+def joint_grid(mean: float, cfg: OverallConfig) -> tuple[tuple[float, ...], int]:
+    """The rates a joint measurement visits, ``mean + spread * k / points`` for k = -points..points clipped
+    to [0, max_rate] (the bounds `allocate` keeps to), and the index of the mean among them."""
+    steps = [cfg.spread * k / cfg.points for k in range(1, cfg.points + 1)]
+    lower = sorted({max(0.0, mean - d) for d in steps if mean > 0.0})
+    upper = sorted({min(cfg.max_rate, mean + d) for d in steps if mean < cfg.max_rate})
+    return (*lower, mean, *upper), len(lower)
+
+
 def plan(adapter: Adapter, cfg: OverallConfig, calib_ids: Tensor, eval_ids: Tensor, *, embedding: bool, blocks: bool,
          stage: str | None = None, stage_cfg=None, progress: bool = True) -> tuple[dict[str, float], dict]:
     """The per-matrix rates reaching ``cfg.target`` overall, and the report of how they were chosen;
@@ -249,16 +335,22 @@ def plan(adapter: Adapter, cfg: OverallConfig, calib_ids: Tensor, eval_ids: Tens
     if not all_units:
         raise RecipeError("overall: no stage the allocation can give rates to (fpp_emb, or a pruning stage "
                           "on the block linears: sparsegpt, wanda, magnitude)")
-    grid = cfg.grid()
     remove = round(cfg.target * unique_parameters(model))
-    how = stage if cfg.sensitivity == "stage" and stage in ("sparsegpt", "wanda", "magnitude") else "wanda"
+    by_stage = cfg.sensitivity in ("stage", "joint") and stage in ("sparsegpt", "wanda", "magnitude")
+    how = stage if by_stage else "wanda"
     paths = [p for u in all_units if u.block is not None for p in u.paths]
     prune = block_pruner(model, paths, calib_ids, how, stage_cfg) if paths else None
-    curves = sensitivity(adapter, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress, prune)
-    counts = allocate(all_units, curves, grid, remove, cfg.spread)
+    if cfg.sensitivity == "joint":
+        grid, base = joint_grid(remove / sum(u.size for u in all_units), cfg)
+        curves = joint_sensitivity(adapter, all_units, calib_ids, eval_ids, grid, base, cfg.emb_criterion, prune,
+                                   progress)
+    else:
+        grid = cfg.grid()
+        curves = sensitivity(adapter, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress, prune)
+    counts = allocate(all_units, curves, grid, remove, cfg.spread, origin=cfg.sensitivity != "joint")
     rates = matrix_rates(all_units, counts, model)
-    report = {"target": cfg.target, "removed": sum(counts.values()), "grid": list(grid), "sensitivity": how,
-              "spread": cfg.spread,
+    report = {"target": cfg.target, "removed": sum(counts.values()), "grid": list(grid),
+              "sensitivity": how if cfg.sensitivity != "joint" else f"joint ({how})", "spread": cfg.spread,
               "units": [{"unit": u.name, "entries": u.size, "rate": counts[u.name] / u.size,
                          "loss_increase": curves[u.name]} for u in all_units]}
     log.info("allocation: %s of %d units pruned, rates %.2f-%.2f", sum(1 for c in counts.values() if c),

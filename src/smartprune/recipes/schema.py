@@ -108,12 +108,15 @@ class OverallConfig:
 
     target: float = option(0.5, "fraction of all the model's parameters removed (exactly)", lo=0.0, hi=0.99)
     max_rate: float = option(0.9, "highest rate any matrix may reach (the sensitivity grid's top)", lo=0.01, hi=1.0)
-    points: int = option(4, "sensitivity grid: rates max_rate * k / points for k = 1..points", lo=1, hi=100)
+    points: int = option(4, "sensitivity grid: rates max_rate * k / points for k = 1..points (joint: mean "
+                         "+- spread * k / points)", lo=1, hi=100)
     emb_criterion: str = option("frequency", "how the embedding is scored while measuring: magnitude | frequency",
                                 choices=("magnitude", "frequency"))
     sensitivity: str = option("wanda", "how a block unit is pruned while its loss is measured: wanda (|W| * ||X||, "
                               "no weight update) | stage (by the recipe's own pruning stage: SparseGPT with its "
-                              "weight update, Wanda or magnitude)", choices=("wanda", "stage"))
+                              "weight update, Wanda or magnitude) | joint (by the stage, each unit moved by +-spread "
+                              "while every other unit sits at the mean rate; divergence from the dense model; "
+                              "needs spread)", choices=("wanda", "stage", "joint"))
     spread: float | None = option(None, "bound every unit's rate to within this of the mean rate the allocatable "
                                   "matrices need (OWL's lambda); none: unbounded", lo=0.0, hi=1.0)
 
@@ -327,6 +330,9 @@ def _check_overall(stages: dict[str, FitConfig], overall: OverallConfig | None, 
                           f"stage ({', '.join(PRUNING_STAGES)}); remove {', '.join(others)}")
     if sum(k in PRUNING_STAGES for k in stages) > 1:
         raise RecipeError(f"recipe {source}: overall: one pruning stage at most")
+    if overall.sensitivity == "joint" and not overall.spread:
+        raise RecipeError(f"recipe {source}: overall: sensitivity 'joint' measures each unit within +-spread of the "
+                          "mean rate; set overall.spread (e.g. 0.1)")
     if any(getattr(stages.get(k), "owl", None) is not None for k in PRUNING_STAGES):
         raise RecipeError(f"recipe {source}: overall: the allocation and OWL both set the block sparsities; "
                           "keep one")
