@@ -150,7 +150,12 @@ def test_compress_with_a_recover_section_resumes_without_compressing_again(model
     assert done.report["recovery"]["steps"] == 5
     assert not (tmp_path / ".c.recover-checkpoint").exists()
     a, b = load(tmp_path / "straight", structured=False), load(tmp_path / "c", structured=False)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    # The straight run trains the student it compressed in memory, the resumed one the student reloaded
+    # from disk; on some CPUs (2026-11-30, AMD EPYC, MKL) the two then differ by float32 rounding in a few
+    # attention weights (measured up to 6e-8; the same at the commit before, so not a resume fault), while
+    # every step's loss stays identical. In-memory resume stays bit for bit (the test above).
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
     straight = json.loads((tmp_path / "straight" / "report.json").read_text())["recovery"]
     assert done.report["recovery"]["loss"] == straight["loss"]
 
