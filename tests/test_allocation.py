@@ -187,10 +187,12 @@ def test_joint_sensitivity_measures_divergence_around_the_mean_and_restores_the_
     assert sum(c[2] for c in curves.values()) > 0 > sum(c[0] for c in curves.values())
 
 
-def test_a_joint_allocation_meets_the_target_within_the_spread(calib):
+@pytest.mark.parametrize("embedding", [False, True])
+def test_a_joint_allocation_meets_the_target_within_the_spread(embedding, calib):
     model = tiny_model("llama")
+    emb = {"fpp_emb": {"criterion": "frequency", "steps": 0}} if embedding else {}
     recipe = build_recipe({"overall": {"target": 0.3, "sensitivity": "joint", "spread": 0.1, "points": 1},
-                           "sparsegpt": {}}, "x", "test")
+                           **emb, "sparsegpt": {}}, "x", "test")
     report = compress(model, None, recipe, calib=calib, progress=False).report
     o, a = report["overall"], report["allocation"]
     assert o["params_before"] - o["params_after"] == round(0.3 * o["params_before"])
@@ -198,6 +200,7 @@ def test_a_joint_allocation_meets_the_target_within_the_spread(calib):
     mean = a["grid"][1]
     assert all(mean - 0.1 - 1 / u["entries"] <= u["rate"] <= mean + 0.1 + 1 / u["entries"] for u in a["units"])
     assert all(u["loss_increase"][1] == 0.0 for u in a["units"])
+    assert any(u["unit"] == "embedding" for u in a["units"]) == embedding
 
 
 def test_a_joint_measurement_needs_a_spread():

@@ -35,7 +35,7 @@ def test_gpu_script_dry_run_runs_every_step(use_data, tmp_path, monkeypatch):
     assert (tmp_path / "gpu.md").is_file()
 
 
-@pytest.mark.slow  # 39 s: the two compare steps (o: OWL at 50%, s: the bounded-spread allocation)
+@pytest.mark.slow  # 33 s: the two compare steps (o: OWL at 50%, s: the bounded-spread and joint allocations)
 def test_gpu_script_dry_run_runs_the_compare_steps(use_data, tmp_path, monkeypatch):
     if not (use_data / "gpt2-tokenizer").is_dir():
         pytest.skip("GPT-2 tokenizer not in the data folder")

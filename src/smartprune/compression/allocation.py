@@ -162,6 +162,14 @@ def _prune_lowest(weight: Tensor, score: Tensor, rate: float) -> None:
         weight.mul_(keep.view_as(weight))  # the weight may be a transposed view: no flat view of it
 
 
+def embedding_scores(adapter: Adapter, modules: list[nn.Module], calib_ids: Tensor, criterion: str) -> list[Tensor]:
+    """How the embedding table(s) are ranked while measured: by their FPP criterion (no input
+    activations), magnitude where the criterion gives none."""
+    counts = lookup_counts(adapter.embed, calib_ids, modules)
+    found = [criterion_score(m.weight, criterion, c) for m, c in zip(modules, counts, strict=True)]
+    return [m.weight.detach().abs() if s is None else s for m, s in zip(modules, found, strict=True)]
+
+
 def sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor, eval_ids: Tensor,
                 grid: tuple[float, ...], emb_criterion: str, progress: bool = True,
                 prune: Pruner | None = None) -> dict[str, list[float]]:
@@ -178,10 +186,8 @@ def sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor, eval
         weights = [m.weight for m in modules]
         saved = [w.detach().clone() for w in weights]
         scores = None
-        if u.block is None:  # the embedding: scored by its FPP criterion (no input activations)
-            counts = lookup_counts(adapter.embed, calib_ids, modules)
-            found = [criterion_score(w, emb_criterion, c) for w, c in zip(weights, counts, strict=True)]
-            scores = [w.detach().abs() if s is None else s for w, s in zip(weights, found, strict=True)]
+        if u.block is None:
+            scores = embedding_scores(adapter, modules, calib_ids, emb_criterion)
         curve = []
         with torch.no_grad():
             for rate in grid:
@@ -207,14 +213,11 @@ def joint_sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor
     model = adapter.model
     loss = HeldOutLoss(adapter, eval_ids, divergence=True)  # the dense reference, before anything is pruned
     dense = {p: model.get_submodule(p).weight.detach().clone() for u in all_units for p in u.paths}
-    emb = [u for u in all_units if u.block is None]
     emb_scores = {}
-    if emb:
-        modules = [model.get_submodule(p) for p in emb[0].paths]
-        counts = lookup_counts(adapter.embed, calib_ids, modules)
-        for p, m, c in zip(emb[0].paths, modules, counts, strict=True):
-            found = criterion_score(m.weight, emb_criterion, c)
-            emb_scores[p] = m.weight.detach().abs() if found is None else found
+    for u in all_units:
+        if u.block is None:
+            modules = [model.get_submodule(p) for p in u.paths]
+            emb_scores.update(zip(u.paths, embedding_scores(adapter, modules, calib_ids, emb_criterion), strict=True))
     versions: dict[tuple[str, float], Tensor] = {}
 
     def set_rate(u: Unit, rate: float) -> None:
@@ -340,17 +343,18 @@ def plan(adapter: Adapter, cfg: OverallConfig, calib_ids: Tensor, eval_ids: Tens
     how = stage if by_stage else "wanda"
     paths = [p for u in all_units if u.block is not None for p in u.paths]
     prune = block_pruner(model, paths, calib_ids, how, stage_cfg) if paths else None
-    if cfg.sensitivity == "joint":
+    joint = cfg.sensitivity == "joint"
+    if joint:
         grid, base = joint_grid(remove / sum(u.size for u in all_units), cfg)
         curves = joint_sensitivity(adapter, all_units, calib_ids, eval_ids, grid, base, cfg.emb_criterion, prune,
                                    progress)
     else:
         grid = cfg.grid()
         curves = sensitivity(adapter, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress, prune)
-    counts = allocate(all_units, curves, grid, remove, cfg.spread, origin=cfg.sensitivity != "joint")
+    counts = allocate(all_units, curves, grid, remove, cfg.spread, origin=not joint)
     rates = matrix_rates(all_units, counts, model)
     report = {"target": cfg.target, "removed": sum(counts.values()), "grid": list(grid),
-              "sensitivity": how if cfg.sensitivity != "joint" else f"joint ({how})", "spread": cfg.spread,
+              "sensitivity": f"joint ({how})" if joint else how, "spread": cfg.spread,
               "units": [{"unit": u.name, "entries": u.size, "rate": counts[u.name] / u.size,
                          "loss_increase": curves[u.name]} for u in all_units]}
     log.info("allocation: %s of %d units pruned, rates %.2f-%.2f", sum(1 for c in counts.values() if c),
