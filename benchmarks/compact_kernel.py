@@ -5,9 +5,11 @@ and without it, in float32, bfloat16 and int8 values, against the dense model (`
 
 COMPRESSED is a folder written by ``compress --out`` (e.g. SparseGPT at 50% of the block linears).
 Its bfloat16 and int8 re-encodings are written into --out (the same masks and values, stored
-narrower). One bench run against the dense model in the same process with the kernel; with --unpack a
-second one with ``SMARTPRUNE_KERNEL=0`` (the unpacking path, ~0.1x dense decoding: slow) in a child
-process. Results: ``kernel.json`` and ``kernel.md`` in --out.
+narrower); with --same-precision the dense model's own bfloat16 and int8 re-encodings beside them. One
+bench run against the dense model in the same process with the kernel; with --avx2 another with
+``SMARTPRUNE_KERNEL=avx2`` (the AVX2 loops on an AVX-512 CPU), with --unpack one with
+``SMARTPRUNE_KERNEL=0`` (the unpacking path, ~0.1x dense decoding: slow), each in a child process.
+Results: ``kernel.json`` and ``kernel.md`` in --out.
 """
 
 from __future__ import annotations
@@ -41,9 +43,24 @@ def narrower(folder: Path, out: Path) -> list[str]:
     return specs
 
 
+def dense_narrower(dense: str, out: Path) -> list[str]:
+    """The dense model's own bfloat16 and int8 re-encodings (every entry stored, no mask, held compact and
+    decoded by the kernel's unmasked loops): the reference in the same precision (written once)."""
+    from smartprune.storage.sources import load_model
+
+    specs = []
+    for dtype in ("bfloat16", "int8"):
+        target = out / f"dense-{dtype}"
+        if not target.is_dir():
+            loaded = load_model(dense)
+            save(loaded.model, target, tokenizer=loaded.tokenizer, dtype=dtype)
+        specs.append(str(target))
+    return specs
+
+
 def run_bench(specs: list[str], repeats: int) -> dict:
     settings = BenchSettings(repeats=repeats, lengths=(512,), batches=(8,), residencies=("compact",), device="cpu",
-                             compute_dtypes=("float32",))
+                             compute_dtypes=("float32",), train=False)
     return bench(specs, settings, progress=False).to_dict()
 
 
@@ -51,7 +68,9 @@ def markdown(data: dict) -> str:
     lines = ["# Decoding from the packed form", "",
              f"{data['folder']} held compact against the dense model ({data['dense']}), float32 compute, median of "
              f"{data['repeats']} interleaved rounds; (xR) = ratio to dense in the same run.", ""]
-    for label, key in (("with the compiled kernel", "kernel"), ("without it (SMARTPRUNE_KERNEL=0)", "unpack")):
+    for label, key in (("with the compiled kernel", "kernel"),
+                       ("the kernel's AVX2 loops (SMARTPRUNE_KERNEL=avx2)", "avx2"),
+                       ("without it (SMARTPRUNE_KERNEL=0)", "unpack")):
         if key not in data:
             continue
         models = data[key]["models"]
@@ -75,21 +94,28 @@ def main() -> None:
     p.add_argument("--dense", default="smollm2-135m")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--unpack", action="store_true", help="also bench the unpacking path (SMARTPRUNE_KERNEL=0)")
-    p.add_argument("--child", help=argparse.SUPPRESS)  # the unpacking run, in its own process
+    p.add_argument("--avx2", action="store_true", help="also bench the kernel's AVX2 loops on an AVX-512 CPU")
+    p.add_argument("--same-precision", action="store_true",
+                   help="also bench the dense model's bfloat16 and int8 re-encodings (the same-precision reference)")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # a run under another SMARTPRUNE_KERNEL, in its own process
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    specs = [args.dense, *narrower(args.folder, args.out)]
+    specs = [args.dense, *(dense_narrower(args.dense, args.out) if args.same_precision else []),
+             *narrower(args.folder, args.out)]
     if args.child:
         Path(args.child).write_text(json.dumps(run_bench(specs, args.repeats)))
         return
     data = {"folder": str(args.folder), "dense": args.dense, "repeats": args.repeats,
             "kernel": run_bench(specs, args.repeats)}
-    if args.unpack:
-        child = args.out / "unpack.json"
-        env = {**os.environ, "SMARTPRUNE_KERNEL": "0"}
+    for key, value, wanted in (("avx2", "avx2", args.avx2), ("unpack", "0", args.unpack)):
+        if not wanted:
+            continue
+        child = args.out / f"{key}.json"
+        env = {**os.environ, "SMARTPRUNE_KERNEL": value}
         subprocess.run([sys.executable, __file__, str(args.folder), "--out", str(args.out), "--dense", args.dense,
-                        "--repeats", str(args.repeats), "--child", str(child)], check=True, env=env)
-        data["unpack"] = json.loads(child.read_text())
+                        "--repeats", str(args.repeats), "--child", str(child),
+                        *(["--same-precision"] if args.same_precision else [])], check=True, env=env)
+        data[key] = json.loads(child.read_text())
     write_results(args.out, "kernel", data, markdown(data))
     print(markdown(data))
 

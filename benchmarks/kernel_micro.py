@@ -4,7 +4,9 @@ product of the same matrices, on the same thread count.
 
     python benchmarks/kernel_micro.py --out runs/kernel-micro
 
-Median of --repeats passes over all 210 matrices (after one warm-up pass), per value dtype. What it
+Median of --repeats passes over all 210 matrices (after one warm-up pass), per value dtype, through the
+kernel's AVX2 loops and, where the CPU has AVX-512, its AVX-512 loops; beside them the kernel's product
+with every entry stored (no mask) in bfloat16 and int8, the dense reference in the same precision. What it
 isolates: the product itself, without the rest of a decoding step (attention, norms, the output head,
 Python), which `benchmarks/compact_kernel.py` measures end to end. Writes ``micro.json`` and ``micro.md``.
 """
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from smartprune.files import write_results
-from smartprune.modules.kernels import packed_product
+from smartprune.modules.kernels import ISA, dense_product, kernel_isa, packed_product
 
 # (d_in, d_out) of one SmolLM2-135M block's linears: Q, K, V, O, gate, up, down
 BLOCK = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576))
@@ -40,7 +42,10 @@ def matrices(sparsity: float, blocks: int, seed: int = 0) -> list[dict]:
             out.append({"dense": (w * mask).contiguous(), "cols": cols, "row_ptr": row_ptr,
                         "bits": torch.from_numpy(np.packbits(mask.numpy(), axis=1).reshape(-1)),
                         "values": {"float32": values, "bfloat16": values.to(torch.bfloat16),
-                                   "int8": values.clamp(-1, 1).mul(127).round().to(torch.int8)}})
+                                   "int8": values.clamp(-1, 1).mul(127).round().to(torch.int8)},
+                        # every entry stored, no mask: the dense reference in the same narrow precision
+                        "unmasked": {"bfloat16": (w * mask).reshape(-1).to(torch.bfloat16),
+                                     "int8": (w * mask).reshape(-1).clamp(-1, 1).mul(127).round().to(torch.int8)}})
     return out
 
 
@@ -64,12 +69,19 @@ def main() -> None:
     op = packed_product()
     if op is None:
         raise SystemExit("the kernel is not built here (a C++ compiler is needed)")
+    dense_op = dense_product()
     mats = matrices(args.sparsity, args.blocks)
     xs = {r: torch.randn(1, r) for r in {m["dense"].shape[0] for m in mats}}
 
     def dense() -> None:
         for m in mats:
             xs[m["dense"].shape[0]] @ m["dense"]
+
+    def unmasked(dtype: str):
+        def run() -> None:
+            for m in mats:
+                dense_op(xs[m["dense"].shape[0]], m["unmasked"][dtype], m["cols"])
+        return run
 
     def packed(dtype: str):
         def run() -> None:
@@ -79,9 +91,18 @@ def main() -> None:
 
     base = timed(dense, args.repeats)
     rows = [{"product": "dense (torch)", "ms": base * 1e3, "time_vs_dense": 1.0}]
-    for name in DTYPES:
-        t = timed(packed(name), args.repeats)
-        rows.append({"product": f"packed, {name} values", "ms": t * 1e3, "time_vs_dense": t / base})
+    best = kernel_isa()
+    for isa in range(1, best + 1):  # AVX2, then AVX-512 where the CPU has it
+        kernel_isa(isa)
+        for name in ("bfloat16", "int8"):
+            t = timed(unmasked(name), args.repeats)
+            rows.append({"product": f"dense, {name} values, no mask ({ISA[isa]})", "isa": ISA[isa], "ms": t * 1e3,
+                         "time_vs_dense": t / base})
+        for name in DTYPES:
+            t = timed(packed(name), args.repeats)
+            rows.append({"product": f"packed, {name} values ({ISA[isa]})", "isa": ISA[isa], "ms": t * 1e3,
+                         "time_vs_dense": t / base})
+    kernel_isa(best)
     data = {"sparsity": args.sparsity, "matrices": len(mats), "threads": torch.get_num_threads(),
             "repeats": args.repeats, "rows": rows}
     md = [f"# One token through {len(mats)} SmolLM2-shaped block linears at {args.sparsity:.0%} sparsity",

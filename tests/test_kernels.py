@@ -4,6 +4,9 @@ every value dtype, 8-bit scales on either axis), and the fallback where it canno
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -51,24 +54,59 @@ def _count_calls(monkeypatch, name: str) -> list:
     return calls
 
 
-# rows not a multiple of 4 exercise the single-row loop after the 4-row blocks of decoding
-@pytest.mark.parametrize("rows,cols", [(8, 8), (6, 16), (43, 24), (40, 24), (576, 576), (576, 192), (576, 1536),
-                                       (1536, 576)])
+@pytest.fixture(params=[1, 2], ids=["AVX2", "AVX-512"])
+def isa(request):
+    """Each of the kernel's one-token loops in turn (AVX-512 only where the CPU has it), restored after."""
+    _op()
+    best = kernels.kernel_isa()
+    if request.param > best:
+        pytest.skip("this CPU lacks AVX-512")
+    kernels.kernel_isa(request.param)
+    yield request.param
+    kernels.kernel_isa(best)
+
+
+# rows not a multiple of 4 exercise the single-row loop after the 4-row blocks of decoding; 24 and 40
+# columns (3 and 5 mask bytes) the odd last byte of the AVX-512 loop's 16-column steps
+@pytest.mark.parametrize("rows,cols", [(8, 8), (6, 16), (43, 24), (40, 24), (12, 40), (576, 576), (576, 192),
+                                       (576, 1536), (1536, 576)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
-def test_the_kernel_equals_the_dense_product(rows, cols, sparsity):
+def test_the_kernel_equals_the_dense_product(rows, cols, sparsity, isa):
     op = _op()
     w = _sparse(rows, cols, sparsity, seed=rows + cols)
     for t in (1, 3, 8):
         x = torch.randn(t, rows, generator=torch.Generator().manual_seed(t))
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            p = _packed(w, dtype)
-            want = x.double() @ w.to(dtype).double()
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+            stored = (w * 20).round().clamp(-127, 127) if dtype == torch.int8 else w
+            p = _packed(stored, dtype)
+            want = x.double() @ stored.to(dtype).double()
             got = op(x, p.bits, p.values, p.row_ptr, cols)
             assert torch.allclose(got.double(), want, atol=1e-4 * max(1.0, want.abs().max().item()), rtol=1e-4)
 
 
-@pytest.mark.parametrize("rows,cols", [(8, 8), (43, 24), (576, 1536), (1536, 576)])
-def test_the_kernel_for_matrices_stored_without_a_mask_equals_the_dense_product(rows, cols):
+def test_the_kernel_isa_switch_reports_and_refuses():
+    _op()
+    best = kernels.kernel_isa()
+    assert best in (1, 2)
+    assert kernels.kernel_isa(1) == 1 and kernels.kernel_isa() == 1
+    if best == 1:
+        with pytest.raises(RuntimeError, match="lacks AVX-512"):
+            kernels.kernel_isa(2)
+    kernels.kernel_isa(best)
+    with pytest.raises(RuntimeError, match="want is 0"):
+        kernels.kernel_isa(3)
+
+
+def test_smartprune_kernel_avx2_keeps_the_avx2_loops():
+    _op()
+    code = "from smartprune.modules import kernels; print(kernels.kernel_isa())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "SMARTPRUNE_KERNEL": "avx2"})
+    assert done.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("rows,cols", [(8, 8), (43, 24), (12, 40), (576, 1536), (1536, 576)])
+def test_the_kernel_for_matrices_stored_without_a_mask_equals_the_dense_product(rows, cols, isa):
     _op()
     op = kernels.dense_product()
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))

@@ -5,11 +5,13 @@ own headers and libraries (no ninja, no Python bindings: the kernel registers to
 ``torch.ops.smartprune.packed_product`` and, for matrices stored without a mask,
 ``torch.ops.smartprune.dense_product``, and runs on torch's thread pool), cached under
 ``$SMARTPRUNE_CACHE/kernels`` (default ``~/.cache/smartprune/kernels``) and loaded with ``torch.ops.load_library``.
-``./run setup`` builds it ahead; otherwise the first packed product does (about 30 s).
+``./run setup`` builds it ahead; otherwise the first packed product does (about 30 s). One library
+serves every x86-64 CPU with AVX2: the one-token loops pick AVX-512 at run time where the CPU has it
+(``kernel_isa``).
 
 Where it cannot be built (no compiler, a CPU without AVX2 and FMA, another platform) or is switched
 off (``SMARTPRUNE_KERNEL=0``) the packed modules keep their pure-torch path (unpack, then multiply),
-said once in the log.
+said once in the log. ``SMARTPRUNE_KERNEL=avx2`` keeps the AVX2 loops on an AVX-512 CPU (to compare).
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def packed_product():
         try:
             torch.ops.load_library(str(build()))
             op = torch.ops.smartprune.packed_product
+            if os.environ.get("SMARTPRUNE_KERNEL") == "avx2":  # the AVX2 loops on an AVX-512 CPU (to compare)
+                torch.ops.smartprune.kernel_isa(1)
         except (OSError, RuntimeError) as exc:
             why = f"building it failed: {exc}"
     if op is None:
@@ -108,6 +112,18 @@ def dense_product():
     return None if packed_product() is None else torch.ops.smartprune.dense_product
 
 
+ISA = {1: "AVX2", 2: "AVX-512"}
+
+
+def kernel_isa(want: int = 0) -> int:
+    """Which loops the one-token products take: 1 = AVX2, 2 = AVX-512 (the default where the CPU has
+    AVX-512 F/BW/VL/VBMI2/DQ). ``want`` 1 or 2 switches for the whole process (benchmarks and tests
+    compare the two); 0 only reports. 0 where the kernel cannot be built."""
+    if packed_product() is None:
+        return 0
+    return int(torch.ops.smartprune.kernel_isa(want))
+
+
 def main() -> int:
     """``python -m smartprune.modules.kernels``: build the kernel now (``./run setup`` does)."""
     why = _why_not()
@@ -116,6 +132,7 @@ def main() -> int:
         return 0
     try:
         print(f"compact decoding kernel: {build()}")
+        print(f"  one-token loops: {ISA[kernel_isa()]}")
     except RuntimeError as exc:
         print(f"compact decoding kernel not built: {exc}")
     return 0

@@ -10,11 +10,17 @@
 // own thread pool), so each keeps its slice of y in L1 and no partial sums are merged; one token's
 // product adds four rows of W at a time, so y is loaded and stored once per four rows and the four
 // positions in the stored values advance independently.
+//
+// On a CPU with AVX-512 (F, BW, VL, VBMI2) the one-token loops take 16 columns at a time instead:
+// two mask bytes, bit-reversed by a 256-byte table into an AVX-512 lane mask, and `vexpandps` (or its
+// 16- and 8-bit forms) spreads the stored values to their lanes in one instruction. Chosen once at run
+// time (`kernel_isa`), so one library serves both kinds of CPU; everything else stays AVX2.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstring>
 
 namespace {
@@ -98,6 +104,10 @@ constexpr int kBlock = 4;  // rows of W added into y together when decoding (y l
 // Columns [byte0 * 8, byte1 * 8) of y (t, cols) = a (t, rows) @ W (the value type a template argument, so
 // the inner loop has no branch on it).
 template <Kind kind>
+void rows_from(int64_t i, const float* a, int64_t t, int64_t rows, const uint8_t* bits, const void* values,
+               const int64_t* row_ptr, int64_t cols, int64_t total, int64_t byte0, int64_t byte1, float* y);
+
+template <Kind kind>
 void columns(const float* a, int64_t t, int64_t rows, const uint8_t* bits, const void* values,
              const int64_t* row_ptr, int64_t cols, int64_t total, int64_t byte0, int64_t byte1, float* y) {
   const int64_t bytes = cols / 8, span = byte1 - byte0;
@@ -131,6 +141,14 @@ void columns(const float* a, int64_t t, int64_t rows, const uint8_t* bits, const
       }
     }
   }
+  rows_from<kind>(i, a, t, rows, bits, values, row_ptr, cols, total, byte0, byte1, y);
+}
+
+// Rows [i, rows) one at a time, any t <= 8 (the matrix's last rows, or a few tokens at once).
+template <Kind kind>
+void rows_from(int64_t i, const float* a, int64_t t, int64_t rows, const uint8_t* bits, const void* values,
+               const int64_t* row_ptr, int64_t cols, int64_t total, int64_t byte0, int64_t byte1, float* y) {
+  const int64_t bytes = cols / 8;
   __m256 coef[8];
   for (; i < rows; i++) {
     const uint8_t* row = bits + i * bytes;
@@ -161,6 +179,10 @@ void columns(const float* a, int64_t t, int64_t rows, const uint8_t* bits, const
 // Columns [c8_0 * 8, c8_1 * 8) of y (t, cols) = a (t, rows) @ W for a W with every entry stored (no mask:
 // a dense matrix in narrower values, e.g. the dense model in int8): the same loops without the expansion.
 template <Kind kind>
+void dense_rows_from(int64_t i, const float* a, int64_t t, int64_t rows, const void* values, int64_t cols,
+                     int64_t c8_0, int64_t c8_1, float* y);
+
+template <Kind kind>
 void dense_columns(const float* a, int64_t t, int64_t rows, const void* values, int64_t cols, int64_t c8_0,
                    int64_t c8_1, float* y) {
   int64_t i = 0;
@@ -179,6 +201,12 @@ void dense_columns(const float* a, int64_t t, int64_t rows, const void* values, 
       }
     }
   }
+  dense_rows_from<kind>(i, a, t, rows, values, cols, c8_0, c8_1, y);
+}
+
+template <Kind kind>
+void dense_rows_from(int64_t i, const float* a, int64_t t, int64_t rows, const void* values, int64_t cols,
+                     int64_t c8_0, int64_t c8_1, float* y) {
   __m256 coef[8];
   for (; i < rows; i++) {
     for (int64_t s = 0; s < t; s++) coef[s] = _mm256_set1_ps(a[s * rows + i]);
@@ -190,6 +218,160 @@ void dense_columns(const float* a, int64_t t, int64_t rows, const void* values, 
       }
     }
   }
+}
+
+
+// ---- AVX-512: the one-token loops, 16 columns (two mask bytes) per step --------------------------------
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512dq,fma,popcnt")))
+
+struct Reversed {
+  // byte -> the same byte with its bits in the opposite order: np.packbits puts column 0 in bit 7, an
+  // AVX-512 lane mask puts lane 0 in bit 0
+  uint8_t of[256];
+  Reversed() {
+    for (int b = 0; b < 256; b++) {
+      int r = 0;
+      for (int j = 0; j < 8; j++) r |= ((b >> j) & 1) << (7 - j);
+      of[b] = static_cast<uint8_t>(r);
+    }
+  }
+};
+const Reversed kReversed;
+
+// 16 stored values from position p, spread to the lanes set in k (zeros elsewhere), as float32. Reads 16
+// values whatever k holds: the caller makes sure they exist.
+template <Kind kind>
+AVX512 inline __m512 expand16(const void* v, int64_t p, __mmask16 k) {
+  switch (kind) {
+    case kFloat: return _mm512_maskz_expand_ps(k, _mm512_loadu_ps(static_cast<const float*>(v) + p));
+    case kBFloat16: {
+      const __m256i h = _mm256_maskz_expand_epi16(
+          k, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(v) + p)));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    case kHalf:
+      return _mm512_cvtph_ps(_mm256_maskz_expand_epi16(
+          k, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(v) + p))));
+    default: {
+      const __m128i b = _mm_maskz_expand_epi8(
+          k, _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(v) + p)));
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    }
+  }
+}
+
+template <Kind kind>
+AVX512 inline __m512 load16(const void* v, int64_t p) {
+  switch (kind) {
+    case kFloat: return _mm512_loadu_ps(static_cast<const float*>(v) + p);
+    case kBFloat16: {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(v) + p));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    case kHalf:
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(v) + p)));
+    default:
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(v) + p))));
+  }
+}
+
+AVX512 inline __mmask16 lanes(const uint8_t* m) {
+  return static_cast<__mmask16>(kReversed.of[m[0]] | (kReversed.of[m[1]] << 8));
+}
+
+// `columns` for one token on AVX-512: kBlock rows at a time, 16 columns per step; an odd last mask byte
+// of the slice takes the 8-lane form. Rows it does not reach go to the AVX2 loop.
+template <Kind kind>
+AVX512 void columns512(const float* a, int64_t t, int64_t rows, const uint8_t* bits, const void* values,
+                       const int64_t* row_ptr, int64_t cols, int64_t total, int64_t byte0, int64_t byte1,
+                       float* y) {
+  const int64_t bytes = cols / 8, span = byte1 - byte0, pairs = span / 2;
+  int64_t i = 0;
+  float* __restrict out = y + byte0 * 8;
+  for (; t == 1 && i + kBlock <= rows; i += kBlock) {
+    const uint8_t* m0 = bits + i * bytes;
+    const uint8_t* m1 = m0 + bytes;
+    const uint8_t* m2 = m1 + bytes;
+    const uint8_t* m3 = m2 + bytes;
+    int64_t p0 = slice_start(m0, row_ptr[i], byte0), p1 = slice_start(m1, row_ptr[i + 1], byte0);
+    int64_t p2 = slice_start(m2, row_ptr[i + 2], byte0), p3 = slice_start(m3, row_ptr[i + 3], byte0);
+    if (p3 + 8 * span + 16 > total) break;  // 16: the odd byte's step reads 16 values too
+    const __m512 c0 = _mm512_set1_ps(a[i]), c1 = _mm512_set1_ps(a[i + 1]);
+    const __m512 c2 = _mm512_set1_ps(a[i + 2]), c3 = _mm512_set1_ps(a[i + 3]);
+    m0 += byte0, m1 += byte0, m2 += byte0, m3 += byte0;
+    for (int64_t c = 0; c < pairs; c++) {
+      const __mmask16 k0 = lanes(m0 + 2 * c), k1 = lanes(m1 + 2 * c), k2 = lanes(m2 + 2 * c), k3 = lanes(m3 + 2 * c);
+      __m512 acc = _mm512_loadu_ps(out + c * 16);
+      acc = _mm512_fmadd_ps(c0, expand16<kind>(values, p0, k0), acc);
+      acc = _mm512_fmadd_ps(c1, expand16<kind>(values, p1, k1), acc);
+      acc = _mm512_fmadd_ps(c2, expand16<kind>(values, p2, k2), acc);
+      acc = _mm512_fmadd_ps(c3, expand16<kind>(values, p3, k3), acc);
+      _mm512_storeu_ps(out + c * 16, acc);
+      p0 += __builtin_popcount(k0), p1 += __builtin_popcount(k1);
+      p2 += __builtin_popcount(k2), p3 += __builtin_popcount(k3);
+    }
+    if (span % 2) {  // the slice's last byte: its 8 lanes only
+      const int64_t c = span - 1;
+      const __mmask16 k0 = kReversed.of[m0[c]], k1 = kReversed.of[m1[c]];
+      const __mmask16 k2 = kReversed.of[m2[c]], k3 = kReversed.of[m3[c]];
+      __m512 acc = _mm512_maskz_loadu_ps(0xff, out + c * 8);
+      acc = _mm512_fmadd_ps(c0, expand16<kind>(values, p0, k0), acc);
+      acc = _mm512_fmadd_ps(c1, expand16<kind>(values, p1, k1), acc);
+      acc = _mm512_fmadd_ps(c2, expand16<kind>(values, p2, k2), acc);
+      acc = _mm512_fmadd_ps(c3, expand16<kind>(values, p3, k3), acc);
+      _mm512_mask_storeu_ps(out + c * 8, 0xff, acc);
+    }
+  }
+  rows_from<kind>(i, a, t, rows, bits, values, row_ptr, cols, total, byte0, byte1, y);
+}
+
+// `dense_columns` for one token on AVX-512: 16 columns per step, an odd last group of 8 masked.
+template <Kind kind>
+AVX512 void dense_columns512(const float* a, int64_t t, int64_t rows, const void* values, int64_t cols,
+                             int64_t c8_0, int64_t c8_1, float* y) {
+  int64_t i = 0;
+  const int64_t end = c8_1 * 8;
+  for (; t == 1 && i + kBlock <= rows; i += kBlock) {
+    const __m512 c0 = _mm512_set1_ps(a[i]), c1 = _mm512_set1_ps(a[i + 1]);
+    const __m512 c2 = _mm512_set1_ps(a[i + 2]), c3 = _mm512_set1_ps(a[i + 3]);
+    const int64_t r0 = i * cols, r1 = r0 + cols, r2 = r1 + cols, r3 = r2 + cols;
+    int64_t c = c8_0 * 8;
+    for (; c + 16 <= end; c += 16) {
+      __m512 acc = _mm512_loadu_ps(y + c);
+      acc = _mm512_fmadd_ps(c0, load16<kind>(values, r0 + c), acc);
+      acc = _mm512_fmadd_ps(c1, load16<kind>(values, r1 + c), acc);
+      acc = _mm512_fmadd_ps(c2, load16<kind>(values, r2 + c), acc);
+      acc = _mm512_fmadd_ps(c3, load16<kind>(values, r3 + c), acc);
+      _mm512_storeu_ps(y + c, acc);
+    }
+    if (c < end) {  // 8 columns left: the AVX2 form (never reads past the row's end)
+      __m256 acc = _mm256_loadu_ps(y + c);
+      acc = _mm256_fmadd_ps(_mm512_castps512_ps256(c0), load8<kind>(values, r0 + c), acc);
+      acc = _mm256_fmadd_ps(_mm512_castps512_ps256(c1), load8<kind>(values, r1 + c), acc);
+      acc = _mm256_fmadd_ps(_mm512_castps512_ps256(c2), load8<kind>(values, r2 + c), acc);
+      acc = _mm256_fmadd_ps(_mm512_castps512_ps256(c3), load8<kind>(values, r3 + c), acc);
+      _mm256_storeu_ps(y + c, acc);
+    }
+  }
+  dense_rows_from<kind>(i, a, t, rows, values, cols, c8_0, c8_1, y);
+}
+
+// Which loops the products take: 2 = AVX-512 (where the CPU has F, BW, VL and VBMI2), 1 = AVX2.
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+         __builtin_cpu_supports("avx512dq");
+}
+std::atomic<int> g_isa{has_avx512() ? 2 : 1};
+
+// want 0: report; 1 or 2: use AVX2 / AVX-512 from now on (2 only where the CPU has it). Returns the choice.
+int64_t kernel_isa(int64_t want) {
+  TORCH_CHECK(want >= 0 && want <= 2, "kernel_isa: want is 0 (report), 1 (AVX2) or 2 (AVX-512)");
+  if (want == 2) TORCH_CHECK(has_avx512(), "kernel_isa: this CPU lacks AVX-512 F/BW/VL/VBMI2/DQ");
+  if (want) g_isa = static_cast<int>(want);
+  return g_isa;
 }
 
 Kind kind_of(const at::Tensor& values) {
@@ -222,7 +404,17 @@ at::Tensor packed_product(const at::Tensor& a, const at::Tensor& bits, const at:
   const int64_t total = values.numel();
   float* yp = y.data_ptr<float>();
   // slices of at least 32 bytes of mask (256 columns): finer ones spend more on skipping than working
+  const bool wide = g_isa == 2 && t == 1;
   at::parallel_for(0, bytes, 32, [&](int64_t b0, int64_t b1) {
+    if (wide) {
+      switch (kind) {
+        case kFloat: columns512<kFloat>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
+        case kBFloat16: columns512<kBFloat16>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
+        case kHalf: columns512<kHalf>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
+        default: columns512<kInt8>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp);
+      }
+      return;
+    }
     switch (kind) {
       case kFloat: columns<kFloat>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
       case kBFloat16: columns<kBFloat16>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
@@ -246,7 +438,17 @@ at::Tensor dense_product(const at::Tensor& a, const at::Tensor& values, int64_t 
   const void* vp = values.data_ptr();
   const Kind kind = kind_of(values);
   float* yp = y.data_ptr<float>();
+  const bool wide = g_isa == 2 && t == 1;
   at::parallel_for(0, cols / 8, 32, [&](int64_t c0, int64_t c1) {
+    if (wide) {
+      switch (kind) {
+        case kFloat: dense_columns512<kFloat>(ap, t, rows, vp, cols, c0, c1, yp); break;
+        case kBFloat16: dense_columns512<kBFloat16>(ap, t, rows, vp, cols, c0, c1, yp); break;
+        case kHalf: dense_columns512<kHalf>(ap, t, rows, vp, cols, c0, c1, yp); break;
+        default: dense_columns512<kInt8>(ap, t, rows, vp, cols, c0, c1, yp);
+      }
+      return;
+    }
     switch (kind) {
       case kFloat: dense_columns<kFloat>(ap, t, rows, vp, cols, c0, c1, yp); break;
       case kBFloat16: dense_columns<kBFloat16>(ap, t, rows, vp, cols, c0, c1, yp); break;
@@ -262,9 +464,13 @@ at::Tensor dense_product(const at::Tensor& a, const at::Tensor& values, int64_t 
 TORCH_LIBRARY(smartprune, m) {
   m.def("packed_product(Tensor a, Tensor bits, Tensor values, Tensor row_ptr, int cols) -> Tensor");
   m.def("dense_product(Tensor a, Tensor values, int cols) -> Tensor");
+  m.def("kernel_isa(int want) -> int");
 }
 
 TORCH_LIBRARY_IMPL(smartprune, CPU, m) {
   m.impl("packed_product", packed_product);
   m.impl("dense_product", dense_product);
 }
+
+// no tensor argument to dispatch on: registered for every backend
+TORCH_LIBRARY_IMPL(smartprune, CatchAll, m) { m.impl("kernel_isa", kernel_isa); }
