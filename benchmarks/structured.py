@@ -291,6 +291,7 @@ def main() -> None:
     p.add_argument("--gguf-model", default="depth-40", help="the model written as GGUF and read back (depth-40)")
     p.add_argument("--no-sparsegpt", action="store_true", help="leave out the SparseGPT 50%% row")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="structured kinds (all)")
+    p.add_argument("--no-bench", action="store_true", help="make and score the models only (e.g. for frontier.py)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dense_folder = str(converted_builtin(MODEL))
@@ -308,6 +309,8 @@ def main() -> None:
             print("== gguf", flush=True)
             gguf = _cached(args.out / "gguf" / "gguf.json", lambda row=models[-1]: run_gguf(args.out, row, GGUF_LIMIT))
     models.sort(key=_order)
+    if args.no_bench:
+        return
     print("== bench", flush=True)
     names = "-".join(m["name"] for m in models)
     timed = _cached(args.out / f"bench-{hashlib.sha256(names.encode()).hexdigest()[:8]}.json", lambda: bench(

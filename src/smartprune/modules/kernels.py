@@ -117,7 +117,7 @@ ISA = {1: "AVX2", 2: "AVX-512"}
 
 def kernel_isa(want: int = 0) -> int:
     """Which loops the one-token products take: 1 = AVX2, 2 = AVX-512 (the default where the CPU has
-    AVX-512 F/BW/VL/VBMI2/DQ). ``want`` 1 or 2 switches for the whole process (benchmarks and tests
+    AVX-512 F). ``want`` 1 or 2 switches for the whole process (benchmarks and tests
     compare the two); 0 only reports. 0 where the kernel cannot be built."""
     if packed_product() is None:
         return 0

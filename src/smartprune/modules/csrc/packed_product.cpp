@@ -11,9 +11,9 @@
 // product adds four rows of W at a time, so y is loaded and stored once per four rows and the four
 // positions in the stored values advance independently.
 //
-// On a CPU with AVX-512 (F, BW, VL, VBMI2) the one-token loops take 16 columns at a time instead:
-// two mask bytes, bit-reversed by a 256-byte table into an AVX-512 lane mask, and `vexpandps` (or its
-// 16- and 8-bit forms) spreads the stored values to their lanes in one instruction. Chosen once at run
+// On a CPU with AVX-512 (F) the one-token loops take 16 columns at a time instead: two mask bytes,
+// bit-reversed by a 256-byte table into an AVX-512 lane mask, and `vexpandps` spreads 16 stored values
+// (widened to float32 first) to their lanes in one instruction. Chosen once at run
 // time (`kernel_isa`), so one library serves both kinds of CPU; everything else stays AVX2.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -222,7 +222,7 @@ void dense_rows_from(int64_t i, const float* a, int64_t t, int64_t rows, const v
 
 
 // ---- AVX-512: the one-token loops, 16 columns (two mask bytes) per step --------------------------------
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512dq,fma,popcnt")))
+#define AVX512 __attribute__((target("avx512f,fma,popcnt")))  // AVX-512 F is all these loops use
 
 struct Reversed {
   // byte -> the same byte with its bits in the opposite order: np.packbits puts column 0 in bit 7, an
@@ -348,19 +348,17 @@ AVX512 void dense_columns512(const float* a, int64_t t, int64_t rows, const void
   dense_rows_from<kind>(i, a, t, rows, values, cols, c8_0, c8_1, y);
 }
 
-// Which loops the products take: 2 = AVX-512 (where the CPU has F, BW, VL and VBMI2), 1 = AVX2.
+// Which loops the products take: 2 = AVX-512 (where the CPU has AVX-512 F), 1 = AVX2.
 bool has_avx512() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
-         __builtin_cpu_supports("avx512dq");
+  return __builtin_cpu_supports("avx512f");
 }
 std::atomic<int> g_isa{has_avx512() ? 2 : 1};
 
 // want 0: report; 1 or 2: use AVX2 / AVX-512 from now on (2 only where the CPU has it). Returns the choice.
 int64_t kernel_isa(int64_t want) {
   TORCH_CHECK(want >= 0 && want <= 2, "kernel_isa: want is 0 (report), 1 (AVX2) or 2 (AVX-512)");
-  if (want == 2) TORCH_CHECK(has_avx512(), "kernel_isa: this CPU lacks AVX-512 F/BW/VL/VBMI2/DQ");
+  if (want == 2) TORCH_CHECK(has_avx512(), "kernel_isa: this CPU lacks AVX-512 F");
   if (want) g_isa = static_cast<int>(want);
   return g_isa;
 }
