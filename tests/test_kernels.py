@@ -165,3 +165,48 @@ def test_without_the_kernel_the_packed_path_stays_and_says_so_once(monkeypatch, 
             assert torch.allclose(layer(x), x @ layer.packed.dense(torch.float32), atol=1e-5)
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
     assert "no C++ compiler" in caplog.records[0].getMessage() and len(caplog.records) == 1
+
+
+# output heads: y = a @ W^T with W (rows, cols) read row by row; 40 columns = 5 mask bytes (an odd last one)
+@pytest.mark.parametrize("rows,cols", [(1, 8), (7, 24), (33, 40), (3072, 576)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+def test_the_head_kernel_equals_the_dense_product(rows, cols, sparsity, isa):
+    op = kernels.rows_product()
+    w = _sparse(rows, cols, sparsity, seed=rows * cols)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8):
+        stored = (w * 20).round().clamp(-127, 127) if dtype == torch.int8 else w
+        p = _packed(stored, dtype)
+        every = torch.arange(rows + 1) * cols
+        for t in (1, 3, 8):
+            x = torch.randn(t, cols, generator=torch.Generator().manual_seed(t))
+            want = x.double() @ stored.to(dtype).double().t()
+            tol = 1e-4 * max(1.0, want.abs().max().item())
+            got = op(x, p.bits, p.values, p.row_ptr, cols)
+            assert torch.allclose(got.double(), want, atol=tol, rtol=1e-4)
+            got = op(x, torch.empty(0, dtype=torch.uint8), stored.to(dtype).reshape(-1).contiguous(), every, cols)
+            assert torch.allclose(got.double(), want, atol=tol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_packed_output_head_decodes_through_the_kernel(axis, masked, monkeypatch):
+    """A tied head over a packed table (masked, or every entry in int8) reads it straight from its stored
+    form when decoding and unpacks slabs for a prefill; both equal the dense product."""
+    _op()
+    from smartprune.modules.packed import PackedLinear, Quant
+
+    w = _sparse(1000, 64, 0.5 if masked else 0.0, seed=3)
+    if axis is None:
+        table, want_w = _packed(w), w
+    else:
+        q, scale = quantize(w, axis)
+        want_w = dequantize(q, scale, axis) * (w != 0)
+        table = _packed(w, axis=axis) if masked else PackedMatrix(tuple(w.shape), q.reshape(-1), scale=scale,
+                                                                   quant=Quant(axis))
+    head = PackedLinear(table)
+    calls = _count_calls(monkeypatch, "rows_product")
+    for shape in ((1, 1, 64), (2, 1, 64), (1, 20, 64)):  # decoding steps (the kernel), a prefill (slabs)
+        h = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
+        with torch.no_grad():
+            assert torch.allclose(head(h), h @ want_w.t(), atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2

@@ -2,8 +2,9 @@
 
 Built once per source, torch version and machine kind with the system's C++ compiler against torch's
 own headers and libraries (no ninja, no Python bindings: the kernel registers torch operators,
-``torch.ops.smartprune.packed_product`` and, for matrices stored without a mask,
-``torch.ops.smartprune.dense_product``, and runs on torch's thread pool), cached under
+``torch.ops.smartprune.packed_product``, for matrices stored without a mask
+``torch.ops.smartprune.dense_product``, for output heads over a stored table (``y = a @ W^T``, row by row)
+``torch.ops.smartprune.rows_product``, and runs on torch's thread pool), cached under
 ``$SMARTPRUNE_CACHE/kernels`` (default ``~/.cache/smartprune/kernels``) and loaded with ``torch.ops.load_library``.
 ``./run setup`` builds it ahead; otherwise the first packed product does (about 30 s). One library
 serves every x86-64 CPU with AVX2: the one-token loops pick AVX-512 at run time where the CPU has it
@@ -110,6 +111,12 @@ def dense_product():
     """The same library's product with a matrix whose every entry is stored (no mask; e.g. a dense model
     in 8-bit values), or None where the kernel cannot be built."""
     return None if packed_product() is None else torch.ops.smartprune.dense_product
+
+
+def rows_product():
+    """The same library's product with a matrix's transpose, stored row by row (``y = a @ W^T``: an output
+    head over the embedding table, masked or every entry stored), or None where the kernel cannot be built."""
+    return None if packed_product() is None else torch.ops.smartprune.rows_product
 
 
 ISA = {1: "AVX2", 2: "AVX-512"}

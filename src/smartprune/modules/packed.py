@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from smartprune.modules.kernels import MAX_TOKENS, dense_product, packed_product
+from smartprune.modules.kernels import MAX_TOKENS, dense_product, packed_product, rows_product
 
 KERNEL_VALUES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)  # what the kernel reads
 # np.packbits order: the first entry of a byte is its highest bit
@@ -209,8 +209,9 @@ class PackedEmbedding(nn.Module):
 
 class PackedLinear(nn.Module):
     """``nn.Linear``'s ``y = x @ E^T + b`` over a `PackedMatrix` E (out_features, in_features): an output
-    head, perhaps sharing E with the tied input embedding. E is unpacked `HEAD_SLAB_ROWS` rows at a
-    time, so a 49,152-row head never exists whole."""
+    head, perhaps sharing E with the tied input embedding. Decoding (a few tokens) reads E straight from
+    its stored form (the compiled kernel); longer inputs unpack it `HEAD_SLAB_ROWS` rows at a time, so a
+    49,152-row head never exists whole."""
 
     def __init__(self, table: PackedMatrix, bias: Tensor | None = None) -> None:
         super().__init__()
@@ -220,6 +221,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         rows, flat = self.out_features, h.reshape(-1, h.shape[-1])
+        out = self._few_tokens(flat)
+        if out is not None:
+            out = out.view(*h.shape[:-1], rows)
+            return out + self.bias.to(h.dtype) if self.bias is not None else out
         # Each slab's product is written straight into its rows of the transposed output (contiguous
         # there), so no slab-sized product is allocated beside the logits.
         out_t = h.new_empty(rows, flat.shape[0])
@@ -228,6 +233,27 @@ class PackedLinear(nn.Module):
             torch.mm(self.packed.rows(r, end, h.dtype), flat.t(), out=out_t[r:end])
         out = out_t.t().view(*h.shape[:-1], rows)
         return out + self.bias.to(h.dtype) if self.bias is not None else out
+
+    def _few_tokens(self, flat: Tensor) -> Tensor | None:
+        """Decoding's logits read straight from the stored table, row by row, by the compiled kernel
+        (`kernels.rows_product`): no slab is unpacked. None where it does not apply (many tokens, CSR
+        storage, not float32 on the CPU)."""
+        p = self.packed
+        every = p.bits is None and p.indices is None
+        if not (p.bits is not None or every) or flat.shape[0] > MAX_TOKENS or flat.dtype != torch.float32 \
+                or flat.device.type != "cpu" or p.shape[1] % 8 or p.values.dtype not in KERNEL_VALUES:
+            return None
+        op = rows_product()
+        if op is None:
+            return None
+        a = flat
+        if p.quant is not None and p.quant.axis == 1:  # one scale per input column: scale the hidden state
+            a = a * p.scale.to(a.dtype)
+        bits = p.bits if p.bits is not None else torch.empty(0, dtype=torch.uint8)
+        y = op(a.contiguous(), bits, p.values, p.row_ptr, p.shape[1])
+        if p.quant is not None and p.quant.axis == 0:  # one scale per output row
+            y = y * p.scale.to(y.dtype)
+        return y
 
 
 def _storages(t: Tensor) -> list[Tensor]:

@@ -448,17 +448,141 @@ at::Tensor dense_product(const at::Tensor& a, const at::Tensor& values, int64_t 
   return y;
 }
 
+
+// ---- Output heads: y (t, rows) = a (t, cols) @ W^T, W (rows, cols) stored row by row -------------------
+// A tied output head is the embedding table (vocab, hidden): each logit is the dot product of one stored
+// row with the hidden state, so a row's values are read once and contiguously for all t tokens. `bits`
+// null: every entry stored (a dense table in narrower values).
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+// Row r's logits for every token, 8 columns a step (AVX2).
+template <Kind kind>
+void head_row(int64_t r, const float* a, int64_t t, const uint8_t* bits, const void* values, int64_t p,
+              int64_t cols, int64_t total, int64_t rows, float* y) {
+  __m256 acc[8];
+  for (int64_t s = 0; s < t; s++) acc[s] = _mm256_setzero_ps();
+  const uint8_t* m = bits ? bits + r * (cols / 8) : nullptr;
+  for (int64_t c = 0; c < cols / 8; c++) {
+    __m256 e;
+    if (m == nullptr) {
+      e = load8<kind>(values, p);
+      p += 8;
+    } else {
+      const int b = m[c];
+      if (!b) continue;
+      if (p + 8 <= total) {
+        e = expand<kind>(values, p, b);
+      } else {  // the table's last values: never read past them
+        alignas(32) float tmp[8] = {0};
+        int64_t q = p;
+        for (int j = 0; j < 8; j++)
+          if ((b >> (7 - j)) & 1) tmp[j] = load1<kind>(values, q++);
+        e = _mm256_load_ps(tmp);
+      }
+      p += __builtin_popcount(b);
+    }
+    for (int64_t s = 0; s < t; s++) acc[s] = _mm256_fmadd_ps(_mm256_loadu_ps(a + s * cols + c * 8), e, acc[s]);
+  }
+  for (int64_t s = 0; s < t; s++) y[s * rows + r] = hsum(acc[s]);
+}
+
+// The same, 16 columns a step (AVX-512); a row whose 16-value reads could pass the end takes the AVX2 form.
+template <Kind kind>
+AVX512 void head_row512(int64_t r, const float* a, int64_t t, const uint8_t* bits, const void* values,
+                        int64_t p, int64_t cols, int64_t total, int64_t rows, float* y) {
+  if (p + cols + 16 > total) return head_row<kind>(r, a, t, bits, values, p, cols, total, rows, y);
+  __m512 acc[8];
+  for (int64_t s = 0; s < t; s++) acc[s] = _mm512_setzero_ps();
+  const int64_t bytes = cols / 8;
+  const uint8_t* m = bits ? bits + r * bytes : nullptr;
+  int64_t c = 0;
+  for (; c + 2 <= bytes; c += 2) {
+    __m512 e;
+    if (m == nullptr) {
+      e = load16<kind>(values, p);
+      p += 16;
+    } else {
+      const __mmask16 k = lanes(m + c);
+      if (!k) continue;
+      e = expand16<kind>(values, p, k);
+      p += __builtin_popcount(k);
+    }
+    for (int64_t s = 0; s < t; s++) acc[s] = _mm512_fmadd_ps(_mm512_loadu_ps(a + s * cols + c * 8), e, acc[s]);
+  }
+  if (c < bytes) {  // an odd last byte: its 8 columns
+    const __mmask16 k = m == nullptr ? 0xff : kReversed.of[m[c]];
+    const __m512 e = m == nullptr ? _mm512_maskz_mov_ps(k, load16<kind>(values, p)) : expand16<kind>(values, p, k);
+    for (int64_t s = 0; s < t; s++)
+      acc[s] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(0xff, a + s * cols + c * 8), e, acc[s]);
+  }
+  for (int64_t s = 0; s < t; s++) y[s * rows + r] = _mm512_reduce_add_ps(acc[s]);
+}
+
+// a (t, cols) float32, t <= 8; bits uint8 (empty: every entry stored); values; row_ptr int64 (rows + 1,)
+// -> (t, rows) float32
+at::Tensor rows_product(const at::Tensor& a, const at::Tensor& bits, const at::Tensor& values,
+                        const at::Tensor& row_ptr, int64_t cols) {
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == at::kFloat && a.is_contiguous() && a.size(0) <= 8 &&
+                  a.size(1) == cols,
+              "rows_product: a must be a contiguous float32 (t, cols) matrix with t <= 8");
+  TORCH_CHECK(cols % 8 == 0, "rows_product: cols must be a multiple of 8");
+  const int64_t rows = row_ptr.numel() - 1;
+  const bool masked = bits.numel() > 0;
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.is_contiguous() && rows >= 0 && values.is_contiguous() &&
+                  (!masked || (bits.scalar_type() == at::kByte && bits.is_contiguous() &&
+                               bits.numel() * 8 >= rows * cols)) &&
+                  (masked || values.numel() == rows * cols),
+              "rows_product: bits (uint8 or empty), row_ptr (int64, rows + 1) and values must match the shape");
+  const int64_t t = a.size(0);
+  at::Tensor y = at::empty({t, rows}, a.options());
+  const float* ap = a.data_ptr<float>();
+  const uint8_t* bp = masked ? bits.data_ptr<uint8_t>() : nullptr;
+  const void* vp = values.data_ptr();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const Kind kind = kind_of(values);
+  const int64_t total = values.numel();
+  float* yp = y.data_ptr<float>();
+  const bool wide = g_isa == 2;
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      if (wide) {
+        switch (kind) {
+          case kFloat: head_row512<kFloat>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
+          case kBFloat16: head_row512<kBFloat16>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
+          case kHalf: head_row512<kHalf>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
+          default: head_row512<kInt8>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp);
+        }
+      } else {
+        switch (kind) {
+          case kFloat: head_row<kFloat>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
+          case kBFloat16: head_row<kBFloat16>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
+          case kHalf: head_row<kHalf>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
+          default: head_row<kInt8>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp);
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(smartprune, m) {
   m.def("packed_product(Tensor a, Tensor bits, Tensor values, Tensor row_ptr, int cols) -> Tensor");
   m.def("dense_product(Tensor a, Tensor values, int cols) -> Tensor");
+  m.def("rows_product(Tensor a, Tensor bits, Tensor values, Tensor row_ptr, int cols) -> Tensor");
   m.def("kernel_isa(int want) -> int");
 }
 
 TORCH_LIBRARY_IMPL(smartprune, CPU, m) {
   m.impl("packed_product", packed_product);
   m.impl("dense_product", dense_product);
+  m.impl("rows_product", rows_product);
 }
 
 // no tensor argument to dispatch on: registered for every backend
