@@ -142,6 +142,13 @@ class PackedMatrix(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
 
+def _kernel_reads(p: PackedMatrix, x: Tensor, tokens: int) -> bool:
+    """Whether the compiled kernel can read `p` straight for a product with `x`: a bitmask or every entry
+    stored (not CSR), a value dtype it reads, whole mask bytes per row, and a few float32 tokens on the CPU."""
+    return (p.bits is not None or p.indices is None) and p.values.dtype in KERNEL_VALUES and p.shape[1] % 8 == 0 \
+        and tokens <= MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu"
+
+
 class PackedProjection(nn.Module):
     """``y = x @ W + b`` with ``W`` (d_in x d_out) a `PackedMatrix`, unpacked for each product."""
 
@@ -169,10 +176,9 @@ class PackedProjection(nn.Module):
         or None where it does not apply (many tokens, CSR storage, not float32 on the CPU)."""
         p = self.packed
         tokens = x.numel() // max(x.shape[-1], 1)
-        every = p.bits is None and p.indices is None  # every entry stored (a dense matrix in narrower values)
-        if not (p.bits is not None or every) or tokens > MAX_TOKENS or x.dtype != torch.float32 \
-                or x.device.type != "cpu" or p.shape[1] % 8 or p.values.dtype not in KERNEL_VALUES:
+        if not _kernel_reads(p, x, tokens):
             return None
+        every = p.bits is None  # every entry stored (a dense matrix in narrower values)
         op = dense_product() if every else packed_product()
         if op is None:
             return None
@@ -239,9 +245,7 @@ class PackedLinear(nn.Module):
         (`kernels.rows_product`): no slab is unpacked. None where it does not apply (many tokens, CSR
         storage, not float32 on the CPU)."""
         p = self.packed
-        every = p.bits is None and p.indices is None
-        if not (p.bits is not None or every) or flat.shape[0] > MAX_TOKENS or flat.dtype != torch.float32 \
-                or flat.device.type != "cpu" or p.shape[1] % 8 or p.values.dtype not in KERNEL_VALUES:
+        if not _kernel_reads(p, flat, flat.shape[0]):
             return None
         op = rows_product()
         if op is None:
