@@ -4,7 +4,8 @@ each final model held the way a user would deploy it, all timed in one bench run
 Rows made here (compressed, scored on WikiText-2, retrained with the quick demo budget as it was until
 2026-11-30: 16 steps of 4 x 128 tokens distilled from the dense model, scored on WikiText-2 and PTB): Wanda
 at 50% of the block linears, the ``paper`` and ``paper-structured`` recipes, ``smart-50``, smart's joint
-allocation at SparseGPT 50%'s size (``smart-joint-39``, benchmarks/recipes/smart-bl50-joint.yaml); and 8-bit
+allocation at SparseGPT 50%'s size (``smart-joint-39``, benchmarks/recipes/smart-bl50-joint.yaml) and at 53.5% of all
+parameters (``smart-joint-54``: half the dense bytes in float32 with the bitmask); and 8-bit
 re-encodings (same masks, one scale per output channel): the dense model (``dense-int8``, the reference
 for 8-bit rows) and SparseGPT 50%.
 Rows reused from ``benchmarks/structured.py``'s --out folder (made with the same budget and windows):
@@ -45,7 +46,12 @@ RECIPES = Path(__file__).parent / "recipes"
 MADE = {"wanda-50": {"wanda": {"sparsity": 0.5}}, "paper": "paper", "paper-structured": "paper-structured",
         "smart-50": "smart-50",
         # smart's joint allocation at SparseGPT 50%'s size (39.46% of all parameters; docs/smart-results.md 9)
-        "smart-joint-39": str(RECIPES / "smart-bl50-joint.yaml")}
+        "smart-joint-39": str(RECIPES / "smart-bl50-joint.yaml"),
+        # the same at 53.5% of all parameters: where a float32 bitmask model holds half the dense bytes
+        "smart-joint-54": {"overall": {"target": 0.535, "max_rate": 0.9, "points": 2, "spread": 0.2,
+                                       "sensitivity": "joint", "emb_criterion": "frequency"},
+                           "fpp_emb": {"p_pos": 0.05, "p_neg": 0.05, "criterion": "frequency", "steps": 0},
+                           "sparsegpt": {}}}
 # reused from the structured benchmark: name -> final folder inside it
 REUSED = {"sparsegpt-50": "sparsegpt-50/recovered", "depth-40": "depth-40/recovered-hf",
           "width-40": "width-40/recovered-hf", "mix-25": "mix-25/recovered-hf", "mix-40": "mix-40/recovered-hf",
