@@ -160,7 +160,7 @@ def markdown(data: dict) -> str:
             lines.append("- dense-int8: the dense model in 8 bits, the same-precision reference of the 8-bit rows "
                          "(not a compression)")
             continue
-        ref = ref8 if row["held"].endswith("int8 values") and row["name"] != "dense-int8" and ref8 else None
+        ref = ref8 if row["held"].endswith("int8 values") and ref8 else None
         q = row["after"]["wikitext2"]["perplexity"] / d
         s = m["metrics"]["generate_tokens_per_s"] / (ref or speed[data["dense"]["folder"]])["metrics"][
             "generate_tokens_per_s"]

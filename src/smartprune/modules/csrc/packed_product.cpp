@@ -22,6 +22,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -220,7 +221,6 @@ void dense_rows_from(int64_t i, const float* a, int64_t t, int64_t rows, const v
   }
 }
 
-
 // ---- AVX-512: the one-token loops, 16 columns (two mask bytes) per step --------------------------------
 #define AVX512 __attribute__((target("avx512f,fma,popcnt")))  // AVX-512 F is all these loops use
 
@@ -238,19 +238,7 @@ struct Reversed {
 };
 const Reversed kReversed;
 
-// 16 stored values from position p, spread to the lanes set in k (zeros elsewhere), as float32. Reads 16
-// values whatever k holds: the caller makes sure they exist.
-template <Kind kind>
-AVX512 inline __m512 load16(const void* v, int64_t p);
-
-// 16 stored values from position p, spread to the lanes set in k (zeros elsewhere), as float32: widened
-// to float32 first, then one `vexpandps` whatever the stored width (the 16- and 8-bit expansions were no
-// faster on the CPU this was measured on). Reads 16 values whatever k holds: the caller makes sure they exist.
-template <Kind kind>
-AVX512 inline __m512 expand16(const void* v, int64_t p, __mmask16 k) {
-  return _mm512_maskz_expand_ps(k, load16<kind>(v, p));
-}
-
+// 16 stored values from position p as float32 (16 entries of a row stored whole).
 template <Kind kind>
 AVX512 inline __m512 load16(const void* v, int64_t p) {
   switch (kind) {
@@ -265,6 +253,14 @@ AVX512 inline __m512 load16(const void* v, int64_t p) {
       return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(v) + p))));
   }
+}
+
+// 16 stored values from position p, spread to the lanes set in k (zeros elsewhere), as float32: widened
+// to float32 first, then one `vexpandps` whatever the stored width (the 16- and 8-bit expansions were no
+// faster on the CPU this was measured on). Reads 16 values whatever k holds: the caller makes sure they exist.
+template <Kind kind>
+AVX512 inline __m512 expand16(const void* v, int64_t p, __mmask16 k) {
+  return _mm512_maskz_expand_ps(k, load16<kind>(v, p));
 }
 
 AVX512 inline __mmask16 lanes(const uint8_t* m) {
@@ -373,6 +369,18 @@ Kind kind_of(const at::Tensor& values) {
   }
 }
 
+// Calls f with the value type as a compile-time constant (std::integral_constant), so every loop is
+// instantiated per type and its inner loop has no branch on it: one switch instead of one per call site.
+template <typename F>
+void with_kind(Kind kind, F&& f) {
+  switch (kind) {
+    case kFloat: f(std::integral_constant<Kind, kFloat>{}); break;
+    case kBFloat16: f(std::integral_constant<Kind, kBFloat16>{}); break;
+    case kHalf: f(std::integral_constant<Kind, kHalf>{}); break;
+    default: f(std::integral_constant<Kind, kInt8>{});
+  }
+}
+
 // a (t, rows) float32, t <= 8; bits uint8; values (stored,); row_ptr int64 (rows + 1,); -> (t, cols) float32
 at::Tensor packed_product(const at::Tensor& a, const at::Tensor& bits, const at::Tensor& values,
                           const at::Tensor& row_ptr, int64_t cols) {
@@ -395,21 +403,11 @@ at::Tensor packed_product(const at::Tensor& a, const at::Tensor& bits, const at:
   // slices of at least 32 bytes of mask (256 columns): finer ones spend more on skipping than working
   const bool wide = g_isa == 2 && t == 1;
   at::parallel_for(0, bytes, 32, [&](int64_t b0, int64_t b1) {
-    if (wide) {
-      switch (kind) {
-        case kFloat: columns512<kFloat>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
-        case kBFloat16: columns512<kBFloat16>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
-        case kHalf: columns512<kHalf>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
-        default: columns512<kInt8>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp);
-      }
-      return;
-    }
-    switch (kind) {
-      case kFloat: columns<kFloat>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
-      case kBFloat16: columns<kBFloat16>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
-      case kHalf: columns<kHalf>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp); break;
-      default: columns<kInt8>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp);
-    }
+    with_kind(kind, [&](auto k) {
+      constexpr Kind K = decltype(k)::value;
+      if (wide) columns512<K>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp);
+      else columns<K>(ap, t, rows, bp, vp, rp, cols, total, b0, b1, yp);
+    });
   });
   return y;
 }
@@ -429,25 +427,14 @@ at::Tensor dense_product(const at::Tensor& a, const at::Tensor& values, int64_t 
   float* yp = y.data_ptr<float>();
   const bool wide = g_isa == 2 && t == 1;
   at::parallel_for(0, cols / 8, 32, [&](int64_t c0, int64_t c1) {
-    if (wide) {
-      switch (kind) {
-        case kFloat: dense_columns512<kFloat>(ap, t, rows, vp, cols, c0, c1, yp); break;
-        case kBFloat16: dense_columns512<kBFloat16>(ap, t, rows, vp, cols, c0, c1, yp); break;
-        case kHalf: dense_columns512<kHalf>(ap, t, rows, vp, cols, c0, c1, yp); break;
-        default: dense_columns512<kInt8>(ap, t, rows, vp, cols, c0, c1, yp);
-      }
-      return;
-    }
-    switch (kind) {
-      case kFloat: dense_columns<kFloat>(ap, t, rows, vp, cols, c0, c1, yp); break;
-      case kBFloat16: dense_columns<kBFloat16>(ap, t, rows, vp, cols, c0, c1, yp); break;
-      case kHalf: dense_columns<kHalf>(ap, t, rows, vp, cols, c0, c1, yp); break;
-      default: dense_columns<kInt8>(ap, t, rows, vp, cols, c0, c1, yp);
-    }
+    with_kind(kind, [&](auto k) {
+      constexpr Kind K = decltype(k)::value;
+      if (wide) dense_columns512<K>(ap, t, rows, vp, cols, c0, c1, yp);
+      else dense_columns<K>(ap, t, rows, vp, cols, c0, c1, yp);
+    });
   });
   return y;
 }
-
 
 // ---- Output heads: y (t, rows) = a (t, cols) @ W^T, W (rows, cols) stored row by row -------------------
 // A tied output head is the embedding table (vocab, hidden): each logit is the dot product of one stored
@@ -549,23 +536,13 @@ at::Tensor rows_product(const at::Tensor& a, const at::Tensor& bits, const at::T
   float* yp = y.data_ptr<float>();
   const bool wide = g_isa == 2;
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-      if (wide) {
-        switch (kind) {
-          case kFloat: head_row512<kFloat>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
-          case kBFloat16: head_row512<kBFloat16>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
-          case kHalf: head_row512<kHalf>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
-          default: head_row512<kInt8>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp);
-        }
-      } else {
-        switch (kind) {
-          case kFloat: head_row<kFloat>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
-          case kBFloat16: head_row<kBFloat16>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
-          case kHalf: head_row<kHalf>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp); break;
-          default: head_row<kInt8>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp);
-        }
+    with_kind(kind, [&](auto k) {
+      constexpr Kind K = decltype(k)::value;
+      for (int64_t r = r0; r < r1; r++) {
+        if (wide) head_row512<K>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp);
+        else head_row<K>(r, ap, t, bp, vp, rp[r], cols, total, rows, yp);
       }
-    }
+    });
   });
   return y;
 }
