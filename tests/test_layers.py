@@ -22,7 +22,7 @@ LAYERS = [
     ("methods",),
     ("recipes",),
     ("evaluation",),
-    ("compression", "storage"),
+    ("compression", "storage", "runtimes"),
     ("training",),
     ("runs",),
     ("reporting",),

@@ -155,7 +155,7 @@ def _gguf_ready(name: str):
     c = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
              max_position_embeddings=128)
     config = Qwen3Config(**c, num_hidden_layers=2, head_dim=128) if name == "qwen3" else \
-        Gemma3TextConfig(**c, num_hidden_layers=6, head_dim=8, sliding_window=8)
+        Gemma3TextConfig(**c, num_hidden_layers=6, head_dim=256, sliding_window=8)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

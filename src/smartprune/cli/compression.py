@@ -56,8 +56,9 @@ def add_compress(sub) -> None:
                    "architecture)")
     c.add_argument("--gguf-out", help="also write the model as a GGUF file (llama.cpp, transformers' GGUF loader): "
                    "for recipes whose result is a standard architecture (depth, attn_heads, ff_neurons); "
-                   "llama and qwen3")
-    c.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16 (default), bf16 or q8_0")
+                   "llama, qwen3 and gemma3_text; the metadata llama.cpp's own converter writes (tests compare)")
+    c.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16 (default), bf16, q8_0, or q4_0 "
+                   "(the token table at q8_0); k-quants: write f16, then llama.cpp's llama-quantize")
     seed(c, "seed for calibration windows and random choices")
     c.add_argument("--calib-samples", type=positive, help="override the recipe's calibration window count")
     c.add_argument("--calib-seqlen", type=window, help="override the recipe's calibration window length")

@@ -32,7 +32,7 @@ from smartprune.recipes import Recipe, load_recipe
 from smartprune.recipes.schema import RecoverConfig, not_standard
 from smartprune.runs.environment import environment
 from smartprune.storage.format import DTYPES
-from smartprune.storage.gguf_writer import check_gguf, check_gguf_shape, write_gguf
+from smartprune.storage.gguf_writer import check_gguf, check_gguf_shape, check_tokenizer, write_gguf
 from smartprune.storage.load import load
 from smartprune.storage.save import plain_model, save, write_dense
 from smartprune.storage.sources import load_model, model_config, model_reference
@@ -142,6 +142,8 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     if resume:
         check_resumable(resume_from, recipe, identity)
     loaded = load_model(model)
+    if gguf_out is not None:  # the tokenizer is known once loaded: refused before the compression
+        check_tokenizer(loaded.tokenizer)
     if resume:  # the compressed model kept before its recovery, retrained from the checkpoint on
         report = read_json(resume_from / RESUME_POINT / "report.json", "report", ArtifactError)
         student = load(resume_from / RESUME_POINT, structured=False)
@@ -164,7 +166,8 @@ def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, 
     if dense_out is not None:
         write_dense(student, dense_out, tokenizer=loaded.tokenizer, overwrite=overwrite)
     if gguf_out is not None:
-        write_gguf(plain_model(student), gguf_out, tokenizer=loaded.tokenizer, gguf_type=gguf_type)
+        write_gguf(plain_model(student), gguf_out, tokenizer=loaded.tokenizer, gguf_type=gguf_type,
+                   name=export_name(model, recipe.name))
     if recipe.recover is not None:  # the model is written: its recovery checkpoint is no longer needed
         shutil.rmtree(resume_from, ignore_errors=True)
     return CompressRun(report, out, Path(dense_out) if dense_out else None, Path(gguf_out) if gguf_out else None)
@@ -195,6 +198,13 @@ def check_resumable(folder: Path, recipe: Recipe, identity: dict) -> None:
     if read_json(folder / IDENTITY, "resume point", ArtifactError) != json.loads(json.dumps(identity)):
         raise DataError(f"the interrupted run in {folder} compressed another model, recipe or seed; resume it "
                         "with the same ones, or run without --resume to start again")
+
+
+def export_name(model: str, recipe: str) -> str:
+    """The GGUF file's ``general.name``: the model as the user named it (a folder's or file's name, a hub
+    id's last part, a built-in name) and the recipe; never a local path."""
+    ref = Path(model).expanduser()
+    return f"{ref.stem if ref.suffix == '.gguf' else ref.name}-{Path(recipe).stem}"
 
 
 def check_gguf_export(recipe: Recipe, config, gguf_type: str, gguf_out: Path, overwrite: bool, *others) -> None:
