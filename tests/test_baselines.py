@@ -5,9 +5,9 @@ import torch
 
 from smartprune.compression.engine import compress
 from smartprune.methods.base import InputStats
+from smartprune.methods.criteria import wanda_score
 from smartprune.methods.pruning import lowest_in_matrix, lowest_n_of_m, lowest_per_row, spread
 from smartprune.methods.sparsegpt import sparsegpt
-from smartprune.methods.wanda import wanda_score
 from smartprune.recipes.schema import build_recipe
 
 from .conftest import tiny_model
@@ -34,7 +34,7 @@ def test_reconstruction_error_orders_sparsegpt_below_wanda_below_magnitude():
         return (x @ w.T - x @ pruned.T).pow(2).sum().item()
 
     mag = w.masked_fill(lowest_in_matrix(w.abs(), w.numel() // 2), 0)
-    wanda = w.masked_fill(lowest_per_row(wanda_score(w, stats.feature_norms), 0.5), 0)
+    wanda = w.masked_fill(lowest_per_row(wanda_score(w, stats.feature_norms, inputs=1), 0.5), 0)
     sgpt, prune = sparsegpt(w, stats.gram, 0.5)
     assert int(prune.sum()) == w.numel() // 2 and torch.equal(sgpt[prune], torch.zeros(int(prune.sum()),
                                                                                            dtype=sgpt.dtype))

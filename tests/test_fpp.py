@@ -134,6 +134,25 @@ def test_wanda_score_is_weight_times_input_norm_by_hand():
     assert criterion_score(w, "wanda", gram).tolist() == [[2.0, 4.0], [1.5, 0.25]]
 
 
+def test_one_wanda_score_serves_both_layouts_and_the_registry_feeds_every_choice_list():
+    from smartprune.methods.criteria import CRITERIA, needing, offered, wanda_score
+    from smartprune.methods.fpp import FPPConfig
+    from smartprune.methods.heads import HeadsConfig
+    from smartprune.methods.neurons import NeuronsConfig
+    from smartprune.recipes.schema import OverallConfig
+
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])  # rows: input features 0 and 1
+    norms = torch.tensor([2.0, 0.5])
+    assert wanda_score(w, norms).tolist() == [[2.0, 4.0], [1.5, 0.25]]
+    assert wanda_score(w.T, norms, inputs=1).tolist() == [[2.0, 1.5], [4.0, 0.25]]  # torch's (d_out, d_in)
+    assert FPPConfig.__dataclass_fields__["criterion"].metadata["choices"] == (
+        "magnitude", "literal", "wanda", "obs", "frequency")
+    for cls in (NeuronsConfig, HeadsConfig):
+        assert cls.__dataclass_fields__["criterion"].metadata["choices"] == ("activation", "magnitude")
+    assert OverallConfig.__dataclass_fields__["emb_criterion"].metadata["choices"] == ("magnitude", "frequency")
+    assert needing("input activations") == ("wanda", "obs") and set(offered("fpp")) < set(CRITERIA)
+
+
 def test_frequency_prunes_rows_the_text_never_uses_first():
     from smartprune.methods.fpp import fpp_increment
 

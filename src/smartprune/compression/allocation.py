@@ -18,7 +18,7 @@ handed out segment by segment in order of the lowest loss increase per parameter
 curves: the non-uniform, layer-wise allocation OWL motivates, here measured rather than inferred from
 outliers). The last segment is cut so the total is exact.
 
-The chosen rate of every matrix goes to the stages through ``Sublayer.shared["allocation"]``.
+The chosen rate of every matrix goes to the stages through ``Plan.allocation``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from smartprune.adapters import Adapter
 from smartprune.errors import RecipeError
+from smartprune.methods.criteria import wanda_score
 from smartprune.methods.fpp import criterion_score, lookup_counts
 from smartprune.modules.masked import forward_pre_hooks, run_in_chunks
 from smartprune.recipes.schema import OverallConfig
@@ -111,7 +112,7 @@ def block_pruner(model: nn.Module, paths: list[str], ids: Tensor, how: str, stag
             w.copy_(new_t.T)
         return obs
     norms = input_norms(model, ids, paths)
-    return lambda path, w, rate: _prune_lowest(w, w.detach().abs() * norms[path].to(w.dtype)[:, None], rate)
+    return lambda path, w, rate: _prune_lowest(w, wanda_score(w, norms[path]), rate)
 
 
 class HeldOutLoss:

@@ -40,7 +40,7 @@ from smartprune.device import autocast, model_device, resolve_compute_dtype, res
 from smartprune.errors import DataError, ModelError
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.methods import METHODS, STRUCTURED
-from smartprune.methods.base import Sublayer
+from smartprune.methods.base import Plan, Sublayer
 from smartprune.methods.fit import Fitter, Objective, lm_objective, local_objective, relative_error
 from smartprune.modules.head import head_gram, low_rank_head, untie_head
 from smartprune.recipes import Recipe
@@ -78,7 +78,7 @@ class _Run:
         self.progress = progress
         self.seconds: dict[str, float] = defaultdict(float)
         self.layers: list[dict] = []
-        self.shared: dict = {}  # state a method keeps across sublayers of this run (e.g. a global threshold)
+        self.plan = Plan()  # what the run decides before the per-block work, read by every stage
         s = recipe.strategy
         self.check = s.recursive and s.threshold is not None
         self.dense_ppl = _calibration_ppl(self.model, calib.eval_ids) if self.check and s.metric == "perplexity" \
@@ -132,7 +132,7 @@ class _Run:
             return
         ids = self.calib.ids
         sub = Sublayer(self.adapter, "embedding", None, {p: p for p in self.adapter.embedding_paths()},
-                       inputs=ids, target=_chunked(self.adapter.embed, ids), shared=self.shared)
+                       inputs=ids, target=_chunked(self.adapter.embed, ids), plan=self.plan)
         for key in keys:
             self.run_stage(key, sub)
 
@@ -146,7 +146,7 @@ class _Run:
         if not keys:
             return dense, dense
         paths = a.attention_paths(block) if scope == "attention" else a.ff_paths(block)
-        sub = Sublayer(a, scope, block, paths, inputs=x, target=dense, shared=self.shared)
+        sub = Sublayer(a, scope, block, paths, inputs=x, target=dense, plan=self.plan)
         for key in keys:
             self.run_stage(key, sub)
         return dense, _chunked(fn, x)
@@ -177,7 +177,7 @@ class _Run:
         dense = _chunked(fn, h)
         keys = self.stages("block")
         if keys:
-            sub = Sublayer(a, "block", i, a.linear_paths(i), inputs=h, target=dense, shared=self.shared)
+            sub = Sublayer(a, "block", i, a.linear_paths(i), inputs=h, target=dense, plan=self.plan)
             for key in keys:
                 self.run_stage(key, sub)
         return _chunked(fn, h) if self.recipe.strategy.sequential else dense
@@ -286,7 +286,7 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
     before = group_counts(adapter)
     start = time.perf_counter()
     added = untie_head(model) if recipe.head is not None and recipe.head.kind == "untie" else 0
-    shared, whole = _whole_model_stages(model, adapter, recipe, calib, total, dev, dtype, progress)
+    planned, whole = _whole_model_stages(model, adapter, recipe, calib, total, dev, dtype, progress)
     if whole:
         adapter = get_adapter(model)  # the block list changed
         whole["other_params_removed"] = (total - unique_parameters(model)) - sum(
@@ -300,16 +300,16 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
     try:
         with autocast(dev, dtype):
             run = _Run(adapter, recipe, calib, seed, task_objective, progress, placement)
-            run.shared.update(shared)
-            if recipe.overall is not None and not shared:
+            run.plan = planned
+            if recipe.overall is not None and planned.structure is None:
                 pruning = next((k for k in recipe.stages if k in PRUNING_STAGES), None)
-                run.shared["allocation"], allocation = plan(
+                run.plan.allocation, allocation = plan(
                     adapter, recipe.overall, calib.ids, calib.eval_ids, embedding="fpp_emb" in recipe.stages,
                     blocks=pruning is not None, stage=pruning,
                     stage_cfg=recipe.stages.get(pruning) if pruning else None, progress=progress)
             owl = next((c for k, c in recipe.stages.items() if k in PRUNING_STAGES and c.owl is not None), None)
             if owl is not None:  # OWL's block sparsities, from the dense model (the schema excludes `overall`)
-                run.shared["allocation"], owl_report = owl_rates(adapter, calib.ids, owl.sparsity, owl.owl.m,
+                run.plan.allocation, owl_report = owl_rates(adapter, calib.ids, owl.sparsity, owl.owl.m,
                                                                  owl.owl.lam)
             run.compress_embeddings()
             run.compress_blocks()
@@ -330,7 +330,7 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
         "layers": run.layers,
         "seconds": time.perf_counter() - start,
         "device": {"device": str(dev), "compute_dtype": str(dtype).removeprefix("torch."), "offload": offload},
-        **({"allocation": allocation} if recipe.overall is not None and "allocation" in run.shared else {}),
+        **({"allocation": allocation} if recipe.overall is not None and planned.structure is None else {}),
         **({"structure": whole} if whole else {}),
         **({"owl": owl_report} if owl is not None else {}),
     })
@@ -338,29 +338,29 @@ def compress(model: nn.Module, tokenizer, recipe: Recipe, *, seed: int = 0, cali
 
 
 def _whole_model_stages(model: nn.Module, adapter: Adapter, recipe: Recipe, calib: Calibration, total: int,
-                        dev: torch.device, dtype: torch.dtype, progress: bool) -> tuple[dict, dict]:
+                        dev: torch.device, dtype: torch.dtype, progress: bool) -> tuple[Plan, dict]:
     """The structured allocation (an overall section over structured stages) and the stages that change
-    the model as a whole (depth), before the per-block work; returns (run-wide state, report)."""
+    the model as a whole (depth), before the per-block work; returns (the run's plan, report)."""
     kinds = {k for k in recipe.stages if k in STRUCTURED}
     keys = [k for k in recipe.stages if "model" in METHODS[k].scopes]
     plan_it = recipe.overall is not None and bool(kinds)
+    planned, report = Plan(), {}
     if not keys and not plan_it:
-        return {}, {}
-    shared, report = {}, {}
+        return planned, report
     model.to(dev)
     held = calib.eval_ids.to(dev)
     with autocast(dev, dtype):
         if plan_it:
             try:
-                shared["structure"], report["plan"] = plan_structure(adapter, recipe.overall, calib.ids.to(dev), held,
+                planned.structure, report["plan"] = plan_structure(adapter, recipe.overall, calib.ids.to(dev), held,
                                                                      kinds, total, progress)
                 # the dense model's skip losses, measured for the plan: the depth stage's first ranking
-                shared["skip_losses"] = report["plan"].get("skip_one_block_loss")
+                planned.skip_losses = report["plan"].get("skip_one_block_loss")
             except ValueError as exc:
                 raise DataError(f"recipe '{recipe.name}': {exc}") from None
         for key in keys:
-            report[key] = METHODS[key].stage(recipe.stages[key], adapter, held, shared, progress).run()
-    return shared, report
+            report[key] = METHODS[key].stage(recipe.stages[key], adapter, held, planned, progress).run()
+    return planned, report
 
 
 def _mean(values: list[float]) -> float:

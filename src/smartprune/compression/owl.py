@@ -6,7 +6,7 @@ ratios are scaled into ``[0, 2 * lambda]``, shifted so their mean is the kept sh
 and each block keeps that share: blocks with more outliers are pruned less, the block sparsities span
 exactly ``2 * lambda`` (as the OWL code normalises; the paper's "within lambda of the target" holds when
 the ratios are spread evenly), and their mean over the blocks (of equal size in a transformer) is exactly
-the target. The rates go to the pruning stage through ``Sublayer.shared["allocation"]``, as
+the target. The rates go to the pruning stage through ``Plan.allocation``, as
 the measured allocation's do (`smartprune.compression.allocation`).
 """
 

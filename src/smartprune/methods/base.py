@@ -41,6 +41,30 @@ class InputStats:
 
 
 @dataclass
+class Plan:
+    """What a compression run decides before its per-block work, read by its stages (one per run).
+
+    ``allocation``: each matrix's rate by path (``overall``'s allocation or OWL's block sparsities);
+    ``structure``: each structured stage's rate (the structure plan; None when no plan was made);
+    ``skip_losses``: the dense model's held-out loss with each block skipped, measured by the plan (the
+    depth stage's first ranking); ``magnitude_threshold``: global magnitude's threshold and the ties it
+    may still remove, set at its first block and spent across blocks."""
+
+    allocation: dict[str, float] = field(default_factory=dict)
+    structure: dict[str, float] | None = None
+    skip_losses: dict[int, float] | None = None
+    magnitude_threshold: list | None = None
+
+    def rate(self, path: str, default: float) -> float:
+        """The allocated rate of the matrix at `path`, else the stage's own."""
+        return self.allocation.get(path, default)
+
+    def structured_rate(self, stage: str, default: float) -> float:
+        """The planned rate of a structured stage, else its own."""
+        return (self.structure or {}).get(stage, default)
+
+
+@dataclass
 class Sublayer:
     """One sublayer of the model: its modules by role name (paths into the model), and for the
     local objective its calibration input and the dense output to fit."""
@@ -52,7 +76,7 @@ class Sublayer:
     inputs: Tensor | None = None
     target: Tensor | None = None
     stats: InputStats | None = None
-    shared: dict = field(default_factory=dict)  # run-wide state shared by every sublayer
+    plan: Plan = field(default_factory=Plan)  # what the run decided before the per-block work
 
     def input_stats(self) -> InputStats:
         """Statistics of the sublayer's calibration input, computed on first use."""
@@ -157,8 +181,8 @@ class ModelStage(ABC):
     """A method that changes the model as a whole (scope ``model``, e.g. removing blocks): it runs
     once, before the per-sublayer stages, measured on the held-out calibration windows."""
 
-    def __init__(self, cfg, adapter: Adapter, held_out: Tensor, shared: dict, progress: bool = True) -> None:
-        self.cfg, self.adapter, self.held_out, self.shared, self.progress = cfg, adapter, held_out, shared, progress
+    def __init__(self, cfg, adapter: Adapter, held_out: Tensor, plan: Plan, progress: bool = True) -> None:
+        self.cfg, self.adapter, self.held_out, self.plan, self.progress = cfg, adapter, held_out, plan, progress
 
     @abstractmethod
     def run(self) -> dict:

@@ -68,7 +68,7 @@ class DepthStage(ModelStage):
 
     def run(self) -> dict:
         n = len(self.adapter.blocks())
-        rate = self.shared.get("structure", {}).get("depth", self.cfg.rate)
+        rate = self.plan.structured_rate("depth", self.cfg.rate)
         want = removed_blocks(rate, n)
         gone: set[int] = set()
         base = held_out_loss(self.adapter.model, self.held_out)
@@ -77,7 +77,7 @@ class DepthStage(ModelStage):
         ranked = None
         while len(gone) < want:
             if self.cfg.iterative or ranked is None:
-                known = None if gone else self.shared.get("skip_losses")  # measured by the allocation already
+                known = None if gone else self.plan.skip_losses  # measured by the allocation already
                 scores = known or skip_losses(self.adapter, self.held_out, gone, [i for i in range(n) if i not in gone])
                 ranked = sorted(scores, key=scores.get)
             pick = next(i for i in ranked if i not in gone)

@@ -35,15 +35,13 @@ from torch import Tensor, nn
 from smartprune.errors import RecipeError
 from smartprune.methods.base import Stage, Sublayer
 from smartprune.methods.config import FitConfig, NMPattern, StrategyConfig, option
+from smartprune.methods.criteria import frequency_score, obs_score, offered, wanda_score
 from smartprune.methods.neurons import cut_dead_neurons
 from smartprune.methods.oneshot import collect_stats
 from smartprune.methods.sparsegpt import inverse_hessian_factor, sparsegpt
 from smartprune.modules.masked import Maskable, forward_pre_hooks, run_in_chunks
 
-CRITERIA = ("magnitude", "literal", "wanda", "obs", "frequency")
-
-
-ACTIVATION_CRITERIA = ("wanda", "obs")  # need a layer's input activations: not for an embedding
+CRITERIA = offered("fpp")
 
 
 @dataclass(frozen=True)
@@ -183,11 +181,10 @@ def criterion_score(weight: Tensor, criterion: str, observed: Tensor | None) -> 
     if criterion in ("magnitude", "literal"):
         return None
     if criterion == "frequency":
-        return w.abs() * (1 + observed.to(w.dtype)).sqrt()[:, None]
+        return frequency_score(w, observed)
     if criterion == "wanda":
-        return w.abs().double() * observed.diagonal().clamp_min(0).sqrt()[:, None]
-    factor, _ = inverse_hessian_factor(observed)
-    return w.double().pow(2) / factor.diagonal().pow(2)[:, None]
+        return wanda_score(w.double(), observed.diagonal().clamp_min(0).sqrt())
+    return obs_score(w, inverse_hessian_factor(observed)[0])
 
 
 def fpp_increment(weight: Tensor, mask: Tensor | None, n_pos: int, n_neg: int, criterion: str,
@@ -241,7 +238,7 @@ class FPPStage(Stage):
 
     def final_rates(self) -> list[float]:
         """Each target's final rate: the configured one, or the matrix's own where an allocation gave one."""
-        alloc = self.sub.shared.get("allocation", {})
+        alloc = self.sub.plan.allocation
         paths = {id(m): self.sub.paths[r] for r, m in self.sub.modules().items()}
         return [alloc.get(paths[id(m)], self.cfg.target_sparsity) for m in self.targets]
 

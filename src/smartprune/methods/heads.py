@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from smartprune.errors import RecipeError
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
 from smartprune.methods.config import FitConfig, StrategyConfig, option
+from smartprune.methods.criteria import offered
 from smartprune.modules.masked import Projection, forward_pre_hooks, run_in_chunks
 
 ROLES = ("q", "k", "v", "o")
@@ -43,7 +44,7 @@ class HeadsConfig(FitConfig):
     unit: str = option("query", "query (the same number of query heads in every key/value group) | group (whole "
                        "key/value groups with their query heads)", choices=("query", "group"))
     criterion: str = option("activation", "activation (squared output contribution on the calibration tokens) | "
-                            "magnitude (weight norm)", choices=("activation", "magnitude"))
+                            "magnitude (weight norm)", choices=offered("units"))
 
 
 def removed_count(rate: float, heads: int, kv: int, unit: str) -> int:
@@ -84,7 +85,7 @@ class HeadsStage(Stage):
         self.alive = torch.ones(self.heads, dtype=torch.bool)  # query heads, group by group
 
     def final_rate(self) -> float:
-        return self.sub.shared.get("structure", {}).get("attn_heads", self.cfg.rate)
+        return self.sub.plan.structured_rate("attn_heads", self.cfg.rate)
 
     def schedule(self, strategy: StrategyConfig) -> list[float]:
         return recursive_rates(self.final_rate(), strategy)

@@ -49,15 +49,15 @@ class MagnitudeStage(OneShotStage):
             return lowest_n_of_m(score, *self.cfg.nm)
         if self.cfg.scope == "matrix":
             return lowest_in_matrix(score, round(self.sparsity_of(role) * score.numel()))
-        shared = self.sub.shared
-        if "magnitude_threshold" not in shared:  # weights are not updated, so the dense values serve
+        plan = self.sub.plan
+        if plan.magnitude_threshold is None:  # weights are not updated, so the dense values serve
             a = self.sub.adapter
             weights = [a.model.get_submodule(p).weight for i in range(len(a.blocks()))
                        for p in a.linear_paths(i).values()]
-            shared["magnitude_threshold"] = list(global_threshold(weights, self.cfg.sparsity))
-        t, ties_left = shared["magnitude_threshold"]
+            plan.magnitude_threshold = list(global_threshold(weights, self.cfg.sparsity))
+        t, ties_left = plan.magnitude_threshold
         prune = score < t
         ties = (score == t).flatten().nonzero().flatten()[:ties_left]
         prune.view(-1)[ties] = True
-        shared["magnitude_threshold"][1] = ties_left - ties.numel()
+        plan.magnitude_threshold[1] = ties_left - ties.numel()
         return prune

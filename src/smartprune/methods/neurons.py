@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
 from smartprune.methods.config import FitConfig, StrategyConfig, option
+from smartprune.methods.criteria import offered
 from smartprune.modules.masked import Projection, forward_pre_hooks, run_in_chunks
 
 
@@ -39,7 +40,7 @@ class NeuronsConfig(FitConfig):
     steps: int = option(0, "Adam steps after each increment (0 = one shot, no re-fit)", lo=0, hi=100_000)
     rate: float = option(0.3, "fraction of each block's feed-forward neurons removed", lo=0.0, hi=0.99)
     criterion: str = option("activation", "activation (squared output contribution on the calibration tokens) | "
-                            "magnitude (weight norm)", choices=("activation", "magnitude"))
+                            "magnitude (weight norm)", choices=offered("units"))
 
 
 def cut_neurons(inputs: list[Projection], output: Projection, alive: Tensor) -> tuple[list[Projection], Projection]:
@@ -90,7 +91,7 @@ class NeuronsStage(Stage):
 
     def final_rate(self) -> float:
         """The configured rate, or the one a structured allocation chose for every block."""
-        return self.sub.shared.get("structure", {}).get("ff_neurons", self.cfg.rate)
+        return self.sub.plan.structured_rate("ff_neurons", self.cfg.rate)
 
     def schedule(self, strategy: StrategyConfig) -> list[float]:
         return recursive_rates(self.final_rate(), strategy)

@@ -73,7 +73,7 @@ class OneShotStage(Stage):
 
     def sparsity_of(self, role: str) -> float:
         """The configured sparsity, or the matrix's own rate where an allocation gave one."""
-        return self.sub.shared.get("allocation", {}).get(self.sub.paths[role], self.cfg.sparsity)
+        return self.sub.plan.rate(self.sub.paths[role], self.cfg.sparsity)
 
     def schedule(self, strategy: StrategyConfig) -> list[float]:
         top = max(self.sparsity_of(role) for role in self.sub.paths)

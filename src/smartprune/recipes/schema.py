@@ -18,7 +18,7 @@ from typing import Any
 from smartprune.errors import RecipeError, did_you_mean
 from smartprune.methods import METHODS, STRUCTURED
 from smartprune.methods.config import FitConfig, StrategyConfig, option
-from smartprune.methods.fpp import ACTIVATION_CRITERIA
+from smartprune.methods.criteria import needing, offered
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class OverallConfig:
     points: int = option(4, "sensitivity grid: rates max_rate * k / points for k = 1..points (joint: mean "
                          "+- spread * k / points)", lo=1, hi=100)
     emb_criterion: str = option("frequency", "how the embedding is scored while measuring: magnitude | frequency",
-                                choices=("magnitude", "frequency"))
+                                choices=offered("embedding"))
     sensitivity: str = option("wanda", "how a block unit is pruned while its loss is measured: wanda (|W| * ||X||, "
                               "no weight update) | stage (by the recipe's own pruning stage: SparseGPT with its "
                               "weight update, Wanda or magnitude) | joint (by the stage, each unit moved by +-spread "
@@ -300,7 +300,7 @@ def _check_fpp(stages: dict[str, FitConfig], source: str) -> None:
     if emb is not None and emb.structure != "weight":
         raise RecipeError(f"recipe {source}: fpp_emb.structure: an embedding has no neurons; 'neuron' applies to "
                           "fpp_ff only")
-    if emb is not None and emb.criterion in ACTIVATION_CRITERIA:
+    if emb is not None and emb.criterion in needing("input activations"):
         raise RecipeError(f"recipe {source}: fpp_emb.criterion: '{emb.criterion}' needs a layer's input "
                           "activations and an embedding only looks rows up; use magnitude, literal or frequency")
     if ff is not None and ff.criterion == "frequency":
