@@ -112,7 +112,7 @@ def add_demo(sub) -> None:
                    "0 skips recovery; a recipe with its own recover section sets its own)")
     d.add_argument("--recover-objective", choices=("end_to_end", "blockwise"),
                    help="end_to_end (distil the whole model) or blockwise (first fit each block to the dense "
-                   "block's outputs, then the end-to-end steps; README, Retraining after compression). Default: "
+                   "block's outputs, then the end-to-end steps; docs/guide.md, Retraining after compression). Default: "
                    "end_to_end; with --quick, blockwise fits alone (cheaper and better at that budget, "
                    "docs/frontier.md) unless the recipe removes blocks")
     d.add_argument("--no-measure", action="store_true", help="skip measuring what the final model costs to run "

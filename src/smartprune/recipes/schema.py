@@ -94,7 +94,7 @@ class RecoverConfig:
 
 
 # Named recovery budgets (the demo's, and `compare --recover-budget`'s): what fits the demo's time on two CPU
-# cores (30 and 6 minutes; a step of 4 x 256 tokens takes about 17 s there, of 4 x 128 about 10 s: README),
+# cores (30 and 6 minutes; a step of 4 x 256 tokens takes about 17 s there, of 4 x 128 about 10 s: docs/results),
 # distillation from the dense model. Until 2026-11-30 they were 120 and 16 steps (docs/frontier.md's runs).
 RECOVERY_BUDGETS = {"full": {"steps": 40, "seqlen": 256, "batch_size": 4, "lr": 1e-3, "eval_every": 20},
                     "quick": {"steps": 8, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 8}}
