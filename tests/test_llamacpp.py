@@ -147,3 +147,28 @@ def test_what_llama_cpp_would_read_differently_is_refused_in_one_line(gpt2_token
     with pytest.raises(OutputError, match="head"):
         write_gguf(model, tmp_path / "c.gguf")
     assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+
+
+def test_bench_times_a_gguf_file_in_llama_cpp_beside_transformers(llama_built, gpt2_tokenizer, tmp_path, capsys):
+    import json
+
+    from smartprune.cli.main import main
+
+    folder, model = _folder(tmp_path, "llama", gpt2_tokenizer)
+    gguf = write_gguf(model, tmp_path / "m-q8_0.gguf", tokenizer=gpt2_tokenizer, gguf_type="q8_0")
+    out = tmp_path / "bench.json"
+    code = main(["-q", "bench", str(folder), str(gguf), "--repeats", "2", "--lengths", "16", "--new-tokens", "4",
+                 "--threads", "1", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    dense, llama = json.loads(out.read_text())["models"]
+    assert llama["resident"] == "llama.cpp" and "Q8_0" in llama["compute_dtype"]
+    for row in (dense, llama):
+        m = row["metrics"]
+        assert m["generate_tokens_per_s"] > 0 and m["latency_b1_16"] > 0 and m["peak_rss_bytes"] > 0
+        assert m["decode_weight_gb_per_s"] == pytest.approx(m["resident_bytes"] * m["generate_tokens_per_s"] / 1e9)
+    assert llama["metrics"]["resident_bytes"] < dense["metrics"]["resident_bytes"]  # 8-bit blocks
+    assert llama["ratios"]["generate_tokens_per_s"] > 0  # against the first MODEL, another runtime
+    assert "llama.cpp" in (tmp_path / "bench.md").read_text()
+    code = main(["-q", "bench", str(folder), str(tmp_path / "missing.gguf")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such GGUF file" in err and err.count("\n") == 1

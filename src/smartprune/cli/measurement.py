@@ -127,6 +127,10 @@ def add_bench(sub) -> None:
     b.add_argument("--semi-structured", action="store_true",
                    help="GPU only: run every 2:4 matrix of each compressed folder (recipes with pattern: 2:4) on "
                    "torch's semi-structured sparse kernels (cuSPARSELt), in bfloat16 or float16")
+    b.add_argument("--gguf-in", choices=["llama.cpp", "transformers"], default="llama.cpp",
+                   help="where a .gguf MODEL is timed: llama.cpp (llama-bench on the same threads: prefill at each "
+                   "--lengths, decoding of --new-tokens, file and tensor bytes, peak RSS; built once from source) "
+                   "or transformers (converted like any model) (default: llama.cpp)")
     json_out(b, "write the results to this JSON file and a Markdown twin beside it")
     b.set_defaults(func=cmd_bench)
 
@@ -140,7 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              new_tokens=args.new_tokens, rss=not args.no_rss, batches=tuple(args.batches),
                              device=args.device, compute_dtypes=tuple(args.compute_dtype),
                              residencies=tuple(args.resident), semi_structured=args.semi_structured,
-                             energy=args.energy)
+                             energy=args.energy, gguf=args.gguf_in)
     result = bench(args.models, settings, progress=not args.quiet)
     if args.json:
         write_outputs(result, Path(args.json))

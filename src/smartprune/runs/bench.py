@@ -35,10 +35,11 @@ from smartprune.data import check_positions
 from smartprune.device import autocast, resolve_compute_dtype, resolve_device
 from smartprune.modules.masked import mask_gradients
 from smartprune.modules.packed import PACKED_MODULES, resident_bytes
-from smartprune.storage.sources import LoadedModel, is_compressed, load_model
+from smartprune.storage.sources import LoadedModel, check_gguf_file, is_compressed, load_model
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
+GGUF_RUNTIMES = ("llama.cpp", "transformers")
 
 
 def metric_units(lengths: tuple[int, ...], batches: tuple[int, ...] = (8,)) -> dict[str, str]:
@@ -69,6 +70,9 @@ class BenchSettings:
     # joules per token of the largest batch's forward, from NVML (GPU) or RAPL (CPU) where they exist
     energy: bool = False
     train: bool = True  # also time one fine-tuning step (batch 8) of each trainable model
+    # where a .gguf MODEL is timed: in llama.cpp (llama-bench: prefill and decoding, file and tensor bytes,
+    # peak RSS; built once from source) or converted and timed in transformers like any folder
+    gguf: str = "llama.cpp"
 
     def __post_init__(self) -> None:
         from smartprune.errors import DataError
@@ -79,6 +83,8 @@ class BenchSettings:
                             "positive")
         from smartprune.storage.load import RESIDENT
 
+        if self.gguf not in GGUF_RUNTIMES:
+            raise DataError(f"unknown GGUF runtime {self.gguf!r}; expected {' or '.join(GGUF_RUNTIMES)}")
         bad = [r for r in self.residencies if r not in RESIDENT]
         if bad or not self.residencies:
             raise DataError(f"unknown residency {bad[0] if bad else '(none)'!r}; expected {' or '.join(RESIDENT)}")
@@ -100,6 +106,7 @@ class BenchResult:
         lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         rows = [("size on disk (MB)", "size_bytes", 1e-6), ("held in memory (MB)", "resident_bytes", 1e-6)]
         rows += [(f"{k} ({u})", k, 1) for k, u in self.units.items()]
+        rows += [("weights read at decode (GB/s: bytes held x tokens/s)", "decode_weight_gb_per_s", 1)]
         rows += [("peak RSS, load + one forward (MB)", "peak_rss_bytes", 1e-6), ("loading time (s)", "load_seconds", 1),
                  ("peak GPU memory (MB)", "peak_gpu_bytes", 1e-6), ("energy per token (mJ)", "joules_per_token", 1e3)]
         for label, key, unit in rows:
@@ -122,16 +129,44 @@ class BenchResult:
 def machine() -> dict:
     import transformers
 
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
+    cpu = machine_cpu()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "memory_bytes": mem,
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
+
+
+def memory_bandwidth(threads: int) -> float:
+    """This machine's copy bandwidth in GB/s (bytes read plus bytes written per second, the best of 5
+    copies of 256 MB on `threads` threads), measured once per CPU and thread count and cached: the
+    ceiling a decoding step that reads every weight once can approach."""
+    import json
+
+    from smartprune.files import write_json
+    from smartprune.paths import cache_dir
+
+    path = cache_dir() / "bandwidth.json"
+    key = f"{machine_cpu()} / {threads} threads"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in known:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        a = torch.ones(64 * 2**20)
+        b = torch.empty_like(a)
+        best = min(_timed(lambda: b.copy_(a), torch.device("cpu")) for _ in range(5))
+        torch.set_num_threads(before)
+        known[key] = 2 * a.numel() * a.element_size() / best / 1e9
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, known)
+    return known[key]
+
+
+def machine_cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def size_on_disk(source: str) -> int:
@@ -279,7 +314,11 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
     torch.set_num_threads(s.threads or os.cpu_count() or 1)
     torch.manual_seed(s.seed)
     # each compressed folder once per residency; other models once
-    held = [(spec, r) for spec in specs for r in (s.residencies if is_compressed(spec) else ("dense",))]
+    in_llama = [spec for spec in specs if s.gguf == "llama.cpp" and str(spec).endswith(".gguf")]
+    for spec in in_llama:  # a missing or foreign file is one line before any work
+        check_gguf_file(Path(spec).expanduser())
+    held = [(spec, r) for spec in specs if spec not in in_llama
+            for r in (s.residencies if is_compressed(spec) else ("dense",))]
     loaded = [load_model(spec, resident=r) for spec, r in held]
     # the semi-structured kernels' dtype: the first 16-bit compute dtype asked for, else bfloat16
     half = next((d for d in dtypes if d in (torch.float16, torch.bfloat16)), torch.bfloat16)
@@ -307,7 +346,7 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
                 sink.setdefault(k, []).append(v)
     if s.energy:
         result.machine["energy"] = _energy(runs, samples, s, device)
-    several = len(held) > len(specs)
+    several = len(held) > len(specs) - len(in_llama)
     for (spec, r, m, dtype, _), peak, sink in zip(runs, peaks, samples, strict=True):
         metrics = {k: statistics.median(v) for k, v in sink.items()}
         metrics["resident_bytes"] = resident_bytes(m.model)
@@ -323,14 +362,39 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
         if s.rss:
             metrics.update(fresh_process(spec, r, torch.get_num_threads(), max(s.lengths)))
         result.models.append(entry)
+    for spec in in_llama:
+        result.models.append(_llama_entry(spec, s, spec == specs[0]))
     for entry in result.models:
-        base = next(b for b in result.models if b["baseline"] and b["compute_dtype"] == entry["compute_dtype"])
+        entry["metrics"]["decode_weight_gb_per_s"] = (entry["metrics"]["resident_bytes"] *
+                                                      entry["metrics"]["generate_tokens_per_s"] / 1e9)
+    first = next(b for b in result.models if b["baseline"])
+    for entry in result.models:  # the first MODEL in the same compute dtype, else the first MODEL as measured
+        base = next((b for b in result.models if b["baseline"] and b["compute_dtype"] == entry["compute_dtype"]),
+                    first)
         entry["ratios"] = {k: v / base["metrics"][k] for k, v in entry["metrics"].items() if k in base["metrics"]}
         entry["ratios"]["size_bytes"] = entry["size_bytes"] / base["size_bytes"]
+    if device.type == "cpu":
+        result.machine["copy_gb_per_s"] = memory_bandwidth(torch.get_num_threads())
     result.machine.update(process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                           repeats=s.repeats, device=str(device), gpu=torch.cuda.get_device_name(device)
                           if device.type == "cuda" else None)
     return result
+
+
+def _llama_entry(spec: str, s: BenchSettings, baseline: bool) -> dict:
+    """One .gguf MODEL timed in llama.cpp (llama-bench), as a row of the same table."""
+    from smartprune.runtimes import llamacpp
+
+    threads = s.threads or os.cpu_count() or 1
+    got = llamacpp.bench(Path(spec).expanduser(), threads=threads, lengths=s.lengths, new_tokens=s.new_tokens,
+                         repeats=s.repeats)
+    metrics = {**got["metrics"], "resident_bytes": got["model_bytes"]}
+    if s.rss:
+        metrics["peak_rss_bytes"] = got["peak_rss_bytes"]
+    return {"name": spec, "source": str(Path(spec).expanduser()), "resident": "llama.cpp",
+            "size_bytes": size_on_disk(spec), "metrics": metrics, "compute_dtype": f"llama.cpp {got['type']}",
+            "device": "cpu", "spreads": got["spreads"], "parameters_in_memory": got["parameters"],
+            "semi_structured": 0, "baseline": baseline, "runtime": f"llama.cpp ({threads} threads)"}
 
 
 def _energy(runs: list, samples: list[dict[str, list[float]]], s: BenchSettings, device: torch.device) -> dict:
@@ -366,5 +430,7 @@ def write_outputs(result: BenchResult, path: Path) -> None:
     cpu = f"{m['cpu']} ({m['cores']} cores, {m['threads']} threads)"
     where = f"{m['gpu']} (host: {cpu})" if m.get("gpu") else cpu
     head = (f"Measured on {where}, torch {m['torch']}; median of {m['repeats']} interleaved rounds after a warm-up; "
-            "(xR) = ratio to the first model in the same compute dtype.\n\n")
+            "(xR) = ratio to the first model in the same compute dtype (else to the first model)."
+            + (f" This machine copies {m['copy_gb_per_s']:.1f} GB/s (read + write, {m['threads']} threads): the "
+               "ceiling of 'weights read at decode'." if m.get("copy_gb_per_s") else "") + "\n\n")
     write_text(path.with_suffix(".md"), head + result.summary() + "\n")

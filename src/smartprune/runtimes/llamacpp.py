@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -180,6 +181,41 @@ def convert(folder: str | os.PathLike, out: str | os.PathLike, kind: str, name: 
     _run([sys.executable, script, folder, "--outfile", out, "--outtype", kind,
           *(("--model-name", name) if name else ())], "convert_hf_to_gguf.py")
     return Path(out)
+
+
+def bench(gguf: str | os.PathLike, *, threads: int, lengths: tuple[int, ...], new_tokens: int,
+          repeats: int) -> dict:
+    """``llama-bench`` on one file: a prefill of each of `lengths` and greedy-equivalent decoding of
+    `new_tokens` tokens, `repeats` times each, on `threads` threads. Returns the metrics in bench's
+    names (``latency_b1_{n}`` seconds, ``generate_tokens_per_s``) with their spreads, the tensors'
+    bytes, and the peak RSS of the llama-bench process (``ru_maxrss`` of that child alone)."""
+    import json
+
+    cmd = [str(tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-p", ",".join(map(str, lengths)),
+           "-n", str(new_tokens), "-r", str(repeats), "-o", "json"]
+    with tempfile.TemporaryFile("w+") as log:  # the log to a file: a full pipe would block the child
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here, for the rusage of this child alone
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stdout.close()
+        log.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeMissing(f"llama-bench failed on {gguf}: {(log.read().strip().splitlines() or ['?'])[-1]}")
+    tests = json.loads(out)
+    metrics: dict[str, float] = {}
+    spreads: dict[str, dict[str, float]] = {}
+    for t in tests:
+        seconds = [ns / 1e9 for ns in t["samples_ns"]]
+        if t["n_gen"]:
+            key, values = "generate_tokens_per_s", [t["n_gen"] / x for x in seconds]
+        else:
+            key, values = f"latency_b1_{t['n_prompt']}", seconds
+        metrics[key] = statistics.median(values)
+        spreads[key] = {"min": min(values), "max": max(values)}
+    return {"metrics": metrics, "spreads": spreads, "model_bytes": tests[0]["model_size"],
+            "parameters": tests[0]["model_n_params"], "type": tests[0]["model_type"],
+            "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
 def _bindings():

@@ -77,6 +77,13 @@ def _check_gguf(path: Path) -> None:
         raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
+def check_gguf_file(path: Path) -> None:
+    """A .gguf MODEL that is missing or not a GGUF file: one line."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such GGUF file")
+    _check_gguf(path)
+
+
 def _from_gguf(path: Path):
     """Dequantize a GGUF file into a plain fp32 model (transformers reads GGUF into torch tensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
