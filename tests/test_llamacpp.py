@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
 
 from smartprune.errors import OutputError
 from smartprune.runtimes import llamacpp
 from smartprune.storage.gguf_writer import write_gguf
+from smartprune.testing import gguf_ready_model
 
 TEXT = ("The year 1984 was 3.14 times better, isn't it? Yes:\n\n apples & 7 pears, naïve café.\n"
         " = Robert Boulter = \n \n Robert Boulter is an English film , television and theatre actor .")
@@ -52,25 +52,8 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-def _tiny(family: str, vocab: int):
-    """Tiny models in the shapes llama.cpp and transformers' GGUF reader agree on (Qwen 3's heads of 128;
-    Gemma 3's heads of 256, its query scale)."""
-    c = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=vocab,
-             max_position_embeddings=256)
-    make = {"llama": lambda: LlamaConfig(**c, num_hidden_layers=2, tie_word_embeddings=True),
-            "qwen3": lambda: Qwen3Config(**c, num_hidden_layers=2, head_dim=128),
-            "gemma3_text": lambda: Gemma3TextConfig(**c, num_hidden_layers=6, head_dim=256, sliding_window=8)}
-    config = make[family]()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3 if p.dim() == 2 else 0.1)  # norms too: Gemma's are written as 1 + w
-    return model
-
-
 def _folder(tmp_path: Path, family: str, tokenizer) -> tuple[Path, object]:
-    model = _tiny(family, len(tokenizer))
+    model = gguf_ready_model(family, len(tokenizer))
     folder = tmp_path / f"tiny-{family}"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -136,13 +119,13 @@ def test_what_llama_cpp_would_read_differently_is_refused_in_one_line(gpt2_token
     from tokenizers import normalizers
 
     with pytest.raises(OutputError, match="llama-quantize"):
-        write_gguf(_tiny("llama", 64), tmp_path / "a.gguf", gguf_type="q4_k")
+        write_gguf(gguf_ready_model("llama", 64), tmp_path / "a.gguf", gguf_type="q4_k")
     odd = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
     odd.backend_tokenizer.normalizer = normalizers.NFKC()  # a normalizer llama.cpp's gpt-2 split does not run
     with pytest.raises(OutputError, match="pre-tokenizer") as caught:
-        write_gguf(_tiny("llama", len(odd)), tmp_path / "b.gguf", tokenizer=odd)
+        write_gguf(gguf_ready_model("llama", len(odd)), tmp_path / "b.gguf", tokenizer=odd)
     assert "\n" not in str(caught.value)
-    model = _tiny("gemma3_text", 64)
+    model = gguf_ready_model("gemma3_text", 64)
     model.config.head_dim = 128  # llama.cpp scales Gemma 3's queries by the head size, transformers by 256
     with pytest.raises(OutputError, match="head"):
         write_gguf(model, tmp_path / "c.gguf")

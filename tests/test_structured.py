@@ -18,7 +18,7 @@ from smartprune.methods.base import Sublayer
 from smartprune.methods.heads import head_importance
 from smartprune.methods.neurons import neuron_importance
 from smartprune.recipes.schema import build_recipe
-from smartprune.testing import family_model
+from smartprune.testing import family_model, gguf_ready_model
 
 VOCAB = 50257
 MIX = "depth: {rate: 0.5}\nattn_heads: {rate: 0.34}\nff_neurons: {rate: 0.5}\n"
@@ -71,6 +71,39 @@ def test_head_importance_is_each_heads_squared_output_contribution_by_hand():
     o_in, w = seen[0].double(), sub.module("o").weight.detach().double()
     want = torch.stack([(o_in[..., h * 8:(h + 1) * 8] @ w[h * 8:(h + 1) * 8]).pow(2).sum() for h in range(6)])
     assert torch.allclose(head_importance(sub, 6, 8, "activation"), want, rtol=1e-6)
+
+
+def test_a_removed_input_that_kept_ones_combine_is_reconstructed_exactly():
+    from smartprune.methods.compensate import compensate_rows
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    h = torch.cat([h, (2 * h[:, 0] - h[:, 1])[:, None]], 1)  # input 3 = 2 x input 0 - input 1
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64)  # rows: the 4 inputs
+    keep = torch.tensor([True, True, True, False])
+    new = w.clone()
+    compensate_rows(new, h.T @ h, keep, ~keep, damp=0.0)
+    # by hand: row 3's contribution moves to rows 0 and 1 with the coefficients 2 and -1
+    want = w.clone()
+    want[0] += 2 * w[3]
+    want[1] -= w[3]
+    assert torch.allclose(new[:3], want[:3], atol=1e-9)
+    assert torch.allclose(h[:, :3] @ new[:3], h @ w, atol=1e-9)  # the output without input 3 is the same
+
+
+@pytest.mark.parametrize("stage", ["ff_neurons", "attn_heads"])
+def test_compensation_at_removal_lowers_each_blocks_output_error(stage):
+    from smartprune.data import Calibration
+
+    calib = Calibration(torch.randint(0, 100, (8, 32), generator=torch.Generator().manual_seed(4)),
+                        torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(5)), "test")
+    errors = {}
+    for on in (False, True):
+        recipe = build_recipe({stage: {"rate": 0.5, "compensate": on}}, "t", "test")
+        report = smartprune.compress(family_model("llama", vocab=100, layers=2), None, recipe, calib=calib,
+                                     progress=False).report
+        errors[on] = report["stages"][stage]["mean_relative_error"]
+    assert errors[True] < 0.9 * errors[False], errors
 
 
 def test_skipping_a_block_is_the_model_whose_block_adds_nothing():
@@ -147,28 +180,11 @@ def test_gguf_export_reads_back_in_transformers(base_dirs, use_data, tmp_path, c
     assert 0 < err < 0.1  # 8-bit blocks: close, not equal
 
 
-def _gguf_ready(name: str):
-    """Tiny Qwen 3 / Gemma 3 in the settings GGUF readers assume (Qwen 3's heads of 128; Gemma 3's
-    query scale 256 and five local layers to one global), which a GGUF file does not carry."""
-    from transformers import Gemma3TextConfig, Qwen3Config
-
-    c = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
-             max_position_embeddings=128)
-    config = Qwen3Config(**c, num_hidden_layers=2, head_dim=128) if name == "qwen3" else \
-        Gemma3TextConfig(**c, num_hidden_layers=6, head_dim=256, sliding_window=8)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3 if p.dim() == 2 else 0.1)  # norms too: Gemma's are written as 1 + w
-    return model
-
-
 @pytest.mark.slow  # 38 s; the Llama GGUF export stays in the default suite
 @pytest.mark.parametrize("name", ["qwen3", "gemma3_text"])
 def test_gguf_export_of_qwen3_and_gemma3_reads_back_in_transformers(name, use_data, tmp_path, capsys,
                                                                     gpt2_tokenizer):
-    _gguf_ready(name).save_pretrained(tmp_path / "base")
+    gguf_ready_model(name, VOCAB).save_pretrained(tmp_path / "base")
     gpt2_tokenizer.save_pretrained(tmp_path / "base")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("attn_heads: {rate: 0.5}\nff_neurons: {rate: 0.5}\n")

@@ -65,3 +65,22 @@ def family_model(name: str, vocab: int = GPT2_VOCAB, seed: int = 0, layers: int 
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     return model.eval()
+
+
+def gguf_ready_model(name: str, vocab: int = GPT2_VOCAB, seed: int = 0) -> nn.Module:
+    """A tiny random Llama, Qwen 3 or Gemma 3 in the settings GGUF readers assume and a GGUF file does
+    not carry (Qwen 3's heads of 128; Gemma 3's heads and query scale of 256, five local layers to one
+    global); norms random too (Gemma's are written as 1 + w)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
+
+    c = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=vocab,
+             max_position_embeddings=256)
+    make = {"llama": lambda: LlamaConfig(**c, num_hidden_layers=2, tie_word_embeddings=True),
+            "qwen3": lambda: Qwen3Config(**c, num_hidden_layers=2, head_dim=128),
+            "gemma3_text": lambda: Gemma3TextConfig(**c, num_hidden_layers=6, head_dim=256, sliding_window=8)}
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make[name]()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() == 2 else 0.1)
+    return model

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from smartprune.errors import RecipeError
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
+from smartprune.methods.compensate import compensate_rows, input_gram
 from smartprune.methods.config import FitConfig, StrategyConfig, option
 from smartprune.methods.criteria import offered
 from smartprune.modules.masked import Projection, forward_pre_hooks, run_in_chunks
@@ -45,6 +46,8 @@ class HeadsConfig(FitConfig):
                        "key/value groups with their query heads)", choices=("query", "group"))
     criterion: str = option("activation", "activation (squared output contribution on the calibration tokens) | "
                             "magnitude (weight norm)", choices=offered("units"))
+    compensate: bool = option(False, "re-fit the output projection's kept columns of heads in least squares on the "
+                              "calibration tokens for the heads removed (methods/compensate.py)")
 
 
 def removed_count(rate: float, heads: int, kv: int, unit: str) -> int:
@@ -92,6 +95,8 @@ class HeadsStage(Stage):
 
     def compress_to(self, rate: float) -> None:
         want = removed_count(rate, self.heads, self.kv, self.cfg.unit)
+        before = self.alive.clone()
+        gram = input_gram(self.sub, self.sub.module("o")) if self.cfg.compensate else None  # before the removal
         scores = head_importance(self.sub, self.heads, self.head_dim, self.cfg.criterion).cpu()
         scores[~self.alive] = float("inf")
         if self.cfg.unit == "query":  # per group, its lowest-scoring live heads until `want` are gone
@@ -105,6 +110,9 @@ class HeadsStage(Stage):
             group_scores = scores.reshape(self.kv, self.group).sum(1)
             for g in group_scores.argsort()[:max(0, want - int((~group_alive).sum()))]:
                 self.alive[int(g) * self.group:(int(g) + 1) * self.group] = False
+        if gram is not None:
+            compensate_rows(self.sub.module("o").weight, gram, self._columns(self.alive),
+                            self._columns(before & ~self.alive))
         self._mask()
         self.rate = rate
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
+from smartprune.methods.compensate import compensate_rows, input_gram
 from smartprune.methods.config import FitConfig, StrategyConfig, option
 from smartprune.methods.criteria import offered
 from smartprune.modules.masked import Projection, forward_pre_hooks, run_in_chunks
@@ -41,6 +42,8 @@ class NeuronsConfig(FitConfig):
     rate: float = option(0.3, "fraction of each block's feed-forward neurons removed", lo=0.0, hi=0.99)
     criterion: str = option("activation", "activation (squared output contribution on the calibration tokens) | "
                             "magnitude (weight norm)", choices=offered("units"))
+    compensate: bool = option(False, "re-fit the output projection's kept rows in least squares on the calibration "
+                              "tokens for the neurons removed (methods/compensate.py)")
 
 
 def cut_neurons(inputs: list[Projection], output: Projection, alive: Tensor) -> tuple[list[Projection], Projection]:
@@ -100,10 +103,14 @@ class NeuronsStage(Stage):
         width = self.alive.numel()
         new = round(rate * width) - int((~self.alive).sum())
         if new > 0:
+            *inputs, output = self.sub.modules().values()
+            gram = input_gram(self.sub, output) if self.cfg.compensate else None  # before the removal
             scores = neuron_importance(self.sub, self.cfg.criterion).cpu()
             scores[~self.alive] = float("inf")
+            before = self.alive.clone()
             self.alive[scores.argsort()[:new]] = False
-            *inputs, output = self.sub.modules().values()
+            if gram is not None:
+                compensate_rows(output.weight, gram, self.alive, before & ~self.alive)
             for m in inputs:
                 m.set_mask(self.alive[None, :].to(m.weight.device).expand_as(m.weight))
             output.set_mask(self.alive[:, None].to(output.weight.device).expand_as(output.weight))
