@@ -27,6 +27,9 @@ def test_compress_writes_a_loadable_model_report_and_dense_twin(arch, model_dirs
     assert set(report["groups"]) == {"irc", "dwc", "attn_out", "fpp_emb", "fpp_ff"}
     assert report["groups"]["irc"]["after"] < report["groups"]["irc"]["before"]
     assert 0.5 < report["overall"]["compression"] < 0.8
+    o = report["overall"]  # the last lines say what the user got, and how to measure its speed
+    assert f"({o['params_after'] / o['params_before']:.2f}x dense)" in stdout
+    assert stdout.rstrip().splitlines()[-1] == f"speed against dense: smartprune bench {model_dirs[arch]} {out}"
     model = smartprune.load(out)
     assert smartprune.load_model(out).tokenizer is not None
     vanilla = AutoModelForCausalLM.from_pretrained(dense).eval()
