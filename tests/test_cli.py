@@ -1,5 +1,6 @@
 """The command line, end to end on tiny models, and every bad input of the engine issue."""
 
+import argparse
 import json
 
 import pytest
@@ -241,3 +242,23 @@ def test_compare_rejects_unknown_methods_and_bad_sparsities(model_dirs, use_data
     assert code == 2 and "did you mean 'wanda'" in _one_clean_line(err)
     code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", "wanda", "--sparsity", "1.5")
     assert code == 2 and "1.5 is outside [0, 1]" in _one_clean_line(err)
+
+
+def test_each_flag_name_has_one_meaning_and_old_spellings_still_work_with_a_notice(capsys):
+    from smartprune.cli.main import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    having = {flag: {n for n, sub in subs.items() if flag in sub._option_string_actions}
+              for flag in ("--seqlen", "--train-seqlen", "--compute-dtype")}
+    assert having["--train-seqlen"] == {"recover", "train"}  # training windows, under their own name
+    for name in having["--seqlen"] - having["--train-seqlen"]:  # everywhere else: an evaluation window
+        assert "window" in subs[name]._option_string_actions["--seqlen"].help, name
+    dtype_helps = {subs[n]._option_string_actions["--compute-dtype"].help.rsplit(": ", 1)[1].removesuffix(
+        " (one row per entry)") for n in having["--compute-dtype"]}
+    assert len(having["--compute-dtype"]) >= 5 and len(dtype_helps) == 1  # one list of choices, said once
+    args = parser.parse_args(["recover", "c", "--teacher", "none", "--out", "o", "--seqlen", "64"])
+    err = capsys.readouterr().err
+    assert args.seqlen == 64 and err.count("\n") == 1 and "--seqlen is now --train-seqlen" in err
+    args = parser.parse_args(["classify", "m", "--task", "sst2", "--calib-examples", "8"])
+    assert args.calib_samples == 8 and capsys.readouterr().err == ""

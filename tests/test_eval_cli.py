@@ -75,7 +75,7 @@ def test_generate_prints_texts_and_metrics(model_dirs, use_data, capsys):
 def test_classify_finetunes_compresses_and_rescores(model_dirs, use_data, tmp_path, capsys, device):
     path = tmp_path / "c.json"
     code, out, err = run(capsys, "classify", model_dirs["gpt2"], "--task", "sms", "--recipe", "fpp-ff",
-                         "--max-train", "16", "--ft-seqlen", "16", "--calib-samples", "8", "--json", path,
+                         "--max-train", "16", "--ft-seqlen", "16", "--calib-examples", "8", "--json", path,
                          "--device", device)
     assert code == 0, err
     data = json.loads(path.read_text())
@@ -95,7 +95,7 @@ def test_train_from_scratch_saves_a_loadable_gpt2(use_data, tmp_path, capsys):
 
     out = tmp_path / "g"
     code, _, err = run(capsys, "train", "--config", "gpt2-tiny", "--steps", "3", "--batch-size", "2",
-                            "--seqlen", "32", "--out", out)
+                            "--train-seqlen", "32", "--out", out)
     assert code == 0, err
     summary = json.loads((out / "train.json").read_text())
     assert summary["steps_done"] == 3 and summary["test"]["windows"] == 8

@@ -76,7 +76,7 @@ def test_windows_longer_than_the_model_positions(arch, model_dirs, use_data, tmp
                          "500", "--seqlen", "64", "--limit", "1", "--tasks", "wikitext2")
     assert code == 2 and "--calib-seqlen 500 is longer" in _one_clean_line(err) and out == ""
     code, _, err = run(capsys, "recover", model_dirs[arch], "--teacher", "none", "--out", tmp_path / "r",
-                       "--seqlen", "200", "--steps", "1")
+                       "--train-seqlen", "200", "--steps", "1")
     assert code == 2 and "recovery seqlen 200 is longer" in _one_clean_line(err)
 
 
@@ -250,7 +250,7 @@ def test_a_damaged_recovery_checkpoint_is_one_line(content, model_dirs, use_data
     ckpt.parent.mkdir()
     ckpt.write_bytes(content)
     code, _, err = run(capsys, "recover", model_dirs["llama"], "--teacher", "none", "--out", tmp_path / "r",
-                       "--steps", "2", "--seqlen", "16", "--batch-size", "2", "--eval-windows", "1", "--resume")
+                       "--steps", "2", "--train-seqlen", "16", "--batch-size", "2", "--eval-windows", "1", "--resume")
     assert code == 2 and "remove it and run without --resume" in _one_clean_line(err), err
 
 

@@ -233,7 +233,7 @@ def test_recover_command_writes_a_loadable_model_and_report(compressed, model_di
     model, _ = compressed
     save(model, tmp_path / "c", tokenizer=gpt2_tokenizer, report={"recipe": "paper"})
     code, out, err = _cli(capsys, "recover", tmp_path / "c", "--teacher", model_dirs["gpt2"], "--out", tmp_path / "r",
-                          "--steps", 3, "--seqlen", 32, "--batch-size", 2, "--eval-windows", 1,
+                          "--steps", 3, "--train-seqlen", 32, "--batch-size", 2, "--eval-windows", 1,
                           "--json", tmp_path / "r.json")
     assert code == 0, err
     assert "structure kept: yes" in out
@@ -261,7 +261,7 @@ def test_recover_command_bad_input_is_one_line(argv, message, model_dirs, use_da
     if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     code, _, err = _cli(capsys, "recover", model_dirs["llama"], "--teacher", "none", "--out", tmp_path / "r",
-                          "--seqlen", 16, "--batch-size", 2, "--steps", 1, *argv)
+                          "--train-seqlen", 16, "--batch-size", 2, "--steps", 1, *argv)
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
@@ -352,7 +352,7 @@ def test_a_signal_during_recovery_leaves_a_usable_checkpoint(sig, code, model_di
 
     out = tmp_path / "r"
     argv = [sys.executable, "-m", "smartprune", "-q", "recover", str(model_dirs["llama"]), "--teacher", "none",
-            "--out", str(out), "--steps", "100000", "--seqlen", "16", "--batch-size", "2", "--eval-windows", "1",
+            "--out", str(out), "--steps", "100000", "--train-seqlen", "16", "--batch-size", "2", "--eval-windows", "1",
             "--checkpoint-minutes", "0"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     ckpt = tmp_path / ".r.recover-checkpoint" / "recover-checkpoint.pt"

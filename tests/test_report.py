@@ -12,7 +12,7 @@ def test_report_holds_every_table_and_links_every_image(model_dirs, use_data, tm
         ["eval", m, tmp_path / "c", "--tasks", "wikitext2,sst2", "--seqlen", "32", "--limit", "1",
          "--json", tmp_path / "e.json"],
         ["classify", m, "--task", "sst2", "--recipe", "fpp-ff", "--max-train", "8", "--ft-seqlen", "16",
-         "--calib-samples", "4", "--json", tmp_path / "k.json"],
+         "--calib-examples", "4", "--json", tmp_path / "k.json"],
         ["bench", m, tmp_path / "c", "--repeats", "1", "--lengths", "16", "--new-tokens", "4", "--no-rss",
          "--json", tmp_path / "b.json"],
         ["sweep", m, "--method", "irc", "--rates", "0,1", "--variants", "q,k", "--limit", "1", "--seqlen", "32",

@@ -89,7 +89,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_whole_checkpoint(compr
 
 def _recover_argv(source, out, *extra) -> list[str]:
     return [sys.executable, "-m", "smartprune", "-q", "recover", str(source), "--teacher", "none", "--out", str(out),
-            "--steps", "100000", "--seqlen", "16", "--batch-size", "2", "--eval-windows", "1",
+            "--steps", "100000", "--train-seqlen", "16", "--batch-size", "2", "--eval-windows", "1",
             "--checkpoint-minutes", "0", *extra]
 
 

@@ -9,10 +9,12 @@ import argparse
 
 from smartprune.cli.shared import (
     MODEL_HELP,
+    compute_dtype,
     device,
     json_out,
     overwrite,
     positive,
+    renamed,
     say,
     seed,
     window,
@@ -69,9 +71,8 @@ def add_compress(sub) -> None:
                    "output channel; norms, biases and IRC vectors float32)")
     device(c, "where compression (and a recipe's recover section) runs: auto "
                    "(a GPU when torch sees one), cpu, cuda or cuda:N")
-    c.add_argument("--compute-dtype", default="auto", help="precision of the calibration forward passes and fits: auto "
-                   "(bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16; statistics and Hessians are "
-                   "accumulated in float64 whatever it is")
+    compute_dtype(c, "the calibration forward passes and fits (statistics and Hessians accumulate in float64 "
+                  "whatever it is)")
     c.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the block being compressed on the GPU, the others in host memory (default: when "
                    "the model would not fit the GPU's free memory); needs objectives local to each sublayer")
@@ -155,7 +156,8 @@ def add_recover(sub) -> None:
                         "blockwise: the block fits only)")
     budget.add_argument("--tokens", type=positive, help="training tokens")
     budget.add_argument("--minutes", type=float, help="wall-time budget (steps sized from the first steps)")
-    rc.add_argument("--seqlen", type=positive, help="tokens per window (256)")
+    renamed(rc, "--train-seqlen", "--seqlen", "--seqlen is an evaluation window elsewhere", dest="seqlen",
+            type=positive, help="tokens per training window (256)")
     rc.add_argument("--batch-size", type=positive, help="windows per step, over all processes (8)")
     rc.add_argument("--lr", type=float, help="peak learning rate (2e-4)")
     rc.add_argument("--weight-decay", type=float, help="AdamW weight decay (0)")
@@ -173,7 +175,7 @@ def add_recover(sub) -> None:
     rc.add_argument("--eval-every", type=positive, help="steps between held-out perplexity checks (50)")
     rc.add_argument("--eval-windows", type=positive, help="held-out windows of the text's validation split (4)")
     rc.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (5)")
-    rc.add_argument("--compute-dtype", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    compute_dtype(rc, "the training steps (default: auto)", default=None)
     device(rc)
     rc.add_argument("--nproc", type=positive, default=1, help="data-parallel processes on this machine (1)")
     rc.add_argument("--sharding", help="with several processes: none (default; each holds the whole model, "
@@ -223,7 +225,8 @@ def add_train(sub) -> None:
     t.add_argument("--steps", type=positive, default=1000, help="optimizer steps (1000)")
     t.add_argument("--minutes", type=float, help="stop earlier when this many minutes have passed")
     t.add_argument("--batch-size", type=positive, default=8, help="sequences per step (8)")
-    t.add_argument("--seqlen", type=positive, default=128, help="tokens per sequence (128)")
+    renamed(t, "--train-seqlen", "--seqlen", "--seqlen is an evaluation window elsewhere", dest="seqlen",
+            type=positive, default=128, help="tokens per training sequence (128)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (1e-3)")
     seed(t)
     t.add_argument("--out", required=True, help="folder to save the trained model to")

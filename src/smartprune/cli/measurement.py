@@ -9,11 +9,13 @@ import argparse
 
 from smartprune.cli.shared import (
     MODEL_HELP,
+    compute_dtype,
     device,
     eval_options,
     eval_settings,
     json_out,
     positive,
+    renamed,
     say,
 )
 
@@ -79,7 +81,8 @@ def add_classify(sub) -> None:
     f.add_argument("--task", required=True, help="a classification task with a train split here: cola, sst2, "
                    "mrpc, rte, sms")
     f.add_argument("--recipe", default="paper", help="recipe name or file (paper)")
-    f.add_argument("--calib-samples", type=positive, default=64, help="training examples used as calibration (64)")
+    renamed(f, "--calib-examples", "--calib-samples", "--calib-samples counts calibration windows elsewhere",
+            dest="calib_samples", type=positive, default=64, help="training examples used as calibration (64)")
     eval_options(f, "classification", "finetune", "device")
     f.set_defaults(func=cmd_classify)
 
@@ -115,9 +118,7 @@ def add_bench(sub) -> None:
                    help="throughput batch sizes at the first length (8; the paper's Table 8: 8 32)")
     device(b, "auto (a GPU when torch sees one), cpu, cuda or cuda:N; on a GPU "
                    "timing is CUDA-synchronized and peak GPU memory is reported")
-    b.add_argument("--compute-dtype", nargs="+", default=["auto"],
-                   help="forward/training precision, one entry per model and dtype: auto (bfloat16 on a GPU, "
-                   "float32 on a CPU), float32, bfloat16, float16 (e.g. float32 bfloat16)")
+    compute_dtype(b, "the timed forwards and training steps, e.g. float32 bfloat16", several=True)
     b.add_argument("--resident", nargs="+", choices=["compact", "dense"], default=["compact", "dense"],
                    help="how each compressed folder is held, one entry per residency: compact (as stored, "
                    "unpacked per product; no fine-tuning step) and dense (unpacked once) (default: both)")

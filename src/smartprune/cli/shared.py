@@ -48,6 +48,36 @@ def device(p: argparse.ArgumentParser, what: str = DEVICE_HELP) -> None:
     p.add_argument("--device", default="auto", help=what)
 
 
+COMPUTE_DTYPES = "auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16"
+
+
+def compute_dtype(p: argparse.ArgumentParser, what: str, *, several: bool = False, default: str | None = "auto"
+                  ) -> None:
+    """``--compute-dtype``, said once: the precision of `what` (forward passes run under autocast;
+    weights stay float32). `several`: one entry per value (bench)."""
+    p.add_argument("--compute-dtype", nargs="+" if several else None, default=[default] if several else default,
+                   help=f"precision of {what}: {COMPUTE_DTYPES}" + (" (one row per entry)" if several else ""))
+
+
+class Renamed(argparse.Action):
+    """A flag under its new name that still takes its old spelling for one release, with a one-line
+    notice when the old one is used (each flag name has one meaning across subcommands)."""
+
+    def __init__(self, option_strings, dest, old: str = "", why: str = "", **kwargs) -> None:
+        self.old, self.why = old, why
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string == self.old:
+            sys.stderr.write(f"smartprune: {self.old} is now {self.option_strings[0]} here ({self.why}); the old "
+                             "spelling works until the next release\n")
+        setattr(namespace, self.dest, values)
+
+
+def renamed(p: argparse.ArgumentParser, new: str, old: str, why: str, **kwargs) -> None:
+    p.add_argument(new, old, action=Renamed, old=old, why=why, **kwargs)
+
+
 def seed_value(value: str) -> int:
     """A seed torch's generators take: a whole number from 0 to 2**63 - 1."""
     n = int(value)
@@ -157,8 +187,7 @@ def eval_options(p: argparse.ArgumentParser, *groups: str) -> None:
         p.add_argument("--sample", action="store_true", help="generation: seeded nucleus sampling, not greedy")
     if "device" in groups:
         device(p)
-        p.add_argument("--compute-dtype", default="auto", help="forward precision: auto (default: bfloat16 on a GPU, "
-                       "float32 on a CPU), float32, bfloat16 or float16")
+        compute_dtype(p, "the forward passes (and a fine-tune's steps)")
     if "resident" in groups:
         p.add_argument("--resident", choices=["dense", "compact"], default="dense",
                        help="how a compressed folder is held in memory: dense (default; unpacked once, fastest) or "

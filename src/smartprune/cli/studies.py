@@ -9,6 +9,7 @@ import argparse
 
 from smartprune.cli.shared import (
     MODEL_HELP,
+    compute_dtype,
     device,
     json_out,
     overwrite,
@@ -46,8 +47,7 @@ def add_compare(sub) -> None:
     k.add_argument("--keep", help="with --measure: write the measured models to this new folder (default: a "
                    "temporary folder, removed after)")
     device(k)
-    k.add_argument("--compute-dtype", default="auto", help="precision of the compression and retraining forwards: "
-                   "auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16; evaluation is float32")
+    compute_dtype(k, "the compression and retraining forwards (evaluation is float32)")
     json_out(k, "write rows to this JSON file, and a Markdown twin beside it; until then (without --measure) each "
              "method's rows are kept in .FILE.partial beside it as they finish, and the same command resumes from them")
     k.set_defaults(func=cmd_compare)
