@@ -114,8 +114,8 @@ def build(jobs: int | None = None) -> Path:
     target = build_dir()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=home()))
     jobs = jobs or os.cpu_count() or 2
-    log.info("building llama.cpp %s (from llama-cpp-python %s) once into %s: about 10 minutes on two cores",
-             "tools and libraries", VERSION, target)
+    log.info("building llama.cpp (from the llama-cpp-python %s sdist) once into %s: about 10 minutes on two cores",
+             VERSION, target)
     try:
         for cmd in (["cmake", "-S", str(src), "-B", str(tmp), "-G", "Ninja" if shutil.which("ninja") else
                      "Unix Makefiles", *CMAKE_FLAGS],
@@ -139,12 +139,12 @@ def tool(name: str) -> Path:
     return build() / name
 
 
-def _run(cmd: list, what: str) -> str:
+def _run(cmd: list, what: str) -> subprocess.CompletedProcess:
     done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
         raise RuntimeMissing(f"llama.cpp {what} failed: {tail}")
-    return done.stdout + done.stderr
+    return done
 
 
 def perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, *, ctx: int = 1024, chunks: int = 32,
@@ -153,9 +153,9 @@ def perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, *, ctx: in
     second half of each scored). Returns {"ppl", "chunks", "ctx"}."""
     import re
 
-    log = _run([tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", ctx, "--chunks", chunks, "-t", threads,
-                "-b", ctx], "perplexity")
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
+    done = _run([tool("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", ctx, "--chunks", chunks, "-t", threads,
+                 "-b", ctx], "perplexity")
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
     if not found:
         raise RuntimeMissing(f"llama-perplexity printed no estimate for {gguf}")
     return {"ppl": float(found.group(1)), "chunks": chunks, "ctx": ctx}
@@ -165,8 +165,8 @@ def tokenize(gguf: str | os.PathLike, text_file: str | os.PathLike) -> list[int]
     """llama.cpp's token ids of a text file (``llama-tokenize``, the file's BOS rule applied)."""
     import ast
 
-    out = _run([tool("llama-tokenize"), "-m", gguf, "-f", text_file, "--ids", "--log-disable"], "tokenize")
-    return ast.literal_eval(out.strip().splitlines()[-1])
+    done = _run([tool("llama-tokenize"), "-m", gguf, "-f", text_file, "--ids", "--log-disable"], "tokenize")
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
 
 
 def quantize(src: str | os.PathLike, out: str | os.PathLike, kind: str, threads: int = 2) -> Path:
