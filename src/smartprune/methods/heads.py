@@ -86,6 +86,7 @@ class HeadsStage(Stage):
         self.group = self.heads // self.kv
         self.rate = 0.0
         self.alive = torch.ones(self.heads, dtype=torch.bool)  # query heads, group by group
+        self.gram: Tensor | None = None  # of the output projection's input, for compensation
 
     def final_rate(self) -> float:
         return self.sub.plan.structured_rate("attn_heads", self.cfg.rate)
@@ -96,7 +97,9 @@ class HeadsStage(Stage):
     def compress_to(self, rate: float) -> None:
         want = removed_count(rate, self.heads, self.kv, self.cfg.unit)
         before = self.alive.clone()
-        gram = input_gram(self.sub, self.sub.module("o")) if self.cfg.compensate else None  # before the removal
+        if self.cfg.compensate and (self.gram is None or self.cfg.steps):  # removing a head leaves the others' outputs
+            self.gram = input_gram(self.sub, self.sub.module("o"))
+        gram = self.gram if self.cfg.compensate else None
         scores = head_importance(self.sub, self.heads, self.head_dim, self.cfg.criterion).cpu()
         scores[~self.alive] = float("inf")
         if self.cfg.unit == "query":  # per group, its lowest-scoring live heads until `want` are gone

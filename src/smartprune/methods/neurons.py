@@ -91,6 +91,7 @@ class NeuronsStage(Stage):
         self.rate = 0.0
         width = list(sub.modules().values())[-1].weight.shape[0]
         self.alive = torch.ones(width, dtype=torch.bool)
+        self.gram: Tensor | None = None  # of the output projection's input, for compensation
 
     def final_rate(self) -> float:
         """The configured rate, or the one a structured allocation chose for every block."""
@@ -104,7 +105,7 @@ class NeuronsStage(Stage):
         new = round(rate * width) - int((~self.alive).sum())
         if new > 0:
             *inputs, output = self.sub.modules().values()
-            gram = input_gram(self.sub, output) if self.cfg.compensate else None  # before the removal
+            gram = self.output_gram(output) if self.cfg.compensate else None  # before the removal
             scores = neuron_importance(self.sub, self.cfg.criterion).cpu()
             scores[~self.alive] = float("inf")
             before = self.alive.clone()
@@ -115,6 +116,13 @@ class NeuronsStage(Stage):
                 m.set_mask(self.alive[None, :].to(m.weight.device).expand_as(m.weight))
             output.set_mask(self.alive[:, None].to(output.weight.device).expand_as(output.weight))
         self.rate = rate
+
+    def output_gram(self, output: nn.Module) -> Tensor:
+        """The Gram matrix of the output projection's input. Removing a neuron zeroes its own input and
+        leaves the others' as they were, so without re-fitting steps one measurement serves every increment."""
+        if self.gram is None or self.cfg.steps:
+            self.gram = input_gram(self.sub, output)
+        return self.gram
 
     def finalize(self) -> None:
         if bool(self.alive.all()):
