@@ -46,7 +46,7 @@ class HeadsConfig(FitConfig):
                        "key/value groups with their query heads)", choices=("query", "group"))
     criterion: str = option("activation", "activation (squared output contribution on the calibration tokens) | "
                             "magnitude (weight norm)", choices=offered("units"))
-    compensate: bool = option(False, "re-fit the output projection's kept columns of heads in least squares on the "
+    compensate: bool = option(True, "re-fit the output projection's kept columns of heads in least squares on the "
                               "calibration tokens for the heads removed (methods/compensate.py)")
 
 

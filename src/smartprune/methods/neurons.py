@@ -42,7 +42,7 @@ class NeuronsConfig(FitConfig):
     rate: float = option(0.3, "fraction of each block's feed-forward neurons removed", lo=0.0, hi=0.99)
     criterion: str = option("activation", "activation (squared output contribution on the calibration tokens) | "
                             "magnitude (weight norm)", choices=offered("units"))
-    compensate: bool = option(False, "re-fit the output projection's kept rows in least squares on the calibration "
+    compensate: bool = option(True, "re-fit the output projection's kept rows in least squares on the calibration "
                               "tokens for the neurons removed (methods/compensate.py)")
 
 
