@@ -183,22 +183,43 @@ def convert(folder: str | os.PathLike, out: str | os.PathLike, kind: str, name: 
     return Path(out)
 
 
+def _watch_peak_rss(pid: int):
+    """A thread that reads the process's own high-water mark (``VmHWM``) until it exits: ``ru_maxrss``
+    of a child would report this large parent's peak, which Linux carries across fork and exec."""
+    import threading
+    import time
+
+    def watch() -> None:
+        status = Path(f"/proc/{pid}/status")
+        while True:
+            try:
+                line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                return  # exited (or a zombie without memory): the last reading stands
+            thread.bytes = max(thread.bytes, int(line.split()[1]) * 1024)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.bytes = 0
+    thread.start()
+    return thread
+
+
 def bench(gguf: str | os.PathLike, *, threads: int, lengths: tuple[int, ...], new_tokens: int,
           repeats: int) -> dict:
     """``llama-bench`` on one file: a prefill of each of `lengths` and greedy-equivalent decoding of
     `new_tokens` tokens, `repeats` times each, on `threads` threads. Returns the metrics in bench's
     names (``latency_b1_{n}`` seconds, ``generate_tokens_per_s``) with their spreads, the tensors'
-    bytes, and the peak RSS of the llama-bench process (``ru_maxrss`` of that child alone)."""
+    bytes, and the peak RSS of the llama-bench process (its own ``VmHWM``, read while it runs)."""
     import json
 
     cmd = [str(tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-p", ",".join(map(str, lengths)),
            "-n", str(new_tokens), "-r", str(repeats), "-o", "json"]
     with tempfile.TemporaryFile("w+") as log:  # the log to a file: a full pipe would block the child
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)  # reaped here, for the rusage of this child alone
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        proc.stdout.close()
+        peak = _watch_peak_rss(proc.pid)
+        out, _ = proc.communicate()
+        peak.join()
         log.seek(0)
         if proc.returncode != 0:
             raise RuntimeMissing(f"llama-bench failed on {gguf}: {(log.read().strip().splitlines() or ['?'])[-1]}")
@@ -215,7 +236,7 @@ def bench(gguf: str | os.PathLike, *, threads: int, lengths: tuple[int, ...], ne
         spreads[key] = {"min": min(values), "max": max(values)}
     return {"metrics": metrics, "spreads": spreads, "model_bytes": tests[0]["model_size"],
             "parameters": tests[0]["model_n_params"], "type": tests[0]["model_type"],
-            "peak_rss_bytes": usage.ru_maxrss * 1024}
+            "peak_rss_bytes": peak.bytes}
 
 
 def _bindings():
