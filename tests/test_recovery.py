@@ -231,12 +231,16 @@ def _cli(capsys, *argv):
 def test_recover_command_writes_a_loadable_model_and_report(compressed, model_dirs, use_data, tmp_path, capsys,
                                                             gpt2_tokenizer):
     model, _ = compressed
-    save(model, tmp_path / "c", tokenizer=gpt2_tokenizer, report={"recipe": "paper"})
+    overall = {"params_before": 1000, "params_after": 600, "compression": 0.4}
+    save(model, tmp_path / "c", tokenizer=gpt2_tokenizer, report={"recipe": "paper", "overall": overall})
     code, out, err = _cli(capsys, "recover", tmp_path / "c", "--teacher", model_dirs["gpt2"], "--out", tmp_path / "r",
                           "--steps", 3, "--train-seqlen", 32, "--batch-size", 2, "--eval-windows", 1,
                           "--json", tmp_path / "r.json")
     assert code == 0, err
     assert "structure kept: yes" in out
+    assert "600 of 1,000 parameters (0.60x dense)" in out  # what the user got, and how to time it
+    last = out.rstrip().splitlines()[-1]
+    assert last == f"speed against dense: smartprune bench {model_dirs['gpt2']} {tmp_path / 'r'}"
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["recipe"] == "paper"  # the compression report is kept, recovery added
     rec = report["recovery"]

@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -175,6 +176,22 @@ def size_on_disk(source: str) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for pattern in WEIGHT_FILES for f in path.glob(pattern))
+
+
+def what_you_got(report: dict, out: Path, dense: str, gguf: Path | None = None) -> list[str]:
+    """The last lines of compress and recover: the model's size against the dense one, and the one
+    command that measures its speed against it."""
+    o = report["overall"]
+    before, after = o["params_before"], o["params_after"]
+    disk = size_on_disk(str(out))
+    lines = ["", f"size: {after:,} of {before:,} parameters ({after / before:.2f}x dense); weight files "
+             f"{disk / 1e6:,.1f} MB ({disk / (4 * before):.2f}x the dense model in float32)"]
+    if gguf:
+        g = Path(gguf).stat().st_size
+        lines.append(f"GGUF file {g / 1e6:,.1f} MB ({g / (4 * before):.2f}x)")
+    models = " ".join(shlex.quote(str(m)) for m in (dense, out, gguf) if m)
+    lines.append(f"speed against dense: smartprune bench {models}")
+    return lines
 
 
 def _timed(fn: Callable[[], None], device: torch.device) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from smartprune.files import (
 from smartprune.hf import config_parameters
 from smartprune.recipes import Recipe, load_recipe
 from smartprune.recipes.schema import RecoverConfig, not_standard
+from smartprune.runs.bench import what_you_got
 from smartprune.runs.environment import environment
 from smartprune.storage.format import DTYPES
 from smartprune.storage.gguf_writer import check_gguf, check_gguf_shape, check_tokenizer, write_gguf
@@ -98,28 +98,12 @@ class CompressRun:
             lines.append(f"dense Hugging Face folder: {self.dense_out}")
         if self.gguf_out:
             lines.append(f"GGUF file: {self.gguf_out}")
-        lines += self.what_you_got()
+        lines += what_you_got(r, self.out, r["model"], self.gguf_out)
         if "recovery" in r:
             rec = r["recovery"]
             lines.insert(1, f"recovered for {rec['steps']} steps ({rec['tokens']:,} tokens, {rec['seconds']:.0f} s): "
                          f"held-out perplexity {rec['perplexity_before']:,.2f} -> {rec['perplexity_after']:,.2f}")
         return "\n".join(lines)
-
-    def what_you_got(self) -> list[str]:
-        """The model's size against dense, and the one command that measures its speed."""
-        from smartprune.runs.bench import size_on_disk
-
-        o = self.report["overall"]
-        before, after = o["params_before"], o["params_after"]
-        disk = size_on_disk(str(self.out))
-        lines = ["", f"size: {after:,} of {before:,} parameters ({after / before:.2f}x dense); weight files "
-                 f"{disk / 1e6:,.1f} MB ({disk / (4 * before):.2f}x the dense model in float32)"]
-        if self.gguf_out:
-            g = self.gguf_out.stat().st_size
-            lines.append(f"GGUF file {g / 1e6:,.1f} MB ({g / (4 * before):.2f}x)")
-        models = " ".join(shlex.quote(str(m)) for m in (self.report["model"], self.out, self.gguf_out) if m)
-        lines.append(f"speed against dense: smartprune bench {models}")
-        return lines
 
 
 def compress_model(model: str, recipe: str | Path | Recipe, *, out: str | Path, dense_out: str | Path | None = None,

@@ -21,6 +21,7 @@ from smartprune.device import resolve_device
 from smartprune.errors import ArtifactError, DataError, Terminated
 from smartprune.files import atomic_dir, check_free_space, check_output, check_outputs_apart, read_json, write_json
 from smartprune.recipes.schema import RecoverConfig
+from smartprune.runs.bench import what_you_got
 from smartprune.storage.format import MANIFEST, TENSORS
 from smartprune.storage.save import save, write_dense
 from smartprune.storage.sources import check_model, model_reference
@@ -58,7 +59,19 @@ class RecoverRun:
             f"structure kept: {'yes' if s['kept'] else 'NO'} ({s['masked_modules']} masked and "
             f"{s['folded_projections']} folded modules, {s['pruned_entries_nonzero']} pruned entries non-zero)",
             f"recovered model: {self.out}",
+            *self._what_you_got(),
         ])
+
+    def _what_you_got(self) -> list[str]:
+        """Size against dense and the command that measures speed, from the written folder's report."""
+        report = self.out / "report.json"
+        if not report.is_file():
+            return []
+        data = json.loads(report.read_text())
+        if "overall" not in data:
+            return []
+        dense = self.teacher if self.teacher != "none" else data.get("model")
+        return what_you_got(data, self.out, dense)
 
 
 def checkpoint_dir(out: Path) -> Path:
