@@ -16,24 +16,29 @@ of the mean diagonal of ``G_KK`` to its diagonal (SparseGPT's dampening), for ke
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from smartprune.methods.base import Sublayer
-from smartprune.modules.masked import forward_pre_hooks, run_in_chunks
+from smartprune.methods.oneshot import collect_stats
 
 
-def input_gram(sub: Sublayer, module: nn.Module) -> Tensor:
-    """``sum_t x_t x_t^T`` (float64) of `module`'s input while the sublayer runs on its calibration input."""
-    width = module.weight.shape[0]
-    gram = torch.zeros(width, width, dtype=torch.float64, device=module.weight.device)
+class Compensation:
+    """Compensation of one output projection (the sublayer's role `role`) across a stage's increments.
+    Its input's Gram matrix is measured at the first removal, before the masks: removing an input
+    (a neuron, a head) leaves the others' values as they were, so one measurement serves every
+    increment, unless the stage re-fits weights between increments (`refit`)."""
 
-    def hook(_module, args) -> None:
-        x = args[0].detach().reshape(-1, width).double().to(gram.device)
-        gram.addmm_(x.T, x)
+    def __init__(self, sub: Sublayer, role: str, refit: bool) -> None:
+        self.sub, self.role, self.refit = sub, role, refit
+        self.gram: Tensor | None = None
 
-    with forward_pre_hooks([(module, hook)]):
-        run_in_chunks(sub.forward, sub.inputs)
-    return gram
+    def remove(self, keep: Tensor, gone: Tensor) -> None:
+        """Re-fit the kept rows for the rows `gone` is about to remove (call before masking them)."""
+        if not bool(gone.any()):
+            return
+        if self.gram is None or self.refit:
+            self.gram = collect_stats(self.sub, [self.role])[self.role].gram
+        compensate_rows(self.sub.module(self.role).weight, self.gram, keep, gone)
 
 
 def compensate_rows(weight: Tensor, gram: Tensor, keep: Tensor, gone: Tensor, damp: float = 0.01) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from smartprune.errors import RecipeError
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
-from smartprune.methods.compensate import compensate_rows, input_gram
+from smartprune.methods.compensate import Compensation
 from smartprune.methods.config import FitConfig, StrategyConfig, option
 from smartprune.methods.criteria import offered
 from smartprune.modules.masked import Projection, forward_pre_hooks, run_in_chunks
@@ -86,7 +86,7 @@ class HeadsStage(Stage):
         self.group = self.heads // self.kv
         self.rate = 0.0
         self.alive = torch.ones(self.heads, dtype=torch.bool)  # query heads, group by group
-        self.gram: Tensor | None = None  # of the output projection's input, for compensation
+        self.compensation = Compensation(sub, "o", refit=cfg.steps > 0) if cfg.compensate else None
 
     def final_rate(self) -> float:
         return self.sub.plan.structured_rate("attn_heads", self.cfg.rate)
@@ -97,9 +97,6 @@ class HeadsStage(Stage):
     def compress_to(self, rate: float) -> None:
         want = removed_count(rate, self.heads, self.kv, self.cfg.unit)
         before = self.alive.clone()
-        if self.cfg.compensate and (self.gram is None or self.cfg.steps):  # removing a head leaves the others' outputs
-            self.gram = input_gram(self.sub, self.sub.module("o"))
-        gram = self.gram if self.cfg.compensate else None
         scores = head_importance(self.sub, self.heads, self.head_dim, self.cfg.criterion).cpu()
         scores[~self.alive] = float("inf")
         if self.cfg.unit == "query":  # per group, its lowest-scoring live heads until `want` are gone
@@ -113,9 +110,8 @@ class HeadsStage(Stage):
             group_scores = scores.reshape(self.kv, self.group).sum(1)
             for g in group_scores.argsort()[:max(0, want - int((~group_alive).sum()))]:
                 self.alive[int(g) * self.group:(int(g) + 1) * self.group] = False
-        if gram is not None:
-            compensate_rows(self.sub.module("o").weight, gram, self._columns(self.alive),
-                            self._columns(before & ~self.alive))
+        if self.compensation is not None:
+            self.compensation.remove(self._columns(self.alive), self._columns(before & ~self.alive))
         self._mask()
         self.rate = rate
 

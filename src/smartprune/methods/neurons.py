@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from smartprune.methods.base import Stage, Sublayer, recursive_rates
-from smartprune.methods.compensate import compensate_rows, input_gram
+from smartprune.methods.compensate import Compensation
 from smartprune.methods.config import FitConfig, StrategyConfig, option
 from smartprune.methods.criteria import offered
 from smartprune.modules.masked import Projection, forward_pre_hooks, run_in_chunks
@@ -91,7 +91,8 @@ class NeuronsStage(Stage):
         self.rate = 0.0
         width = list(sub.modules().values())[-1].weight.shape[0]
         self.alive = torch.ones(width, dtype=torch.bool)
-        self.gram: Tensor | None = None  # of the output projection's input, for compensation
+        output = list(sub.paths)[-1]
+        self.compensation = Compensation(sub, output, refit=cfg.steps > 0) if cfg.compensate else None
 
     def final_rate(self) -> float:
         """The configured rate, or the one a structured allocation chose for every block."""
@@ -104,25 +105,17 @@ class NeuronsStage(Stage):
         width = self.alive.numel()
         new = round(rate * width) - int((~self.alive).sum())
         if new > 0:
-            *inputs, output = self.sub.modules().values()
-            gram = self.output_gram(output) if self.cfg.compensate else None  # before the removal
             scores = neuron_importance(self.sub, self.cfg.criterion).cpu()
             scores[~self.alive] = float("inf")
             before = self.alive.clone()
             self.alive[scores.argsort()[:new]] = False
-            if gram is not None:
-                compensate_rows(output.weight, gram, self.alive, before & ~self.alive)
+            if self.compensation is not None:
+                self.compensation.remove(self.alive, before & ~self.alive)
+            *inputs, output = self.sub.modules().values()
             for m in inputs:
                 m.set_mask(self.alive[None, :].to(m.weight.device).expand_as(m.weight))
             output.set_mask(self.alive[:, None].to(output.weight.device).expand_as(output.weight))
         self.rate = rate
-
-    def output_gram(self, output: nn.Module) -> Tensor:
-        """The Gram matrix of the output projection's input. Removing a neuron zeroes its own input and
-        leaves the others' as they were, so without re-fitting steps one measurement serves every increment."""
-        if self.gram is None or self.cfg.steps:
-            self.gram = input_gram(self.sub, output)
-        return self.gram
 
     def finalize(self) -> None:
         if bool(self.alive.all()):

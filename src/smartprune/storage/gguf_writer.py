@@ -173,19 +173,22 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
-def check_tokenizer(tokenizer) -> None:
-    """Refuse, before any work, a tokenizer this writer cannot write as llama.cpp reads it (one line)."""
+def check_tokenizer(tokenizer) -> str | None:
+    """Refuse, before any work, a tokenizer this writer cannot write as llama.cpp reads it (one line);
+    returns its llama.cpp pre-tokenizer name (None without a tokenizer)."""
     if tokenizer is None:
-        return
+        return None
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise OutputError("GGUF export writes byte-level BPE tokenizers (GPT-2, SmolLM2); this one is "
                           f"{spec['model']['type']} without byte-level pre-tokenization: use --dense-out and "
                           "llama.cpp's convert_hf_to_gguf.py")
-    if _pre_tokenizer(tokenizer, spec) is None:
+    pre = _pre_tokenizer(tokenizer, spec)
+    if pre is None:
         raise OutputError("GGUF export: this tokenizer's pre-tokenizer is not one whose llama.cpp name this writer "
                           "knows (gpt-2, smollm), and a wrong one gives other tokens in llama.cpp: use --dense-out "
                           "and llama.cpp's convert_hf_to_gguf.py")
+    return pre
 
 
 def _looks_special(token: str) -> bool:
@@ -194,13 +197,12 @@ def _looks_special(token: str) -> bool:
             or (token.startswith("<unused") and token.endswith(">")))
 
 
-def _tokenizer(writer, tokenizer, model_type: str, vocab_size: int, folder: Path) -> None:
+def _tokenizer(writer, tokenizer, pre: str, model_type: str, vocab_size: int, folder: Path) -> None:
     """Vocabulary, token types, pre-tokenizer, merges, special ids, add-BOS/EOS flags and chat template
     of a byte-level BPE tokenizer saved in `folder`; the last four through the gguf package's own reader
     (`gguf.SpecialVocab`, which llama.cpp's converter uses too)."""
     import gguf
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = tokenizer.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     added, decoder = tokenizer.get_added_vocab(), tokenizer.added_tokens_decoder
@@ -221,7 +223,7 @@ def _tokenizer(writer, tokenizer, model_type: str, vocab_size: int, folder: Path
     if model_type == "llama" and settings.get("add_prefix_space") is not None:  # the converter's Llama does
         writer.add_add_space_prefix(settings["add_prefix_space"])
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer, spec))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True)
@@ -277,7 +279,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, ggu
     config = model.config
     check_gguf(config.model_type, gguf_type)
     check_gguf_shape(config)
-    check_tokenizer(tokenizer)
+    pre = check_tokenizer(tokenizer)
     path = Path(path).expanduser()
     name = name or path.stem
     arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[config.model_type])
@@ -297,7 +299,7 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, ggu
             _config(writer, config, gguf_type)
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             if tokenizer is not None:
-                _tokenizer(writer, tokenizer, config.model_type, config.vocab_size, folder)
+                _tokenizer(writer, tokenizer, pre, config.model_type, config.vocab_size, folder)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
