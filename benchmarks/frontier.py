@@ -33,10 +33,9 @@ from structured import (  # the structured benchmark's, beside this file (same w
 )
 
 from smartprune.files import read_json, write_results
-from smartprune.recipes.schema import RecoverConfig
+from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
 from smartprune.runs.bench import BenchSettings, bench
 from smartprune.runs.compress import compress_model
-from smartprune.runs.demo import DEMO_RECOVERY
 from smartprune.runs.recover import recover_model
 from smartprune.storage.sources import converted_builtin, load_model
 
@@ -73,7 +72,7 @@ def made_row(name: str, recipe: str | dict, out: Path, limit: int, steps: int) -
     report = read_json(folder / "compressed" / "report.json", "report")
     before = _cached(folder / "before.json", lambda: {"wikitext2": _ppl(folder / "compressed", "wikitext2", limit)})
     if not (folder / "recovered").is_dir():
-        cfg = RecoverConfig(**{**DEMO_RECOVERY["quick"], "steps": steps})
+        cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps})
         recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / "recovered", cfg=cfg, overwrite=True,
                       progress=False)
     recovery = read_json(folder / "recovered" / "report.json", "report").get("recovery", {})

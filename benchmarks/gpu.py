@@ -21,7 +21,16 @@ o. ``benchmarks/owl.sh``'s 50% step (docs/smart-results.md: ``smart`` against OW
    ``DIR/.owl50.json.partial`` as they finish (dry run: the tiny model, 1 window);
 s. the allocation over the block linears alone with a bounded spread (``smart-bl50-blocks-spread``,
    ``smart-bl70-blocks-spread``) and measured jointly (``smart-bl{50,70}-blocks-joint``) beside uniform
-   SparseGPT at each size, float32, 32 windows, no retraining.
+   SparseGPT at each size, float32, 32 windows, no retraining;
+g. recovery on the GPU of what the CPU cannot retrain long: the structured ``slim-40``, the frontier recipe
+   ``smart-40`` and ``paper``, each compressed on the device and retrained ``--recover-minutes`` in bfloat16:
+   WikiText-2 and PTB (32 windows) before and after, and the minutes and tokens it took;
+l. Table 8 where the GPU is not launch-bound: Llama-3.2-1B- and 3B-shaped models with random weights
+   (speed and memory do not depend on the values), dense, the structured 40% shape (``slim-40``'s share of
+   blocks and feed-forward width on SmolLM2: 23 of 30 blocks, 806 of 1,536 neurons) and, for 1B, 2:4
+   magnitude pruning on the semi-structured kernels; bf16 and fp32, batch-32 prefill of 512 tokens, greedy
+   decoding, peak GPU memory, joules per token; then dense and structured bf16 decoding eager against
+   compiled (a static KV cache under torch.compile: CUDA graphs, ``bench --decode compiled``).
 
 ``--steps`` picks and orders them (default ``abdce``: recovery after the bf16 table, the paper's claim).
 """
@@ -107,10 +116,7 @@ def recover_all(model: str, out: Path, device: str, limit: int | None, seqlen: i
 
     from smartprune.adapters import get_adapter
     from smartprune.compression.accounting import block_linear_weights, unique_parameters
-    from smartprune.evaluation import perplexity
-    from smartprune.recipes.schema import RecoverConfig
     from smartprune.runs.compress import compress_model
-    from smartprune.runs.recover import recover_model
     from smartprune.storage.sources import load_model
 
     compress_model(model, "smart", out=out / "smart", device=device, overwrite=True, progress=False, **calib)
@@ -122,17 +128,28 @@ def recover_all(model: str, out: Path, device: str, limit: int | None, seqlen: i
                    progress=False, **calib)
     results = {"smart_compression": removed, "sparsegpt_match_sparsity": sparsity}
     for name, source in (("smart", out / "smart"), ("sparsegpt-match", out / "sparsegpt-match"), ("dense", model)):
-        rec = out / f"{name}-recovered"
-        cfg = RecoverConfig(compute_dtype="bfloat16" if device.startswith("cuda") else "float32", **budget)
-        recover_model(str(source), teacher=model, out=rec, cfg=cfg, device=device, overwrite=True, progress=False)
-        row = {}
-        for label, folder in (("before", source), ("after", rec)):
-            loaded = load_model(str(folder))
-            loaded.model.to(device)
-            row[label] = {t: perplexity(loaded.model, loaded.tokenizer, t, seqlen=seqlen, limit=limit,
-                                        progress=False).perplexity for t in ("wikitext2", "ptb")}
-        results[name] = row
+        results[name] = _retrained(model, Path(source), out / f"{name}-recovered", device, budget, (limit, seqlen))
     return results
+
+
+def _retrained(teacher: str, source: Path, out: Path, device: str, budget: dict, windows: tuple) -> dict:
+    """`source` retrained for `budget` (bfloat16 on a GPU) into `out`: WikiText-2 and PTB before and after
+    (`windows`: limit, seqlen), and the steps, tokens and seconds it took."""
+    from smartprune.evaluation import perplexity
+    from smartprune.recipes.schema import RecoverConfig
+    from smartprune.runs.recover import recover_model
+    from smartprune.storage.sources import load_model
+
+    cfg = RecoverConfig(compute_dtype="bfloat16" if device.startswith("cuda") else "float32", **budget)
+    run = recover_model(str(source), teacher=teacher, out=out, cfg=cfg, device=device, overwrite=True,
+                        progress=False)
+    row: dict = {"recovery": {k: run.recovery[k] for k in ("steps", "tokens", "seconds")}}
+    for label, folder in (("before", source), ("after", out)):
+        loaded = load_model(str(folder))
+        loaded.model.to(device)
+        row[label] = {t: perplexity(loaded.model, loaded.tokenizer, t, seqlen=windows[1], limit=windows[0],
+                                    progress=False).perplexity for t in ("wikitext2", "ptb")}
+    return row
 
 
 def table8(model: str, out: Path, device: str, dry: bool, dtype: str) -> dict:
@@ -205,6 +222,90 @@ def spread(model: str, out: Path, device: str, dry: bool) -> dict:
                     size)
 
 
+def recover_structured(model: str, out: Path, device: str, dry: bool, budget: dict, calib: dict) -> dict:
+    """Step g: slim-40, smart-40 and paper compressed on the device, retrained for the same budget in
+    bfloat16, WikiText-2 and PTB before and after."""
+    from smartprune.runs.compress import compress_model
+
+    limit, seqlen = (1, 32) if dry else (32, 1024)
+    # the dry run's tiny model cannot lose 40% to whole blocks and neurons at its size: its own fixed rates
+    recipes = {"slim-40": _tiny_slim(out) if dry else "slim-40", "smart-40": "smart-40", "paper": "paper"}
+    if dry:
+        recipes["smart-40"] = _recipes(out, ["smart-bl50-joint"], dry)[0]
+    results = {}
+    for name, recipe in recipes.items():
+        start = time.perf_counter()
+        compress_model(model, recipe, out=out / f"g-{name}", device=device, overwrite=True, progress=False, **calib)
+        row: dict = {"compress_seconds": time.perf_counter() - start}
+        row.update(_retrained(model, out / f"g-{name}", out / f"g-{name}-recovered", device, budget, (limit, seqlen)))
+        results[name] = row
+    return results
+
+
+def _tiny_slim(out: Path) -> Path:
+    path = out / "tiny-slim.yaml"
+    path.write_text("export: standard\ndepth: {rate: 0.5, iterative: false}\nff_neurons: {rate: 0.5}\n")
+    return path
+
+
+# Llama 3.2's published shapes (meta-llama/Llama-3.2-1B and -3B config.json), and the dry run's tiny one
+SCALE = {"llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+         "llama-3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                      "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256}}
+TINY_SCALE = {"llama-tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
+                             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50257}}
+KEPT_BLOCKS, KEPT_WIDTH = 23 / 30, 806 / 1536  # slim-40 on SmolLM2-135M (docs/structured-results.md)
+
+
+def _scale_folders(out: Path, name: str, shape: dict, two_four: bool, device: str) -> list[str]:
+    """Random-weight folders of `shape` (bf16 on disk): dense, its structured 40% shape, and 2:4. The GPT-2
+    tokenizer of the data folder goes with them (its ids lie within every vocabulary here)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from smartprune.paths import data_dir
+    from smartprune.runs.compress import compress_model
+
+    tokenizer = AutoTokenizer.from_pretrained(data_dir() / "gpt2-tokenizer")
+    folders = []
+    slim = {**shape, "num_hidden_layers": max(1, round(shape["num_hidden_layers"] * KEPT_BLOCKS)),
+            "intermediate_size": 32 * max(1, round(shape["intermediate_size"] * KEPT_WIDTH / 32))}
+    for kind, cfg in (("dense", shape), ("structured-40", slim)):
+        folder = out / f"{name}-{kind}"
+        if not (folder / "config.json").is_file():
+            torch.manual_seed(0)
+            config = LlamaConfig(**cfg, tie_word_embeddings=True, max_position_embeddings=4096)
+            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        folders.append(str(folder))
+    if two_four:
+        folder = out / f"{name}-two-four"
+        if not folder.is_dir():  # magnitude: no calibration text for a tokenizer-less random model
+            (out / "magnitude-2-4.yaml").write_text("magnitude: {pattern: '2:4'}\n")
+            compress_model(folders[0], out / "magnitude-2-4.yaml", out=folder, device=device, progress=False)
+        folders.append(str(folder))
+    return folders
+
+
+def scale_table8(out: Path, device: str, dry: bool) -> dict:
+    """Step l: Table 8 on Llama-3.2-shaped random models (see the module docstring)."""
+    from smartprune.runs.bench import BenchSettings, bench
+
+    results = {}
+    for name, shape in (TINY_SCALE if dry else SCALE).items():
+        folders = _scale_folders(out, name, shape, name != "llama-3b", device)
+        common = {"repeats": 1 if dry else 3, "lengths": (32,) if dry else (512,), "batches": (2,) if dry else (32,),
+                  "rss": False, "device": device, "residencies": ("dense",), "new_tokens": 4 if dry else 64,
+                  "train": False, "energy": True}
+        for dtype in ("bfloat16", "float32"):
+            settings = BenchSettings(**common, compute_dtypes=(dtype,), semi_structured=not dry and dtype != "float32")
+            results[f"{name} {dtype}"] = bench(folders, settings, progress=False).to_dict()
+        settings = BenchSettings(**{**common, "energy": False}, compute_dtypes=("bfloat16",), decode="compiled")
+        results[f"{name} bfloat16 compiled decode"] = bench(folders[:2], settings, progress=False).to_dict()
+    return results
+
+
 def tiny_model(out: Path) -> str:
     """A tiny Llama with the GPT-2 tokenizer of the data folder (the dry run's model)."""
     from transformers import AutoTokenizer
@@ -227,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="abdce",
                    help="which steps, in this order (default abdce: Table 8 in bfloat16 before recovery)")
     args = p.parse_args(argv)
-    if not args.steps or set(args.steps) - set("abcdeos") or len(set(args.steps)) != len(args.steps):
-        p.error(f"--steps takes each of a, b, c, d, e, o, s at most once, got {args.steps!r}")
+    if not args.steps or set(args.steps) - set("abcdeosgl") or len(set(args.steps)) != len(args.steps):
+        p.error(f"--steps takes each of a, b, c, d, e, o, s, g, l at most once, got {args.steps!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
@@ -244,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             "d": ("d_table8_bf16", lambda: table8(model, args.out, device, dry, "bfloat16")),
             "e": ("e_table8_fp32", lambda: table8(model, args.out, device, dry, "float32")),
             "o": ("o_owl50", lambda: owl50(model, args.out, device, dry)),
-            "s": ("s_spread", lambda: spread(model, args.out, device, dry))}
+            "s": ("s_spread", lambda: spread(model, args.out, device, dry)),
+            "g": ("g_recover_structured", lambda: recover_structured(model, args.out, device, dry, budget, calib)),
+            "l": ("l_table8_scale", lambda: scale_table8(args.out, device, dry))}
     for letter in args.steps:
         steps.run(*todo[letter])
     failed = [k for k, v in steps.data["steps"].items() if v["status"] != "ok"]

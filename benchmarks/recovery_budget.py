@@ -23,13 +23,12 @@ from pathlib import Path
 
 from smartprune.evaluation import perplexity
 from smartprune.files import read_json, write_json, write_results
-from smartprune.recipes.schema import RecoverConfig
-from smartprune.runs.demo import DEMO_RECOVERY
+from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
 from smartprune.runs.recover import recover_model
 from smartprune.storage.sources import load_model
 
 MODEL = "smollm2-135m"
-QUICK = DEMO_RECOVERY["quick"]  # 8 steps of 4 x 128 tokens, lr 1e-3 (16 in docs/frontier.md's run)
+QUICK = RECOVERY_BUDGETS["quick"]  # 8 steps of 4 x 128 tokens, lr 1e-3 (16 in docs/frontier.md's run)
 VARIANTS: dict[str, dict] = {
     "end-to-end 16 (quick demo)": {**QUICK, "steps": 16},  # the quick demo's budget when this was measured
     "end-to-end 48": {**QUICK, "steps": 48},

@@ -28,10 +28,9 @@ import yaml
 
 from smartprune.evaluation import perplexity
 from smartprune.files import read_json, write_json, write_results
-from smartprune.recipes.schema import RecoverConfig
+from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
 from smartprune.runs.bench import BenchSettings, bench
 from smartprune.runs.compress import compress_model
-from smartprune.runs.demo import DEMO_RECOVERY
 from smartprune.runs.recover import recover_model
 from smartprune.storage.sources import converted_builtin, load_model
 
@@ -136,7 +135,7 @@ def run_model(name: str, recipe: dict, out: Path, limit: int, steps: int) -> dic
     report = read_json(folder / "compressed" / "report.json", "report")
     before = _cached(folder / "before.json", lambda: {"wikitext2": _ppl(folder / "hf", "wikitext2", limit)})
     if steps and not (folder / "recovered-hf").is_dir():
-        cfg = RecoverConfig(**{**DEMO_RECOVERY["quick"], "steps": steps})
+        cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps})
         recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / "recovered", cfg=cfg,
                       dense_out=folder / "recovered-hf", overwrite=True, progress=False)
     final = folder / ("recovered-hf" if steps else "hf")

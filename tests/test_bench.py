@@ -74,3 +74,23 @@ def test_compressed_folders_are_measured_per_residency_with_load_time_and_rss(ca
     assert "| n/a |" in result.summary() and "loading time (s)" in result.summary()
     with pytest.raises(DataError, match="unknown residency 'tiny'"):
         BenchSettings(residencies=("tiny",))
+
+
+def test_an_unknown_decoding_is_one_line():
+    with pytest.raises(DataError, match="unknown decoding 'jit'"):
+        BenchSettings(decode="jit")
+
+
+@pytest.mark.slow
+def test_compiled_decoding_generates_the_eager_tokens():
+    """The static cache compiled by torch.compile (`bench --decode compiled`) decodes the same greedy
+    tokens as the eager dynamic cache (about a minute: the compilation)."""
+    from smartprune.runs.bench import _decoding
+    from smartprune.testing import family_model
+
+    model = family_model("llama", vocab=100)
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False,
+          "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, **_decoding("compiled")))

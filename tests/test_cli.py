@@ -44,7 +44,8 @@ def test_recipes_lists_one_line_each(capsys):
     assert code == 0
     lines = out.strip().splitlines()
     names = {line.split()[0] for line in lines}
-    assert len(lines) == 10 and {"paper-structured", "smart", "smart-50", "slim-40"} <= names
+    assert len(lines) == 13 and {"paper-structured", "smart", "smart-40", "smart-50", "slim-25", "slim-40",
+                                 "slim-50"} <= names
 
 
 def _one_clean_line(err: str) -> str:

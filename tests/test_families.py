@@ -143,7 +143,7 @@ def test_a_family_without_entry_gets_evaluation_generation_and_the_baselines(fam
         assert torch.allclose(smartprune.load(out)(ids).logits,
                               AutoModelForCausalLM.from_pretrained(dense).eval()(ids).logits, atol=1e-4)
     # The paper's methods: one line naming what is missing, before the model loads.
-    monkeypatch.setattr("smartprune.runs.compress.load_model", lambda *_: pytest.fail("loaded the model"))
+    monkeypatch.setattr("smartprune.runs.pipeline.load_model", lambda *_: pytest.fail("loaded the model"))
     code, _, err = run(capsys, "compress", bloom, "--recipe", "paper", "--out", tmp_path / "never")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "needs fpp_emb, irc, dwc, fpp_ff: model type 'bloom' has no entry in smartprune's adapter table" in err

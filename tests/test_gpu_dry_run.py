@@ -55,3 +55,25 @@ def test_gpu_script_dry_run_runs_the_compare_steps(use_data, tmp_path, monkeypat
     assert all(r["allocation"]["spread"] == 0.1 for r in rows if "allocation" in r)
     assert sum(r["allocation"]["sensitivity"] == "joint (sparsegpt)" for r in rows if "allocation" in r) == 2
     assert json.loads((tmp_path / "owl50.json").read_text())["settings"]["compute_dtype"] == "float32"
+
+
+@pytest.mark.slow  # about 3 minutes alone: the scale issue's GPU steps (g: structured recovery, l: Table 8 at scale)
+def test_gpu_script_dry_run_runs_the_scale_steps(use_data, tmp_path, monkeypatch):
+    if not (use_data / "gpt2-tokenizer").is_dir():
+        pytest.skip("GPT-2 tokenizer not in the data folder")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    sys.modules.pop("gpu", None)
+    import gpu
+
+    code = gpu.main(["--out", str(tmp_path), "--dry-run", "--steps", "lg"])
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    assert code == 0, {k: v["result"] for k, v in data["steps"].items() if v["status"] != "ok"}
+    recovered = data["steps"]["g_recover_structured"]["result"]
+    assert set(recovered) == {"slim-40", "smart-40", "paper"}
+    assert all(set(r["after"]) == {"wikitext2", "ptb"} and r["recovery"]["steps"] == 2 for r in recovered.values())
+    tables = data["steps"]["l_table8_scale"]["result"]
+    assert set(tables) == {"llama-tiny bfloat16", "llama-tiny float32", "llama-tiny bfloat16 compiled decode"}
+    assert len(tables["llama-tiny float32"]["models"]) == 3  # dense, the structured 40% shape, 2:4
+    slim = json.loads((tmp_path / "llama-tiny-structured-40" / "config.json").read_text())
+    assert (slim["num_hidden_layers"], slim["intermediate_size"]) == (3, 128)  # 23/30 of 4 blocks, 806/1536 of 256
+    assert {m["decode"] for m in tables["llama-tiny bfloat16 compiled decode"]["models"]} == {"compiled"}

@@ -42,21 +42,21 @@ def test_a_run_file_that_is_not_utf8_or_not_an_object(tmp_path, capsys):
 
 def test_an_output_that_cannot_be_written_is_refused_before_compressing(model_dirs, use_data, tmp_path, capsys,
                                                                         monkeypatch):
-    import smartprune.runs.compress
+    import smartprune.runs.pipeline
 
-    monkeypatch.setattr(smartprune.runs.compress, "compress", _fail_if_called)
+    monkeypatch.setattr(smartprune.runs.pipeline, "compress", _fail_if_called)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     code, _, err = run(capsys, "compress", model_dirs["llama"], "--recipe", "irc", "--out", blocker / "out")
-    assert code == 2 and "is not a writable folder" in _one_clean_line(err)
+    assert code == 2 and "a-file is a file, not a folder" in _one_clean_line(err)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_an_output_under_a_read_only_folder_is_refused_before_compressing(model_dirs, use_data, tmp_path, capsys,
                                                                           monkeypatch):
-    import smartprune.runs.compress
+    import smartprune.runs.pipeline
 
-    monkeypatch.setattr(smartprune.runs.compress, "compress", _fail_if_called)
+    monkeypatch.setattr(smartprune.runs.pipeline, "compress", _fail_if_called)
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
@@ -147,9 +147,9 @@ def test_match_recipe_is_checked_before_any_model_work(model_dirs, use_data, cap
 
 def test_a_bad_second_eval_model_is_found_before_the_first_is_evaluated(model_dirs, use_data, tmp_path, capsys,
                                                                         monkeypatch):
-    import smartprune.runs.compress
+    import smartprune.runs.evaluate
 
-    monkeypatch.setattr(smartprune.runs.compress, "load_model", _fail_if_called)
+    monkeypatch.setattr(smartprune.runs.evaluate, "load_model", _fail_if_called)
     code, _, err = run(capsys, "eval", model_dirs["gpt2"], tmp_path / "missing", "--seqlen", "32", "--limit", "1")
     assert code == 2 and "model path not found" in _one_clean_line(err)
 
@@ -170,9 +170,34 @@ def _damaged_folder(kind: str, model_dirs, tmp_path):
         tensors[key] = tensors[key][:, :3].contiguous()
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         return path, "stored [32, 3]"
+    if kind == "int64 weight":  # transformers would cast it to float32 and run it
+        tensors = load_file(str(path / "model.safetensors"))
+        key = next(k for k in tensors if "q_proj" in k)
+        tensors[key] = (tensors[key] * 100).long()
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path, "is stored as I64, not floating point"
     if kind == "garbage tokenizer":
         (path / "tokenizer.json").write_text("garbage{")
         return path, "tokenizer files cannot be read"
+    if kind == "terabyte manifest":  # a compressed folder whose manifest asks for 4 TiB
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import smartprune
+        from smartprune.data import Calibration
+        from smartprune.recipes.schema import build_recipe
+        from smartprune.storage.save import save
+
+        model = AutoModelForCausalLM.from_pretrained(path)
+        calib = Calibration(torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)), "test")
+        smartprune.compress(model, None, build_recipe({"magnitude": {"sparsity": 0.5}}, "t", "test"), calib=calib,
+                            progress=False)
+        save(model, tmp_path / "c", tokenizer=AutoTokenizer.from_pretrained(path))
+        manifest = json.loads((tmp_path / "c" / "smartprune.json").read_text())
+        name = next(k for k, rec in manifest["modules"].items() if "shape" in rec)
+        manifest["modules"][name]["shape"] = [2**20, 2**20]
+        (tmp_path / "c" / "smartprune.json").write_text(json.dumps(manifest))
+        return tmp_path / "c", "GiB of float32 values"
     config = json.loads((path / "config.json").read_text())  # a config that asks for terabytes
     config["hidden_size"] = 10**9
     (path / "config.json").write_text(json.dumps(config))
@@ -180,7 +205,7 @@ def _damaged_folder(kind: str, model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["garbage gguf", "empty gguf", "mis-shaped tensor", "garbage tokenizer",
-                                  "terabyte config"])
+                                  "terabyte config", "terabyte manifest", "int64 weight"])
 def test_a_damaged_model_is_one_line(kind, model_dirs, use_data, tmp_path, capsys):
     path, message = _damaged_folder(kind, model_dirs, tmp_path)
     code, _, err = run(capsys, "eval", path, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
@@ -199,9 +224,9 @@ def test_a_seed_beyond_what_generators_take_is_refused_by_the_parser(model_dirs,
     (["--out", "DANGLING"], "which does not exist"),
 ])
 def test_bad_compress_arguments_are_one_line(argv, message, model_dirs, use_data, tmp_path, capsys, monkeypatch):
-    import smartprune.runs.compress
+    import smartprune.runs.pipeline
 
-    monkeypatch.setattr(smartprune.runs.compress, "compress", _fail_if_called)
+    monkeypatch.setattr(smartprune.runs.pipeline, "compress", _fail_if_called)
     monkeypatch.chdir(tmp_path)
     os.symlink(tmp_path / "nowhere" / "x", tmp_path / "DANGLING")
     argv = ["--out", "o", *argv] if "--out" not in argv else argv
@@ -228,7 +253,7 @@ def test_sweep_rates_that_never_end_are_one_line(model_dirs, use_data, capsys):
 
 @pytest.mark.parametrize("damage, message", [
     ("no weights", "is missing"),
-    ("huge shape", "is recorded with shape"),
+    ("huge shape", "GiB of float32 values"),
 ])
 def test_a_compressed_folder_damaged_in_its_sizes(damage, message, compressed_dir, tmp_path, capsys):
     folder = tmp_path / "c"
@@ -242,6 +267,40 @@ def test_a_compressed_folder_damaged_in_its_sizes(damage, message, compressed_di
         (folder / "smartprune.json").write_text(json.dumps(manifest))
     code, _, err = run(capsys, "--no-verify", "eval", folder, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
     assert code == 2 and message in _one_clean_line(err), err
+
+
+@pytest.mark.parametrize("kind", ["llama"])
+@pytest.mark.parametrize("damage", ["step a string", "another model"])
+def test_a_checkpoint_is_checked_field_by_field_before_it_is_used(damage, compressed, gpt2_tokenizer, use_data,
+                                                                 tmp_path):
+    import copy
+
+    import torch
+
+    from smartprune.errors import DataError
+    from smartprune.recipes.schema import RecoverConfig
+    from smartprune.testing import family_model
+    from smartprune.training.recover import recover
+
+    model, teacher = compressed
+    cfg = RecoverConfig(steps=2, seqlen=16, batch_size=2, eval_windows=1, checkpoint_minutes=0.0)
+
+    def stop(state):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recover(copy.deepcopy(model), gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path, on_step=stop,
+                progress=False)
+    path = tmp_path / "recover-checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    if damage == "step a string":
+        ckpt["state"]["step"] = "1"
+        student, message = copy.deepcopy(model), "state 'step' is '1'"
+    else:  # the same settings, another model: its weights do not fit this one
+        student, message = family_model("qwen3", vocab=model.config.vocab_size), "another model's weights"
+    torch.save(ckpt, path)
+    with pytest.raises(DataError, match=message):
+        recover(student, gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("content", [b"garbage" * 10, b""])
@@ -293,3 +352,81 @@ def test_a_gguf_file_cut_anywhere_is_one_line(model_dirs, use_data, tmp_path, ca
         cut.write_bytes(blob[:n])
         code, _, err = run(capsys, "eval", cut, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
         assert code == 2 and "cannot be read as a GGUF model" in _one_clean_line(err), (n, err[-500:])
+
+
+def test_a_gguf_file_missing_tensors_is_refused_not_filled_with_random_weights(model_dirs, use_data, tmp_path,
+                                                                              capsys):
+    """A real export with its tensor count patched to 0 (and one with a tensor's name changed): every
+    weight transformers would leave at its random initial value is named, exit 2, nothing evaluated."""
+    import struct
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smartprune.storage.gguf_writer import write_gguf
+
+    whole = tmp_path / "whole.gguf"
+    write_gguf(AutoModelForCausalLM.from_pretrained(model_dirs["llama"]), whole,
+               tokenizer=AutoTokenizer.from_pretrained(model_dirs["llama"]), gguf_type="f32")
+    blob = bytearray(whole.read_bytes())
+    none = tmp_path / "none.gguf"
+    none.write_bytes(bytes(blob[:8] + struct.pack("<Q", 0) + blob[16:]))
+    renamed = tmp_path / "renamed.gguf"
+    at = blob.index(b"blk.1.ffn_up.weight")
+    renamed.write_bytes(bytes(blob[:at] + b"blk.1.ffn_up.wEight" + blob[at + 19:]))
+    for path in (none, renamed):
+        code, out, err = run(capsys, "eval", path, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
+        line = err.strip().splitlines()[-1]  # after transformers' conversion bar (the load's own progress)
+        assert "Traceback" not in err and line.startswith("smartprune: error:")
+        assert code == 2 and "in the weights" in line and "the GGUF file is incomplete" in line, line
+        assert "perplexity" not in out
+
+
+@pytest.mark.parametrize("case", ["json under a file", "non-UTF-8 out", "gguf type without gguf out",
+                                  "unknown kernel switch", "unknown verify switch"])
+def test_settings_and_paths_that_cannot_work_are_one_line_before_any_work(case, model_dirs, use_data, tmp_path,
+                                                                         capsys, monkeypatch):
+    import os
+
+    import smartprune.runs.evaluate
+    import smartprune.runs.pipeline
+
+    for module in (smartprune.runs.pipeline, smartprune.runs.evaluate):
+        monkeypatch.setattr(module, "load_model", _fail_if_called)
+    (tmp_path / "afile").write_text("a file")
+    model = str(model_dirs["llama"])
+    argv, message = {
+        "json under a file": (["eval", model, "--tasks", "wikitext2", "--json", tmp_path / "afile" / "x.json"],
+                              "is a file, not a folder"),
+        "non-UTF-8 out": (["compress", model, "--recipe", "irc", "--out",
+                           os.fsdecode(bytes(tmp_path / "o") + b"\xff")], "not valid UTF-8"),
+        "gguf type without gguf out": (["compress", model, "--recipe", "slim-40", "--out", tmp_path / "o",
+                                        "--gguf-type", "q8_0"], "give --gguf-out FILE too"),
+        "unknown kernel switch": (["eval", model, "--tasks", "wikitext2"], "SMARTPRUNE_KERNEL='garbage'"),
+        "unknown verify switch": (["eval", model, "--tasks", "wikitext2"], "SMARTPRUNE_VERIFY='no'"),
+    }[case]
+    monkeypatch.setenv("SMARTPRUNE_KERNEL", "garbage" if case == "unknown kernel switch" else "1")
+    monkeypatch.setenv("SMARTPRUNE_VERIFY", "no" if case == "unknown verify switch" else "1")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in _one_clean_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 0}, "num_attention_heads is 0"),
+    ({"hidden_size": -32}, "hidden_size is -32"),
+    ({"intermediate_size": -1}, "intermediate_size is -1"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers is '2'"),
+    ({"hidden_size": 2**20 + 1}, "not a multiple of num_attention_heads"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
+])
+def test_a_config_with_impossible_sizes_is_one_line_before_any_weight(change, message, model_dirs, use_data,
+                                                                      tmp_path, capsys):
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_dirs["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    code, _, err = run(capsys, "eval", folder, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
+    assert code == 2 and message in _one_clean_line(err)

@@ -15,7 +15,7 @@ PACKAGE = Path(smartprune.__file__).parent
 
 # Lowest first. A module may import its own layer or any below it, never one above.
 LAYERS = [
-    ("errors",),
+    ("errors", "options"),
     ("paths", "device", "files", "hf", "data", "testing", "energy"),
     ("modules",),
     ("adapters",),

@@ -123,3 +123,37 @@ def test_lm_eval_runs_on_a_structured_model(model_dirs, use_data, tasks_dir, tmp
     assert code == 0, err
     result = json.loads((tmp_path / "s.json").read_text())["results"]["lm-eval:sp_rolling"]
     assert result["bits_per_byte"] > 0 and result["lm_eval"]["n_samples"]["effective"] == len(TEXTS)
+
+
+def _evil_folder(root, where: str):
+    """A task folder whose YAML makes lm-eval import `evil.py` (which would leave a marker file): in the
+    folder's own YAML, or in a YAML outside it that the folder's `include:` names."""
+    folder, outside = root / "tasks", root / "elsewhere"
+    folder.mkdir()
+    outside.mkdir()
+    for d in (folder, outside):
+        (d / "evil.py").write_text(f"open({str(root / 'ran')!r}, 'w').write('x')\n"
+                                   "def process_docs(ds):\n    return ds\n")
+    hook = "process_docs: !function evil.process_docs\n"
+    base = "task: sp_evil\ndataset_path: json\ntest_split: test\noutput_type: loglikelihood_rolling\n"
+    if where == "folder":
+        (folder / "sub").mkdir()
+        (folder / "sub" / "evil.yaml").write_text(base + hook)
+    else:
+        (outside / "base.yaml").write_text(hook)
+        (folder / "evil.yaml").write_text(f"include: ../elsewhere/base.yaml\n{base}")
+    return folder
+
+
+@pytest.mark.parametrize("where", ["folder", "included"])
+def test_a_task_folder_runs_no_code_unless_allowed(where, model_dirs, use_data, tmp_path, capsys, monkeypatch):
+    import smartprune.runs.evaluate as runs_evaluate
+
+    folder = _evil_folder(tmp_path, where)
+    monkeypatch.setattr(runs_evaluate, "load_model", lambda *a, **k: pytest.fail("a model loaded first"))
+    code, _, err = run(capsys, "eval", model_dirs["llama"], "--tasks", "lm-eval:sp_evil", "--lm-eval-include", folder)
+    line = _one_clean_line(err)
+    assert code == 2 and "!function evil.process_docs" in line and "--lm-eval-allow-code" in line
+    assert ("sub/evil.yaml" if where == "folder" else "elsewhere/base.yaml") in line
+    assert not (tmp_path / "ran").exists()
+    lm_eval_tasks.check_no_code(str(folder), allow_code=True)  # allowed: the scan stands aside

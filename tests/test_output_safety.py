@@ -269,7 +269,7 @@ def test_a_full_disk_while_writing_json_keeps_the_old_file(sandbox, monkeypatch)
 def test_too_little_free_space_is_refused_before_the_work(sandbox, model_dirs, use_data, capsys, monkeypatch):
     import shutil
 
-    import smartprune.runs.compress as runs_compress
+    import smartprune.runs.pipeline as runs_compress
 
     monkeypatch.setattr("smartprune.files.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     monkeypatch.setattr(runs_compress, "load_model", lambda *a, **k: pytest.fail("loaded before the space check"))

@@ -169,8 +169,39 @@ def test_blockwise_refuses_what_it_cannot_pair(gpt2_tokenizer, use_data):
         build_section(RecoverConfig, {"objective": "blockwise", "teacher": "none"}, "recover")
     with pytest.raises(RecipeError, match=r"recover\.steps"):
         build_section(RecoverConfig, {"steps": 0}, "recover")
-    with pytest.raises(RecipeError, match="stage 'depth'"):  # refused with the recipe, before any compression
-        build_recipe({"depth": {"rate": 0.25}, "recover": {"objective": "blockwise"}}, "x", "test")
+    with pytest.raises(DataError, match="stage depth"):  # a removed block it is not told of
+        recover(student, gpt2_tokenizer, cfg, teacher=teacher, progress=False, removed_blocks=[0, 1])
+    assert build_recipe({"depth": {"rate": 0.25}, "recover": {"objective": "blockwise"}}, "x", "test").recover
+
+
+def test_block_spans_give_each_kept_block_the_removed_blocks_after_it():
+    from smartprune.training.blockwise import block_spans, removed_in
+
+    assert block_spans(3, []) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert block_spans(6, [1, 2, 5]) == [range(0, 3), range(3, 4), range(4, 6)]
+    assert block_spans(4, [0, 1]) == [range(0, 3), range(3, 4)]  # removed before the first kept: its span
+    assert removed_in({"structure": {"depth": {"removed": [3, 7]}}}) == [3, 7] and removed_in({}) == []
+
+
+def test_blockwise_pairs_a_kept_block_with_the_dense_span_it_replaces(gpt2_tokenizer, use_data):
+    """Block 1 of three made an identity (its attention and MLP outputs zero: the residual passes through)
+    and removed: the two kept blocks reproduce the dense spans [0, 1] and [2] exactly before any fit, so
+    the pairing and the span's inputs are right; told nothing, the same student is refused."""
+    teacher = tiny_model("llama", VOCAB)
+    teacher.config.num_hidden_layers = 3
+    teacher.model.layers.append(copy.deepcopy(teacher.model.layers[1]))
+    teacher.model.layers[2].self_attn.layer_idx = 2
+    with torch.no_grad():
+        teacher.model.layers[1].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[1].mlp.down_proj.weight.zero_()
+    student = copy.deepcopy(teacher)
+    from smartprune.adapters import get_adapter
+
+    get_adapter(student).keep_blocks([0, 2])
+    cfg = RecoverConfig(steps=0, objective="blockwise", block_steps=0, cache_windows=4, **SMALL)
+    r = recover(student, gpt2_tokenizer, cfg, teacher=teacher, progress=False, removed_blocks=[1])
+    assert r["blockwise"]["spans"] == [[0, 1], [2, 2]]
+    assert max(r["blockwise"]["relative_error_before"]) < 1e-6
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(compressed, gpt2_tokenizer, use_data):
@@ -309,8 +340,7 @@ def test_demo_prints_dense_compressed_and_recovered(model_dirs, use_data, tmp_pa
     assert "What it buys" in run.summary() and "| compressed + recovered | " in run.summary().split("What it buys")[1]
 
 
-def test_demo_recovers_block_wise_when_asked_and_refuses_it_for_a_depth_recipe(model_dirs, use_data, tmp_path):
-    from smartprune.errors import RecipeError
+def test_demo_recovers_block_wise_when_asked_depth_recipes_included(model_dirs, use_data, tmp_path):
     from smartprune.runs.demo import run_demo
 
     recipe = tmp_path / "r.yaml"  # a small recovery of its own, so the objective flag is what changes
@@ -322,10 +352,13 @@ def test_demo_recovers_block_wise_when_asked_and_refuses_it_for_a_depth_recipe(m
     rec = run.report["recovery"]
     assert rec["config"]["objective"] == "blockwise" and rec["steps"] == 2 and rec["structure"]["kept"]
     assert run.recovered["perplexity"] > 0
-    depth = tmp_path / "depth.yaml"
-    depth.write_text("depth: {rate: 0.5}\n")
-    with pytest.raises(RecipeError, match="removes blocks"):  # before any model work: no model is loaded
-        run_demo("not-a-model", str(depth), quick=True, recover_objective="blockwise", progress=False)
+    depth = tmp_path / "depth.yaml"  # one of the two blocks removed: the kept one stands for both
+    depth.write_text("depth: {rate: 0.5}\nrecover: {steps: 1, seqlen: 16, batch_size: 2, eval_windows: 1, "
+                     "block_steps: 2, cache_windows: 4}\n")
+    run = run_demo(str(model_dirs["llama"]), str(depth), quick=True, seqlen=64, measure=False,
+                   recover_objective="blockwise", progress=False)
+    fits = run.report["recovery"]["blockwise"]
+    assert fits["blocks"] == 1 and fits["spans"] == [[0, 1]]
 
 
 def test_compress_with_a_recover_section_retrains(model_dirs, use_data, tmp_path):

@@ -140,12 +140,12 @@ def test_compress_with_a_recover_section_resumes_without_compressing_again(model
             compress_model(source, recipe, out=tmp_path / "c", **kw)
     assert not (tmp_path / "c").exists() and (tmp_path / ".c.recover-checkpoint" / "compressed").is_dir()
 
-    import smartprune.runs.compress as runs_compress
+    import smartprune.runs.pipeline as pipeline
 
     def no_compression(*a, **k):
         raise AssertionError("resume compressed again")
 
-    monkeypatch.setattr(runs_compress, "compress", no_compression)
+    monkeypatch.setattr(pipeline, "compress", no_compression)
     done = compress_model(source, recipe, out=tmp_path / "c", resume=True, **kw)
     assert done.report["recovery"]["steps"] == 5
     assert not (tmp_path / ".c.recover-checkpoint").exists()

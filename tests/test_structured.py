@@ -91,6 +91,46 @@ def test_a_removed_input_that_kept_ones_combine_is_reconstructed_exactly():
     assert torch.allclose(h[:, :3] @ new[:3], h @ w, atol=1e-9)  # the output without input 3 is the same
 
 
+def test_the_plan_scores_a_compensated_removal_as_the_refit_would_leave_it():
+    """Feeding the removed input its least-squares prediction from the kept ones gives the re-fitted
+    projection's output: for an input the kept ones combine, the dense output itself."""
+    from smartprune.compression.structured import Scores, _removal
+    from smartprune.methods.compensate import compensate_rows, predictor
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    h = torch.cat([h, (2 * h[:, 0] - h[:, 1])[:, None]], 1)  # input 3 = 2 x input 0 - input 1
+    keep = torch.tensor([True, True, True, False])
+    assert torch.allclose(predictor(h.T @ h, keep, ~keep, damp=0.0).flatten(),
+                          torch.tensor([2.0, -1.0, 0.0], dtype=torch.float64), atol=1e-9)  # by hand
+    proj = torch.nn.Linear(4, 5, bias=False).double()
+    gram = h.T @ h
+    refit = proj.weight.detach().T.clone()  # rows = inputs, as the stages hold them
+    compensate_rows(refit, gram, keep, ~keep)  # the default damping, in both
+    (fed,) = _removal(keep.double(), Scores({}, [], [], {"ff_neurons": [gram]}), "ff_neurons", 0)(proj, (h,))
+    assert torch.equal(fed[:, :3], h[:, :3]) and torch.allclose(proj(fed), h[:, :3] @ refit[:3], atol=1e-9)
+    assert torch.allclose(proj(fed), proj(h), atol=0.05)  # near the dense output (damped, not exact)
+    (zeroed,) = _removal(keep.double(), Scores({}, [], [], None), "ff_neurons", 0)(proj, (h,))
+    assert torch.equal(zeroed[:, 3], torch.zeros(40, dtype=torch.float64))  # not compensated: zeroed
+
+
+def test_a_compensated_plan_scores_its_candidates_compensated():
+    from smartprune.data import Calibration
+
+    calib = Calibration(torch.randint(0, 100, (8, 32)), torch.randint(0, 100, (4, 32)), "test")
+    plans = {}
+    for how in ("zeroed", "compensated"):
+        recipe = build_recipe({"overall": {"target": 0.3, "structure": how}, "attn_heads": {},
+                               "ff_neurons": {}}, "t", "test")
+        plans[how] = smartprune.compress(family_model("llama", vocab=100, layers=2), None, recipe, calib=calib,
+                                         progress=False).report["structure"]["plan"]
+    assert plans["zeroed"]["compensated"] == [] and plans["compensated"]["compensated"] == ["attn_heads", "ff_neurons"]
+    losses = {how: {(c["heads_removed_per_group"], c["neurons_removed_per_block"]): c["held_out_loss"]
+                    for c in p["candidates"]} for how, p in plans.items()}
+    assert losses["zeroed"].keys() == losses["compensated"].keys()
+    assert all(losses["compensated"][k] != losses["zeroed"][k] for k in losses["zeroed"])
+
+
 @pytest.mark.parametrize("stage", ["ff_neurons", "attn_heads"])
 def test_compensation_at_removal_lowers_each_blocks_output_error(stage):
     from smartprune.data import Calibration
@@ -206,7 +246,7 @@ def test_gguf_export_of_qwen3_and_gemma3_reads_back_in_transformers(name, use_da
 
 def test_gguf_and_standard_export_refuse_what_a_standard_config_cannot_express(base_dirs, use_data, tmp_path,
                                                                                capsys, monkeypatch):
-    import smartprune.runs.compress as runs
+    import smartprune.runs.pipeline as runs
 
     monkeypatch.setattr(runs, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     code, _, err = run(capsys, "compress", base_dirs / "llama", "--recipe", "paper", "--out", tmp_path / "o",

@@ -24,14 +24,40 @@ def read_config(path: Path):
                          "architectures that transformers ships, never code from a model folder")
     if not isinstance(raw.get("model_type"), str):
         raise ModelError(f"{path / 'config.json'} names no model_type")
+    check_sizes(raw, path / "config.json")
     try:
         config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # transformers' own validators (ValueError, its strict-dataclass errors, ...)
         raise ModelError(f"{path / 'config.json'} cannot be read as a {raw['model_type']} config "
                          f"({first_line(exc)})") from None
     check_architecture(config, str(path))
     check_size(config, str(path))
     return config
+
+
+# config keys that count something (layers, heads, widths, tokens): positive whole numbers, as the
+# families spell them (GPT-2's n_*, Llama's num_*), checked before transformers builds anything from them
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+             "vocab_size", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_layer", "n_positions",
+             "n_inner", "ffn_dim", "d_model", "num_heads", "num_layers")
+
+
+def check_sizes(raw: dict, where: Path) -> None:
+    """Every size of a raw config a positive whole number (not a string, a float or a bool), the hidden
+    width a multiple of the heads and the heads of the key/value heads: one line each, instead of
+    transformers' ZeroDivisionError or a model built from a negative width."""
+    for key in SIZE_KEYS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"{where}: {key} is {value!r}; it must be a positive whole number")
+    hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
+    if hidden and heads and hidden % heads:  # transformers' validators refuse it too, in less plain words
+        raise ModelError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    kv = raw.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise ModelError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
 
 
 def physical_memory() -> int:

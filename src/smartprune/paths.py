@@ -9,6 +9,25 @@ from smartprune.errors import DataError
 
 DATA_ENV = "SMARTPRUNE_DATA"
 CACHE_ENV = "SMARTPRUNE_CACHE"
+# switches read from the environment, and the values each takes (the first: unset or empty)
+SWITCHES = {"SMARTPRUNE_KERNEL": ("1", "0", "avx2"),  # the packed decoding kernel: on, off, AVX2 loops on AVX-512
+            "SMARTPRUNE_VERIFY": ("1", "0")}  # checksums of compressed folders (the CLI's --no-verify sets 0)
+
+
+def switch(name: str) -> str:
+    """The value of the environment switch `name` (its default when unset); an unknown value is one line,
+    never silently read as the default."""
+    known = SWITCHES[name]
+    value = os.environ.get(name) or known[0]
+    if value not in known:
+        raise DataError(f"environment variable {name}={value!r} is not one of {', '.join(known)}")
+    return value
+
+
+def check_environment() -> None:
+    """Every switch's value, before a command's work."""
+    for name in SWITCHES:
+        switch(name)
 
 
 def repo_root() -> Path:

@@ -10,6 +10,7 @@ import argparse
 from smartprune.cli.shared import (
     MODEL_HELP,
     compute_dtype,
+    config_flags,
     device,
     json_out,
     overwrite,
@@ -20,6 +21,7 @@ from smartprune.cli.shared import (
     window,
 )
 from smartprune.errors import DataError
+from smartprune.recipes.sections import RecoverConfig
 
 
 def add_recipes(sub) -> None:
@@ -59,7 +61,7 @@ def add_compress(sub) -> None:
     c.add_argument("--gguf-out", help="also write the model as a GGUF file (llama.cpp, transformers' GGUF loader): "
                    "for recipes whose result is a standard architecture (depth, attn_heads, ff_neurons); "
                    "llama, qwen3 and gemma3_text; the metadata llama.cpp's own converter writes (tests compare)")
-    c.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16 (default), bf16, q8_0, or q4_0 "
+    c.add_argument("--gguf-type", help="GGUF tensor type: f32, f16 (default), bf16, q8_0, or q4_0 "
                    "(the token table at q8_0); k-quants: write f16, then llama.cpp's llama-quantize")
     seed(c, "seed for calibration windows and random choices")
     c.add_argument("--calib-samples", type=positive, help="override the recipe's calibration window count")
@@ -86,12 +88,15 @@ def add_compress(sub) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     from smartprune.runs.compress import compress_model
 
+    if args.gguf_type is not None and args.gguf_out is None:  # a setting that would do nothing
+        raise DataError("--gguf-type sets the type of the --gguf-out file; give --gguf-out FILE too (or leave "
+                        "--gguf-type out)")
     result = compress_model(args.model, args.recipe, out=args.out, dense_out=args.dense_out, seed=args.seed,
                             overwrite=args.overwrite, calib_samples=args.calib_samples,
                             calib_seqlen=args.calib_seqlen, target_compression=args.target_compression,
                             dtype=args.dtype, device=args.device,
                             offload=args.offload, compute_dtype=args.compute_dtype, gguf_out=args.gguf_out,
-                            gguf_type=args.gguf_type, resume=args.resume, progress=not args.quiet)
+                            gguf_type=args.gguf_type or "f16", resume=args.resume, progress=not args.quiet)
     say(result.summary())
     return 0
 
@@ -113,9 +118,8 @@ def add_demo(sub) -> None:
                    "0 skips recovery; a recipe with its own recover section sets its own)")
     d.add_argument("--recover-objective", choices=("end_to_end", "blockwise"),
                    help="end_to_end (distil the whole model) or blockwise (first fit each block to the dense "
-                   "block's outputs, then the end-to-end steps; docs/guide.md, Retraining after compression). Default: "
-                   "end_to_end; with --quick, blockwise fits alone (cheaper and better at that budget, "
-                   "docs/frontier.md) unless the recipe removes blocks")
+                   "block's, or after depth the dense span's, outputs, then the end-to-end steps; docs/guide.md, "
+                   "Retraining after compression). Default: end_to_end")
     d.add_argument("--no-measure", action="store_true", help="skip measuring what the final model costs to run "
                    "against dense (decoding speed, prefill, peak RSS, bytes held: about a minute)")
     device(d)
@@ -136,6 +140,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# recover flags drawn from RecoverConfig's fields (validated by the recipe schema, so ranges and NaN are
+# checked once); the budget, the window length and the compute dtype are declared beside them
+RECOVER_FLAGS = ("text", "batch_size", "lr", "weight_decay", "temperature", "kl_weight", "ce_weight", "hidden_weight",
+                 "objective", "block_steps", "block_lr", "cache_windows", "eval_every", "eval_windows",
+                 "checkpoint_minutes", "sharding")
+
+
 def add_recover(sub) -> None:
     rc = sub.add_parser("recover", help="retrain a compressed model (distillation from the dense one) so it is usable",
                         description="Retrain COMPRESSED (a `compress --out` folder, or any MODEL for the dense "
@@ -150,37 +161,14 @@ def add_recover(sub) -> None:
     rc.add_argument("--teacher", required=True, help="the dense model to distil from (" + MODEL_HELP + "), or none")
     rc.add_argument("--out", required=True, help="folder for the recovered model (same format as COMPRESSED)")
     rc.add_argument("--dense-out", help="also write a plain Hugging Face folder of the recovered weights")
-    rc.add_argument("--text", help="training text: wikitext2 (default), ptb, or a UTF-8 text file")
-    budget = rc.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="end-to-end optimizer steps (default 200; 0 with --objective "
-                        "blockwise: the block fits only)")
-    budget.add_argument("--tokens", type=positive, help="training tokens")
-    budget.add_argument("--minutes", type=float, help="wall-time budget (steps sized from the first steps)")
+    budget = rc.add_mutually_exclusive_group()  # steps, tokens or minutes
+    config_flags(budget, RecoverConfig, ("steps", "tokens", "minutes"))
     renamed(rc, "--train-seqlen", "--seqlen", "--seqlen is an evaluation window elsewhere", dest="seqlen",
-            type=positive, help="tokens per training window (256)")
-    rc.add_argument("--batch-size", type=positive, help="windows per step, over all processes (8)")
-    rc.add_argument("--lr", type=float, help="peak learning rate (2e-4)")
-    rc.add_argument("--weight-decay", type=float, help="AdamW weight decay (0)")
-    rc.add_argument("--temperature", type=float, help="distillation temperature (1)")
-    rc.add_argument("--kl-weight", type=float, help="weight of the KL term (1)")
-    rc.add_argument("--ce-weight", type=float, help="weight of the next-token cross-entropy (1)")
-    rc.add_argument("--hidden-weight", type=float, help="weight of last-hidden-state matching (0)")
-    rc.add_argument("--objective", help="end_to_end (default: distil the whole model) or blockwise (first fit each "
-                    "block to the dense block's outputs on cached windows, much cheaper per step; then the "
-                    "end-to-end budget)")
-    rc.add_argument("--block-steps", type=int, help="--objective blockwise: optimizer steps per block (32)")
-    rc.add_argument("--block-lr", type=float, help="--objective blockwise: peak learning rate of the block fits "
-                    "(3e-3)")
-    rc.add_argument("--cache-windows", type=positive, help="--objective blockwise: windows cached (64)")
-    rc.add_argument("--eval-every", type=positive, help="steps between held-out perplexity checks (50)")
-    rc.add_argument("--eval-windows", type=positive, help="held-out windows of the text's validation split (4)")
-    rc.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (5)")
+            type=positive, help="tokens per training window (default: 256)")
+    config_flags(rc, RecoverConfig, RECOVER_FLAGS)
     compute_dtype(rc, "the training steps (default: auto)", default=None)
     device(rc)
     rc.add_argument("--nproc", type=positive, default=1, help="data-parallel processes on this machine (1)")
-    rc.add_argument("--sharding", help="with several processes: none (default; each holds the whole model, "
-                    "gradients averaged as in DDP) or fsdp (parameters, gradients and optimizer state split over "
-                    "the processes, for a model that does not fit one device)")
     rc.add_argument("--resume", action="store_true", help="continue the interrupted run that writes --out")
     seed(rc, "seed for the training windows")
     overwrite(rc)
@@ -188,20 +176,17 @@ def add_recover(sub) -> None:
     rc.set_defaults(func=cmd_recover)
 
 
-# recover flags -> RecoverConfig fields (validated by the recipe schema, so ranges and NaN are checked once)
-RECOVER_FLAGS = ("text", "steps", "tokens", "minutes", "seqlen", "batch_size", "lr", "weight_decay", "temperature",
-                 "kl_weight", "ce_weight", "hidden_weight", "objective", "block_steps", "block_lr", "cache_windows",
-                 "eval_every", "eval_windows", "checkpoint_minutes", "compute_dtype", "sharding")
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from smartprune.files import write_json
-    from smartprune.recipes.schema import RecoverConfig, build_section
+    from smartprune.recipes.schema import build_section
     from smartprune.runs.recover import recover_model
 
-    given = {k: getattr(args, k) for k in RECOVER_FLAGS if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in (*RECOVER_FLAGS, "steps", "tokens", "minutes", "seqlen", "compute_dtype")
+             if getattr(args, k) is not None}
     given["teacher"] = "none" if args.teacher == "none" else "dense"
     cfg = build_section(RecoverConfig, given, "recover")
     run = recover_model(args.compressed, teacher=args.teacher, out=args.out, cfg=cfg, dense_out=args.dense_out,

@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     previous = _terminate_like_interrupt()
     try:
+        from smartprune.paths import check_environment
+
+        check_environment()  # a switch with an unknown value is one line, before any work
         check_paths(args)  # what it reads against what it writes, before any work
         if getattr(args, "device", None) is not None:  # resolved once, here at the edge: bad names fail first
             from smartprune.device import resolve_device

@@ -34,7 +34,10 @@ def add_eval(sub) -> None:
     e.add_argument("--tasks", default="wikitext2", help="comma-separated task names (wikitext2); "
                    "lm-eval:NAME[,NAME...] for lm-evaluation-harness tasks, e.g. lm-eval:arc_easy,hellaswag")
     e.add_argument("--lm-eval-include", metavar="DIR", help="a folder of local lm-eval task YAMLs (lm-eval's "
-                   "--include_path); --examples N runs the first N documents of each lm-eval task")
+                   "--include_path); --examples N runs the first N documents of each lm-eval task. Its YAMLs "
+                   "may not run Python (`!function`) unless --lm-eval-allow-code")
+    e.add_argument("--lm-eval-allow-code", action="store_true", help="let the --lm-eval-include folder's task "
+                   "YAMLs import and run their Python (`!function`): only for a folder you trust")
     eval_options(e, "perplexity", "classification", "mode", "finetune", "generation", "device", "resident")
     e.set_defaults(func=cmd_eval)
 
@@ -132,6 +135,10 @@ def add_bench(sub) -> None:
                    help="where a .gguf MODEL is timed: llama.cpp (llama-bench on the same threads: prefill at each "
                    "--lengths, decoding of --new-tokens, file and tensor bytes, peak RSS; built once from source) "
                    "or transformers (converted like any model) (default: llama.cpp)")
+    b.add_argument("--decode", choices=["eager", "compiled"], default="eager",
+                   help="how transformers decodes: eager (default) or compiled (a static KV cache whose step "
+                   "torch.compile compiles once, in the warm-up round: about a minute per model; fewer Python and "
+                   "dispatch costs per token)")
     json_out(b, "write the results to this JSON file and a Markdown twin beside it")
     b.set_defaults(func=cmd_bench)
 
@@ -145,7 +152,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              new_tokens=args.new_tokens, rss=not args.no_rss, batches=tuple(args.batches),
                              device=args.device, compute_dtypes=tuple(args.compute_dtype),
                              residencies=tuple(args.resident), semi_structured=args.semi_structured,
-                             energy=args.energy, gguf=args.gguf_in)
+                             energy=args.energy, gguf=args.gguf_in, decode=args.decode)
     result = bench(args.models, settings, progress=not args.quiet)
     if args.json:
         write_outputs(result, Path(args.json))

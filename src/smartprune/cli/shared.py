@@ -78,6 +78,25 @@ def renamed(p: argparse.ArgumentParser, new: str, old: str, why: str, **kwargs) 
     p.add_argument(new, old, action=Renamed, old=old, why=why, **kwargs)
 
 
+def config_flags(p, cls, names: tuple[str, ...], *, flags: dict[str, str] | None = None) -> None:
+    """One flag per field of the config dataclass `cls` in `names`, drawn from the field's metadata (its
+    doc, choices and default, `recipes.schema.option`), so the help says what the recipe key says. Each
+    defaults to None (not given): the command validates what was given with `build_section`, which
+    fills the rest with the same defaults. `flags`: a field's flag where it is not ``--field-name``."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        f = fields[name]
+        meta, default = f.metadata, f.default
+        kind = str(f.type).split("|")[0].strip()
+        shown = "" if default is None else f" (default: {default:g})" if isinstance(default, float) else \
+            f" (default: {default})"
+        p.add_argument((flags or {}).get(name, "--" + name.replace("_", "-")), dest=name, default=None,
+                       type={"int": int, "float": float}.get(kind, str), choices=meta.get("choices"),
+                       help=meta["doc"] + shown)
+
+
 def seed_value(value: str) -> int:
     """A seed torch's generators take: a whole number from 0 to 2**63 - 1."""
     n = int(value)
@@ -118,6 +137,23 @@ JSON_READ_BACK = ("sweep",)
 JSON_TWIN = ("compare", "bench", "sweep")
 
 
+def check_writable_name(flag: str, path) -> None:
+    """An output path a run can write at its end: a UTF-8 name (the reports and JSON files name it) and
+    no file where one of its folders would go; one line before any work."""
+    from smartprune.errors import OutputError
+
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputError(f"{flag}: the path {str(path).encode('utf-8', 'backslashreplace').decode()} is not "
+                          "valid UTF-8; name the output in UTF-8") from None
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
+            return
+
+
 def check_paths(args: argparse.Namespace) -> None:
     """Every path a command reads against every path it writes, before any work: ``~`` expanded once
     here (so the writers see the same path the checks saw), no output equal to, inside or around an
@@ -141,6 +177,9 @@ def check_paths(args: argparse.Namespace) -> None:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and Path(v).exists():  # names (built-ins, hub ids, recipes) are not paths
                 inputs.append((name, Path(v).resolve()))
+    for name in OUTPUTS:
+        if getattr(args, name, None):
+            check_writable_name("--" + name.replace("_", "-"), Path(getattr(args, name)))
     outputs = [(name, refuse_protected(Path(getattr(args, name)))) for name in OUTPUTS if getattr(args, name, None)]
     if getattr(args, "json", None) and args.command in JSON_TWIN:
         outputs.append(("json (its Markdown twin)", Path(args.json).resolve().with_suffix(".md")))
@@ -217,5 +256,6 @@ def eval_settings(args: argparse.Namespace):
                                                            ("seed", a["seed"])) if v != ()})
     except ValueError as exc:
         raise DataError(str(exc)) from None
-    return EvalSettings(**{k: a[k] for k in ("seqlen", "stride", "limit", "examples", "mode", "lm_eval_include")
+    return EvalSettings(**{k: a[k] for k in ("seqlen", "stride", "limit", "examples", "mode", "lm_eval_include",
+                                            "lm_eval_allow_code")
                            if k in a}, finetune=finetune, generation=generation, seed=args.seed)

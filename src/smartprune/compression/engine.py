@@ -352,8 +352,10 @@ def _whole_model_stages(model: nn.Module, adapter: Adapter, recipe: Recipe, cali
     with autocast(dev, dtype):
         if plan_it:
             try:
+                compensate = frozenset(k for k in kinds if getattr(recipe.stages[k], "compensate", False)) \
+                    if recipe.overall.structure == "compensated" else frozenset()
                 planned.structure, report["plan"] = plan_structure(adapter, recipe.overall, calib.ids.to(dev), held,
-                                                                     kinds, total, progress)
+                                                                     kinds, total, progress, compensate)
                 # the dense model's skip losses, measured for the plan: the depth stage's first ranking
                 planned.skip_losses = report["plan"].get("skip_one_block_loss")
             except ValueError as exc:

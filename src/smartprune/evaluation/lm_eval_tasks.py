@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,6 +52,36 @@ def _lm_eval():
     return lm_eval
 
 
+# YAML tags through which an lm-eval task file makes lm-eval import and run Python (a task's functions,
+# its class); a task folder is data, so these are refused unless the user allows code (--lm-eval-allow-code)
+CODE_TAGS = re.compile(r"!function\b|!!python/")
+ALLOW_CODE = "--lm-eval-allow-code"
+
+
+def check_no_code(include: str, allow_code: bool = False) -> None:
+    """A task folder runs no code unless allowed: every YAML in it (and every YAML its ``include:`` keys
+    name) is scanned for the tags that make lm-eval import Python; one line naming the file if found."""
+    if allow_code:
+        return
+    todo = sorted(p for p in Path(include).rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop().resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        text = path.read_text(errors="replace")
+        hit = CODE_TAGS.search(text)
+        if hit:
+            line = text[hit.start():].splitlines()[0].strip()
+            raise DataError(f"--lm-eval-include {include}: {path} runs Python code ({line!r}); task folders run no "
+                            f"code unless you pass {ALLOW_CODE}")
+        for name in re.findall(r"^\s*include:\s*['\"]?([^'\"\s#]+)", text, flags=re.M):
+            other = (path.parent / name).expanduser()
+            if other.is_file():
+                todo.append(other)
+
+
 @lru_cache(maxsize=4)
 def _task_manager(include: str | None):
     _lm_eval()
@@ -65,11 +96,13 @@ LOCAL_BUILDERS = {"json", "csv", "text", "parquet", "arrow"}  # datasets' builde
 _verified: set[tuple[str, str | None]] = set()  # (task, include) already checked: `eval` checks once, then per model
 
 
-def check(tasks: list[str], include: str | None) -> None:
-    """Every `lm-eval:` task known to lm-eval (with `include`'s YAMLs) and, when the hub cannot be
-    reached, its data local: both before any model loads."""
+def check(tasks: list[str], include: str | None, allow_code: bool = False) -> None:
+    """Every `lm-eval:` task known to lm-eval (with `include`'s YAMLs, which run no code unless
+    `allow_code`) and, when the hub cannot be reached, its data local: all before any model loads."""
     from smartprune.hf import hub_reachable
 
+    if include is not None and Path(include).is_dir():
+        check_no_code(include, allow_code)
     names = [t.removeprefix(PREFIX) for t in tasks if is_lm_eval(t)]
     if all((n, include) in _verified for n in names):  # nothing new: no second hub probe per model
         return

@@ -38,6 +38,7 @@ class EvalSettings:
     batch_size: int = 8
     seed: int = 0
     lm_eval_include: str | None = None  # a folder of local lm-eval task YAMLs (lm-eval's --include_path)
+    lm_eval_allow_code: bool = False  # let that folder's YAMLs import Python (`!function`): off, it is data
 
     def __post_init__(self) -> None:
         check_limit(self.limit)
@@ -113,7 +114,7 @@ def task_names() -> list[str]:
     return list(_kinds())
 
 
-def check_tasks(names: list[str], lm_eval_include: str | None = None) -> list[str]:
+def check_tasks(names: list[str], lm_eval_include: str | None = None, allow_code: bool = False) -> list[str]:
     """`names` without blanks (a bare name after an `lm-eval:` one is lm-eval's too); an unknown one
     raises with a suggestion."""
     kinds = _kinds()
@@ -124,7 +125,7 @@ def check_tasks(names: list[str], lm_eval_include: str | None = None) -> list[st
         if n not in kinds and not lm_eval_tasks.is_lm_eval(n):
             raise DataError(f"unknown task '{n}'{did_you_mean(n, kinds)}; known: {', '.join(kinds)}, or "
                             "lm-eval:TASK (lm-evaluation-harness)")
-    lm_eval_tasks.check(names, lm_eval_include)
+    lm_eval_tasks.check(names, lm_eval_include, allow_code)
     return names
 
 
@@ -138,4 +139,5 @@ def shown_metrics(task: str, result: dict) -> list[str]:
 
 def evaluate(loaded, tasks: list[str], settings: EvalSettings, *, progress: bool = True) -> dict[str, dict]:
     """``{task: result}`` for one loaded model."""
-    return {t: _kind(t).run(loaded, t, settings, progress) for t in check_tasks(tasks, settings.lm_eval_include)}
+    return {t: _kind(t).run(loaded, t, settings, progress)
+            for t in check_tasks(tasks, settings.lm_eval_include, settings.lm_eval_allow_code)}

@@ -41,16 +41,33 @@ class Compensation:
         compensate_rows(self.sub.module(self.role).weight, self.gram, keep, gone)
 
 
-def compensate_rows(weight: Tensor, gram: Tensor, keep: Tensor, gone: Tensor, damp: float = 0.01) -> None:
+DAMP = 0.01  # share of the mean diagonal of G_KK added to its diagonal
+
+
+def damped_kept_gram(gram: Tensor, k: Tensor, damp: float = DAMP) -> Tensor:
+    """``G_KK + damp * mean(diag G_KK) I``: the normal equations' matrix of the kept inputs `k`."""
+    g_kk = gram[k][:, k]
+    return g_kk + damp * g_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(k), dtype=gram.dtype,
+                                                                              device=gram.device)
+
+
+def predictor(gram: Tensor, keep: Tensor, gone: Tensor, damp: float = DAMP) -> Tensor:
+    """``B = (G_KK + damp)^{-1} G_KR``: the least-squares prediction of the removed inputs from the kept
+    ones (``x_R ~ x_K B``). Compensating a projection is exactly feeding it ``x_K B`` in place of the
+    removed inputs (``x_K W_K' = x_K W_K + x_K B W_R``), which is how the structure plan scores a
+    compensated candidate without touching the weights (compression/structured.py)."""
+    k, r = keep.nonzero().flatten(), gone.nonzero().flatten()
+    return torch.linalg.solve(damped_kept_gram(gram, k, damp), gram[k][:, r])
+
+
+def compensate_rows(weight: Tensor, gram: Tensor, keep: Tensor, gone: Tensor, damp: float = DAMP) -> None:
     """Re-fit the kept rows of `weight` (rows = inputs) in place for the rows `gone` is about to remove:
     ``W_K += (G_KK + damp * mean(diag G_KK) I)^{-1} G_KR W_R``."""
     k, r = keep.nonzero().flatten(), gone.nonzero().flatten()
     if not len(k) or not len(r):
         return
     g = gram.to(weight.device)
-    g_kk = g[k][:, k]
-    g_kk = g_kk + damp * g_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(k), dtype=g.dtype, device=g.device)
     w = weight.detach().double()
-    update = torch.linalg.solve(g_kk, g[k][:, r] @ w[r])
+    update = torch.linalg.solve(damped_kept_gram(g, k, damp), g[k][:, r] @ w[r])
     with torch.no_grad():
         weight[k] += update.to(weight.dtype)

@@ -3,15 +3,10 @@ settings (`FitConfig`), the strategy (`StrategyConfig`) and N:M patterns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
-
-def option(default: Any, doc: str, *, choices: tuple[str, ...] | None = None,
-           lo: float | None = None, hi: float | None = None, alias: str | None = None) -> Any:
-    """A dataclass field with validation metadata (choices or closed range [lo, hi]; `alias`: the key a
-    recipe may use instead of the field's name, e.g. a Python keyword such as ``lambda``)."""
-    return field(default=default, metadata={"doc": doc, "choices": choices, "lo": lo, "hi": hi, "alias": alias})
+from smartprune.options import option
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from smartprune.paths import cache_dir
+from smartprune.paths import cache_dir, switch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "packed_product.cpp"
@@ -38,7 +38,7 @@ _state: dict[str, object] = {}
 
 def _why_not() -> str | None:
     """Why the kernel cannot be built here, or None."""
-    if os.environ.get("SMARTPRUNE_KERNEL") == "0":
+    if switch("SMARTPRUNE_KERNEL") == "0":
         return "switched off by SMARTPRUNE_KERNEL=0"
     if sys.platform != "linux" or os.uname().machine != "x86_64":
         return f"the kernel is written for x86-64 Linux, not {sys.platform} {os.uname().machine}"
@@ -96,7 +96,7 @@ def packed_product():
         try:
             torch.ops.load_library(str(build()))
             op = torch.ops.smartprune.packed_product
-            if os.environ.get("SMARTPRUNE_KERNEL") == "avx2":  # the AVX2 loops on an AVX-512 CPU (to compare)
+            if switch("SMARTPRUNE_KERNEL") == "avx2":  # the AVX2 loops on an AVX-512 CPU (to compare)
                 torch.ops.smartprune.kernel_isa(1)
         except (OSError, RuntimeError) as exc:
             why = f"building it failed: {exc}"

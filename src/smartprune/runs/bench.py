@@ -41,6 +41,9 @@ from smartprune.storage.sources import LoadedModel, check_gguf_file, is_compress
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf")
 GGUF_RUNTIMES = ("llama.cpp", "transformers")
+# how transformers decodes: eager (a dynamic cache, each step's Python and dispatch), or a static cache
+# whose step torch.compile (inductor) compiles once, in the warm-up round (benchmarks/decode_compile.py)
+DECODES = ("eager", "compiled")
 
 
 def metric_units(lengths: tuple[int, ...], batches: tuple[int, ...] = (8,)) -> dict[str, str]:
@@ -74,6 +77,7 @@ class BenchSettings:
     # where a .gguf MODEL is timed: in llama.cpp (llama-bench: prefill and decoding, file and tensor bytes,
     # peak RSS; built once from source) or converted and timed in transformers like any folder
     gguf: str = "llama.cpp"
+    decode: str = "eager"  # `DECODES`: how transformers models decode (llama.cpp files are llama.cpp's own)
 
     def __post_init__(self) -> None:
         from smartprune.errors import DataError
@@ -86,6 +90,8 @@ class BenchSettings:
 
         if self.gguf not in GGUF_RUNTIMES:
             raise DataError(f"unknown GGUF runtime {self.gguf!r}; expected {' or '.join(GGUF_RUNTIMES)}")
+        if self.decode not in DECODES:
+            raise DataError(f"unknown decoding {self.decode!r}; expected {' or '.join(DECODES)}")
         bad = [r for r in self.residencies if r not in RESIDENT]
         if bad or not self.residencies:
             raise DataError(f"unknown residency {bad[0] if bad else '(none)'!r}; expected {' or '.join(RESIDENT)}")
@@ -213,8 +219,9 @@ class _Probe:
     """The timed actions on one model, on one device, in one compute dtype."""
 
     def __init__(self, loaded: LoadedModel, new_tokens: int, seed: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, decode: str = "eager") -> None:
         self.model = loaded.model
+        self.decoding = _decoding(decode)
         self.vocab = self.model.config.vocab_size
         self.new_tokens, self.seed, self.device, self.dtype = new_tokens, seed, device, dtype
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -240,7 +247,7 @@ class _Probe:
         ids = _ids(1, 16, self.vocab, self.seed, self.device)
         seconds = self._timed(lambda: self.model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.new_tokens,
-            min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=0))
+            min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=0, **self.decoding))
         return self.new_tokens / seconds
 
     def train_step(self, batch: int = 8, length: int = 128) -> float:
@@ -257,6 +264,17 @@ class _Probe:
             self.model.eval()
 
         return batch / self._timed(step)
+
+
+def _decoding(decode: str) -> dict:
+    """`generate`'s keywords for a decoding of `DECODES`."""
+    if decode == "eager":
+        return {}
+    from transformers.generation.configuration_utils import CompileConfig
+
+    compiled = CompileConfig(fullgraph=False, dynamic=False)
+    compiled._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    return {"cache_implementation": "static", "compile_config": compiled}
 
 
 def _measure_round(probe: _Probe, lengths: tuple[int, ...], batches: tuple[int, ...], train: bool = True
@@ -347,38 +365,17 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
             from smartprune.modules.semistructured import use_semi_structured
 
             swapped[id(m.model)] = use_semi_structured(m.model, half)
-    units = metric_units(s.lengths, s.batches)
-    runs = [(spec, r, m, dtype, _Probe(m, s.new_tokens, s.seed, device, dtype))
+    runs = [(spec, r, m, dtype, _Probe(m, s.new_tokens, s.seed, device, dtype, s.decode))
             for dtype in dtypes for (spec, r), m in zip(held, loaded, strict=True)]
     peaks = [_GpuPeak(m.model, device) if device.type == "cuda" else None for _, _, m, _, _ in runs]
-    result = BenchResult(machine(), units=units)
-    samples: list[dict[str, list[float]]] = [{} for _ in runs]
-    for round_ in tqdm(range(s.repeats + 1), desc="bench rounds", disable=not progress):
-        for (*_, probe), peak, sink in zip(runs, peaks, samples, strict=True):
-            with peak or contextlib.nullcontext():
-                values = _measure_round(probe, s.lengths, s.batches, s.train)
-            if round_ == 0:
-                continue  # warm-up
-            for k, v in values.items():
-                sink.setdefault(k, []).append(v)
+    result = BenchResult(machine(), units=metric_units(s.lengths, s.batches))
+    samples = _rounds(runs, peaks, s, progress)
     if s.energy:
         result.machine["energy"] = _energy(runs, samples, s, device)
     several = len(held) > len(specs) - len(in_llama)
-    for (spec, r, m, dtype, _), peak, sink in zip(runs, peaks, samples, strict=True):
-        metrics = {k: statistics.median(v) for k, v in sink.items()}
-        metrics["resident_bytes"] = resident_bytes(m.model)
-        entry = {"name": f"{spec} [{r}]" if several and is_compressed(spec) else spec, "source": m.source,
-                 "resident": r, "size_bytes": size_on_disk(m.source), "metrics": metrics,
-                 "compute_dtype": str(dtype).removeprefix("torch."), "device": str(device),
-                 "spreads": {k: {"min": min(v), "max": max(v)} for k, v in sink.items()},
-                 "parameters_in_memory": sum(t.numel() for t in m.model.state_dict().values()),
-                 "semi_structured": len(swapped.get(id(m.model), [])),
-                 "baseline": spec == specs[0]}
-        if peak is not None:
-            metrics["peak_gpu_bytes"] = peak.peak
-        if s.rss:
-            metrics.update(fresh_process(spec, r, torch.get_num_threads(), max(s.lengths)))
-        result.models.append(entry)
+    for run, peak, sink in zip(runs, peaks, samples, strict=True):
+        result.models.append(_entry(run, peak, sink, s, several, specs[0], len(swapped.get(id(run[2].model), [])),
+                                    device))
     for spec in in_llama:
         result.models.append(_llama_entry(spec, s, spec == specs[0]))
     for entry in result.models:
@@ -396,6 +393,39 @@ def bench(specs: list[str], settings: BenchSettings | None = None, *, progress: 
                           repeats=s.repeats, device=str(device), gpu=torch.cuda.get_device_name(device)
                           if device.type == "cuda" else None)
     return result
+
+
+def _rounds(runs: list, peaks: list, s: BenchSettings, progress: bool) -> list[dict[str, list[float]]]:
+    """A warm-up round, then `s.repeats` rounds, each timing every (model, dtype) in turn (interleaved)."""
+    samples: list[dict[str, list[float]]] = [{} for _ in runs]
+    for round_ in tqdm(range(s.repeats + 1), desc="bench rounds", disable=not progress):
+        for (*_, probe), peak, sink in zip(runs, peaks, samples, strict=True):
+            with peak or contextlib.nullcontext():
+                values = _measure_round(probe, s.lengths, s.batches, s.train)
+            if round_ == 0:
+                continue  # warm-up
+            for k, v in values.items():
+                sink.setdefault(k, []).append(v)
+    return samples
+
+
+def _entry(run: tuple, peak, sink: dict[str, list[float]], s: BenchSettings, several: bool, first: str,
+           semi_structured: int, device: torch.device) -> dict:
+    """One timed model's row: medians, spreads, bytes held and on disk, peak memory."""
+    spec, r, m, dtype, _ = run
+    metrics = {k: statistics.median(v) for k, v in sink.items()}
+    metrics["resident_bytes"] = resident_bytes(m.model)
+    entry = {"name": f"{spec} [{r}]" if several and is_compressed(spec) else spec, "source": m.source,
+             "resident": r, "size_bytes": size_on_disk(m.source), "metrics": metrics,
+             "compute_dtype": str(dtype).removeprefix("torch."), "device": str(device),
+             "spreads": {k: {"min": min(v), "max": max(v)} for k, v in sink.items()},
+             "parameters_in_memory": sum(t.numel() for t in m.model.state_dict().values()),
+             "semi_structured": semi_structured, "baseline": spec == first, "decode": s.decode}
+    if peak is not None:
+        metrics["peak_gpu_bytes"] = peak.peak
+    if s.rss:
+        metrics.update(fresh_process(spec, r, torch.get_num_threads(), max(s.lengths)))
+    return entry
 
 
 def _llama_entry(spec: str, s: BenchSettings, baseline: bool) -> dict:

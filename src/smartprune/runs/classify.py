@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from smartprune.compression.engine import compress
 from smartprune.device import resolve_compute_dtype, resolve_device
 from smartprune.errors import DataError
@@ -16,6 +14,7 @@ from smartprune.files import write_json
 from smartprune.recipes import Recipe, load_recipe
 from smartprune.runs.environment import environment
 from smartprune.runs.evaluate import cell
+from smartprune.runs.spec import RunSpec
 from smartprune.storage.sources import load_model
 
 
@@ -49,19 +48,24 @@ class ClassifierRun:
         return "\n".join(lines)
 
 
+CALIB_EXAMPLES = 64  # calibration examples of the task's train split (calib_samples)
+
+
 def compress_classifier(model: str, task: str, recipe: str | Path | Recipe, *, finetune=None,
-                        examples: int | None = None, calib_samples: int = 64, seed: int = 0,
-                        json_path: str | Path | None = None, device: str | torch.device = "auto",
-                        compute_dtype: str = "auto", progress: bool = True) -> ClassifierRun:
-    """Fine-tune MODEL on `task`, score its dev split, compress it with `recipe` (stages with
-    ``objective: task`` fit the classification loss), and score it again. Fine-tuning and scoring
-    run on `device` in `compute_dtype`; the compression itself runs on the CPU."""
+                        examples: int | None = None, **options) -> ClassifierRun:
+    """Fine-tune MODEL on `task`, score its dev split (`examples` of it), compress it with `recipe`
+    (stages with ``objective: task`` fit the classification loss), and score it again. Fine-tuning and
+    scoring run on ``device`` in ``compute_dtype``; the compression itself runs on the CPU. Other
+    `options`: ``calib_samples`` (calibration examples, 64), ``seed``, ``json_path``, ``progress``."""
     from smartprune.device import autocast
     from smartprune.evaluation import classify
     from smartprune.evaluation.tasks import NotAvailable, get_task, load_split, subsample
 
-    where = resolve_device(device)
-    dtype = resolve_compute_dtype(compute_dtype, where)
+    run_spec = RunSpec.of(model, recipe, **options)
+    seed, progress, json_path = run_spec.seed, run_spec.progress, run_spec.outputs.json_path
+    calib_samples = run_spec.overrides.calib_samples or CALIB_EXAMPLES
+    where = resolve_device(run_spec.compute.device)
+    dtype = resolve_compute_dtype(run_spec.compute.compute_dtype, where)
     cfg = finetune or classify.FinetuneConfig(seed=seed)
     spec = get_task(task)
     try:
@@ -100,7 +104,7 @@ def compress_classifier(model: str, task: str, recipe: str | Path | Recipe, *, f
                 "compute_dtype": str(dtype).removeprefix("torch.")}
     run = ClassifierRun(model, task, rec.name, dense, after, training, result.report, seconds)
     if json_path:
-        write_json(Path(json_path), run.to_dict())
+        write_json(json_path, run.to_dict())
     return run
 
 

@@ -274,105 +274,118 @@ def _measure_rows(result: Comparison, settings: CompareSettings, progress: bool)
 
 def _run_compare(settings: CompareSettings, keep_dir: Path | None, progress: bool,
                  partial: Path | None) -> Comparison:
-    methods = _resolve_methods(settings.methods)
-    sparsities = [parse_sparsity(t) for t in settings.sparsities]
-    for label, _, _ in sparsities:  # match:RECIPE names a recipe that must exist before any work
-        if label.startswith("match:"):
-            load_recipe(label[6:])
-    check_limit(settings.limit)
-    dev = resolve_device(settings.device)
-    resolve_compute_dtype(settings.compute_dtype, dev)  # an unknown name fails before any model work
-    recover_cfg = _recover_config(settings)
-    train_text_path("wikitext2")
-    texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
-    saved = _saved_units(partial, settings)  # an interrupted run's rows: refused (other settings) before the model
-    loaded = load_model(settings.model)
-    check_positions(loaded.model, settings.seqlen, "--seqlen")
-    check_positions(loaded.model, settings.calib_seqlen, "--calib-seqlen")
-    if settings.measure:  # the running-cost measurement's longest sequence, before any compression
-        from smartprune.runs.cost import longest
+    c = _Comparer(settings, keep_dir, progress, partial)
+    order = [m for m in c.methods if m[1] is not None] + [m for m in c.methods if m[1] is None]
+    for name, recipe in order:  # recipes first: their budgets define the match:RECIPE sparsities
+        if recipe is not None:
+            c.unit(f"recipe {name}", lambda name=name, recipe=recipe: c.recipe_row(name, recipe))
+        elif name == "dense":
+            c.unit("dense", c.dense)
+        else:
+            for label, fraction, pattern in c.sparsities:
+                c.unit(f"{name} {label}", lambda name=name, label=label, fraction=fraction, pattern=pattern:
+                       c.baseline_row(name, label, fraction, pattern))
+    return Comparison({**settings.__dict__}, c.rows)
 
-        check_positions(loaded.model, longest(settings.measure_length, settings.measure_new_tokens), "--measure")
-    tok = loaded.tokenizer
-    eval_ids = {t: tokenize(tok, text) for t, text in texts.items()}
-    calib = calibration(tok, "wikitext2", settings.calib_samples, settings.calib_seqlen, 4, settings.seed)
-    removed_by: dict[str, int] = dict(saved["removed_by"])
-    rows: list[dict] = []
 
-    def scores(model) -> dict[str, float]:
-        model.to(dev)
-        return {t: perplexity_of_ids(model, ids, settings.seqlen, limit=settings.limit, task=t,
-                                     progress=progress).perplexity for t, ids in eval_ids.items()}
+class _Comparer:
+    """One comparison's shared state (the model, its windows, the rows so far) and the steps that use it."""
 
-    def evaluate(model, method: str, sparsity: str, compression: float, seconds: float, peak: int,
-                 retrain: bool = True) -> None:
-        ppl = scores(model)
+    def __init__(self, settings: CompareSettings, keep_dir: Path | None, progress: bool,
+                 partial: Path | None) -> None:
+        self.settings, self.keep_dir, self.progress, self.partial = settings, keep_dir, progress, partial
+        self.methods = _resolve_methods(settings.methods)
+        self.sparsities = [parse_sparsity(t) for t in settings.sparsities]
+        for label, _, _ in self.sparsities:  # match:RECIPE names a recipe that must exist before any work
+            if label.startswith("match:"):
+                load_recipe(label[6:])
+        check_limit(settings.limit)
+        self.dev = resolve_device(settings.device)
+        resolve_compute_dtype(settings.compute_dtype, self.dev)  # an unknown name fails before any model work
+        self.recover_cfg = _recover_config(settings)
+        train_text_path("wikitext2")
+        texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
+        self.saved = _saved_units(partial, settings)  # an interrupted run's rows: refused (other settings) first
+        self.loaded = load_model(settings.model)
+        check_positions(self.loaded.model, settings.seqlen, "--seqlen")
+        check_positions(self.loaded.model, settings.calib_seqlen, "--calib-seqlen")
+        if settings.measure:  # the running-cost measurement's longest sequence, before any compression
+            from smartprune.runs.cost import longest
+
+            check_positions(self.loaded.model, longest(settings.measure_length, settings.measure_new_tokens),
+                            "--measure")
+        self.tok = self.loaded.tokenizer
+        self.eval_ids = {t: tokenize(self.tok, text) for t, text in texts.items()}
+        self.calib = calibration(self.tok, "wikitext2", settings.calib_samples, settings.calib_seqlen, 4,
+                                 settings.seed)
+        self.removed_by: dict[str, int] = dict(self.saved["removed_by"])
+        self.rows: list[dict] = []
+
+    def scores(self, model) -> dict[str, float]:
+        model.to(self.dev)
+        return {t: perplexity_of_ids(model, ids, self.settings.seqlen, limit=self.settings.limit, task=t,
+                                     progress=self.progress).perplexity for t, ids in self.eval_ids.items()}
+
+    def evaluate(self, model, method: str, sparsity: str, cost: tuple[float, float, int], retrain: bool = True) -> None:
+        """A row for `model`: its perplexity (and after equal retraining); `cost`: compression, seconds, peak RSS."""
+        compression, seconds, peak = cost
+        ppl = self.scores(model)
         row = {"method": method, "sparsity": sparsity, "compression": compression, "perplexity": ppl,
                "seconds": seconds, "peak_rss_bytes": peak}
         log.info("%s %s: %s", method, sparsity, ", ".join(f"{t} {v:.2f}" for t, v in ppl.items()))
-        if recover_cfg is not None and retrain:
-            rec = recover(model, tok, recover_cfg, teacher=loaded.model, device=dev, seed=settings.seed,
-                          progress=progress)
-            row["recovered"] = {"perplexity": scores(model), "tokens": rec["tokens"], "steps": rec["steps"],
+        if self.recover_cfg is not None and retrain:
+            rec = recover(model, self.tok, self.recover_cfg, teacher=self.loaded.model, device=self.dev,
+                          seed=self.settings.seed, progress=self.progress)
+            row["recovered"] = {"perplexity": self.scores(model), "tokens": rec["tokens"], "steps": rec["steps"],
                                 "seconds": rec["seconds"], "structure_kept": rec["structure"]["kept"]}
             log.info("%s %s recovered: %s", method, sparsity,
                      ", ".join(f"{t} {v:.2f}" for t, v in row["recovered"]["perplexity"].items()))
-        if keep_dir is not None and method != "dense":  # the final model, for the running-cost measurement
+        if self.keep_dir is not None and method != "dense":  # the final model, for the running-cost measurement
             from smartprune.runs.cost import folder_name, keep
 
-            row["folder"] = keep(model, tok, keep_dir / folder_name(len(rows), method, sparsity))
-        rows.append(row)
+            row["folder"] = keep(model, self.tok, self.keep_dir / folder_name(len(self.rows), method, sparsity))
+        self.rows.append(row)
 
-    def run(method: str, label: str, recipe: Recipe) -> dict:
-        fresh = load_model(settings.model).model
+    def run(self, method: str, label: str, recipe: Recipe) -> dict:
+        fresh = load_model(self.settings.model).model
         with PeakRSS() as mem:
             t = time.perf_counter()
-            report = compress(fresh, tok, recipe, seed=settings.seed, calib=calib, progress=progress,
-                              device=dev, compute_dtype=settings.compute_dtype).report
+            report = compress(fresh, self.tok, recipe, seed=self.settings.seed, calib=self.calib,
+                              progress=self.progress, device=self.dev,
+                              compute_dtype=self.settings.compute_dtype).report
             seconds = time.perf_counter() - t
-        evaluate(fresh, method, label, report["overall"]["compression"], seconds, mem.peak)
+        self.evaluate(fresh, method, label, (report["overall"]["compression"], seconds, mem.peak))
         if "allocation" in report:  # the rates a recipe with an overall section chose
-            rows[-1]["allocation"] = report["allocation"]
+            self.rows[-1]["allocation"] = report["allocation"]
         return report
 
-    def unit(key: str, work) -> None:
+    def unit(self, key: str, work) -> None:
         """One method (at one sparsity): its rows from an interrupted run, or run now and saved."""
-        if key in saved["units"]:
-            rows.extend(saved["units"][key])
+        if key in self.saved["units"]:
+            self.rows.extend(self.saved["units"][key])
             return
-        start = len(rows)
+        start = len(self.rows)
         work()
-        saved["units"][key] = rows[start:]
-        if partial is not None:
+        self.saved["units"][key] = self.rows[start:]
+        if self.partial is not None:
             from smartprune.files import write_json
 
-            write_json(partial, {"settings_key": settings.key(), "units": saved["units"], "removed_by": removed_by})
+            write_json(self.partial, {"settings_key": self.settings.key(), "units": self.saved["units"],
+                                      "removed_by": self.removed_by})
 
-    def dense() -> None:
-        evaluate(loaded.model, "dense", "0", 0.0, 0.0, PeakRSS._rss(), retrain=False)
-        if recover_cfg is not None:  # the reference for equal retraining: the dense model retrained too
-            evaluate(copy.deepcopy(loaded.model), "dense fine-tuned", "0", 0.0, 0.0, PeakRSS._rss())
+    def dense(self) -> None:
+        self.evaluate(self.loaded.model, "dense", "0", (0.0, 0.0, PeakRSS._rss()), retrain=False)
+        if self.recover_cfg is not None:  # the reference for equal retraining: the dense model retrained too
+            self.evaluate(copy.deepcopy(self.loaded.model), "dense fine-tuned", "0", (0.0, 0.0, PeakRSS._rss()))
 
-    def recipe_row(name: str, recipe: Recipe) -> None:
-        removed_by[name] = _removed(run(name, "recipe", recipe))
+    def recipe_row(self, name: str, recipe: Recipe) -> None:
+        self.removed_by[name] = _removed(self.run(name, "recipe", recipe))
 
-    def baseline_row(name: str, label: str, fraction: float | None, pattern: str | None) -> None:
+    def baseline_row(self, name: str, label: str, fraction: float | None, pattern: str | None) -> None:
         if label.startswith("match:"):
-            fraction = _matched_fraction(label[6:], removed_by, loaded.model, settings, calib)
+            fraction = _matched_fraction(label[6:], self.removed_by, self.loaded.model, self.settings, self.calib)
             label = f"{label} ({fraction:.4f})"
-        run(name, label, _baseline_recipe(name, fraction, pattern))
-
-    order = [m for m in methods if m[1] is not None] + [m for m in methods if m[1] is None]
-    for name, recipe in order:  # recipes first: their budgets define the match:RECIPE sparsities
-        if recipe is not None:
-            unit(f"recipe {name}", lambda name=name, recipe=recipe: recipe_row(name, recipe))
-        elif name == "dense":
-            unit("dense", dense)
-        else:
-            for label, fraction, pattern in sparsities:
-                unit(f"{name} {label}", lambda name=name, label=label, fraction=fraction, pattern=pattern:
-                     baseline_row(name, label, fraction, pattern))
-    return Comparison({**settings.__dict__}, rows)
+        self.run(name, label, _baseline_recipe(name, fraction, pattern))
 
 
 def _recover_config(settings: CompareSettings) -> RecoverConfig | None:

@@ -69,7 +69,7 @@ def evaluate_models(models: list[str], *, tasks: list[str], settings=None, json_
     dev = resolve_device(device)
     dtype = resolve_compute_dtype(compute_dtype, dev)
     settings = settings or EvalSettings()
-    tasks = check_tasks(tasks, settings.lm_eval_include)
+    tasks = check_tasks(tasks, settings.lm_eval_include, settings.lm_eval_allow_code)
     if resident == "compact" and settings.mode == "finetune":
         raise DataError("--resident compact holds models for inference only; fine-tuned classification needs "
                         "--resident dense")

@@ -25,6 +25,7 @@ from smartprune.runs.bench import what_you_got
 from smartprune.storage.format import MANIFEST, TENSORS
 from smartprune.storage.save import save, write_dense
 from smartprune.storage.sources import check_model, model_reference
+from smartprune.training.blockwise import removed_in
 from smartprune.training.checkpoint import CHECKPOINT
 from smartprune.training.distributed import check_batch_split, world
 from smartprune.training.recover import recover
@@ -95,57 +96,84 @@ def _load_student(spec: str):
     return loaded.model, loaded.tokenizer, {}, False
 
 
+@dataclass(frozen=True)
+class RecoverJob:
+    """One `recover` run: what to retrain, from which teacher, into which folders, where and how."""
+
+    compressed: str
+    teacher: str | None  # None: plain fine-tuning
+    out: Path
+    cfg: RecoverConfig
+    dense_out: Path | None = None  # also a plain Hugging Face folder
+    device: str | torch.device = "auto"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    nproc: int = 1  # local processes (gloo on CPU, NCCL on GPU)
+    progress: bool = True
+
+
 def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg: RecoverConfig,
-                  dense_out: str | Path | None = None, device: str | torch.device = "auto", seed: int = 0,
-                  resume: bool = False, overwrite: bool = False, nproc: int = 1, progress: bool = True) -> RecoverRun:
+                  **options) -> RecoverRun:
     """Retrain COMPRESSED (a `compress --out` folder or any model) distilling from TEACHER (a MODEL
-    spec, or None/"none" for plain fine-tuning) and write the result to `out`."""
-    out = Path(out)
+    spec, or None/"none" for plain fine-tuning) and write the result to `out`. `options`: the other
+    fields of `RecoverJob` (dense_out, device, seed, resume, overwrite, nproc, progress)."""
     teacher = None if teacher in (None, "none") else teacher
-    cfg = dataclasses.replace(cfg, teacher="dense" if teacher else "none")
+    if options.get("dense_out") is not None:
+        options["dense_out"] = Path(options["dense_out"])
+    job = RecoverJob(compressed, teacher, Path(out), dataclasses.replace(cfg, teacher="dense" if teacher else "none"),
+                     **options)
     if not dist.is_initialized():  # every check before any work (in the launching process)
-        check_output(out, overwrite)
-        if dense_out is not None:
-            check_output(Path(dense_out), overwrite)
-        local = Path(compressed).expanduser()
-        check_outputs_apart(out, dense_out, local if local.exists() else None)
-        resolve_device(device)
-        check_model(compressed)
-        if teacher is not None:
-            check_model(teacher)
-        _check_space(compressed, out)
-        if resume and not (checkpoint_dir(out) / CHECKPOINT).is_file():
-            raise DataError(f"nothing to resume: no checkpoint at {checkpoint_dir(out)}")
-        if nproc > 1:
-            return _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, overwrite, nproc, progress)
-    joined = _init_from_env(device)
+        _preflight(job)
+        if job.nproc > 1:
+            return _launch(job)
+    return _run(job)
+
+
+def _preflight(job: RecoverJob) -> None:
+    check_output(job.out, job.overwrite)
+    if job.dense_out is not None:
+        check_output(job.dense_out, job.overwrite)
+    local = Path(job.compressed).expanduser()
+    check_outputs_apart(job.out, job.dense_out, local if local.exists() else None)
+    resolve_device(job.device)
+    check_model(job.compressed)
+    if job.teacher is not None:
+        check_model(job.teacher)
+    _check_space(job.compressed, job.out)
+    if job.resume and not (checkpoint_dir(job.out) / CHECKPOINT).is_file():
+        raise DataError(f"nothing to resume: no checkpoint at {checkpoint_dir(job.out)}")
+
+
+def _run(job: RecoverJob) -> RecoverRun:
+    """This process's part of the run (all of it on one process); rank 0 writes."""
+    joined = _init_from_env(job.device)
     rank, size = world()
-    student, tokenizer, report, is_compact = _load_student(compressed)
+    student, tokenizer, report, is_compact = _load_student(job.compressed)
     ref = None
-    if teacher is not None:
+    if job.teacher is not None:
         from smartprune.storage.sources import load_model
 
-        loaded = load_model(teacher)
+        loaded = load_model(job.teacher)
         ref, tokenizer = loaded.model, tokenizer or loaded.tokenizer
     if tokenizer is None:
-        raise DataError(f"neither {compressed} nor the teacher has tokenizer files; recovery needs one")
-    dev = _rank_device(device)
-    recovery = recover(student, tokenizer, cfg, teacher=ref, device=dev, seed=seed,
-                       checkpoint_dir=checkpoint_dir(out), resume=resume, progress=progress)
-    recovery.update({"teacher": model_reference(teacher) if teacher else "none",
-                     "compressed": model_reference(compressed)})
+        raise DataError(f"neither {job.compressed} nor the teacher has tokenizer files; recovery needs one")
+    recovery = recover(student, tokenizer, job.cfg, teacher=ref, device=_rank_device(job.device), seed=job.seed,
+                       checkpoint_dir=checkpoint_dir(job.out), resume=job.resume, progress=job.progress,
+                       removed_blocks=removed_in(report))
+    recovery.update({"teacher": model_reference(job.teacher) if job.teacher else "none",
+                     "compressed": model_reference(job.compressed)})
     if rank == 0:
         student.to("cpu")
-        report = {**report, "recovery": recovery}
-        _write(student, tokenizer, report, out, is_compact, overwrite)
-        if dense_out is not None:
-            write_dense(student, dense_out, tokenizer=tokenizer, overwrite=overwrite)
-        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+        _write(student, tokenizer, {**report, "recovery": recovery}, job.out, is_compact, job.overwrite)
+        if job.dense_out is not None:
+            write_dense(student, job.dense_out, tokenizer=tokenizer, overwrite=job.overwrite)
+        shutil.rmtree(checkpoint_dir(job.out), ignore_errors=True)
     if size > 1:
         dist.barrier()
     if joined:
         dist.destroy_process_group()
-    return RecoverRun(str(compressed), teacher or "none", out, recovery, rank)
+    return RecoverRun(str(job.compressed), job.teacher or "none", job.out, recovery, rank)
 
 
 def _write(model, tokenizer, report: dict, out: Path, is_compact: bool, overwrite: bool) -> None:
@@ -199,12 +227,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, size: int, port: int, kwargs: dict) -> None:
+def _worker(rank: int, size: int, port: int, job: RecoverJob) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     try:
-        recover_model(**kwargs, nproc=1)
+        _run(dataclasses.replace(job, nproc=1))
     except KeyboardInterrupt as exc:  # stopped by a signal at a step boundary: say which in the exit status
         # (torch's spawn wrapper would exit 0 on KeyboardInterrupt, as if the run had finished)
         raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
@@ -216,7 +244,7 @@ def _worker(rank: int, size: int, port: int, kwargs: dict) -> None:
 STOP_GRACE_S = 120  # how long stopped workers may take to finish their step and write the checkpoint
 
 
-def _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, overwrite, nproc, progress) -> RecoverRun:
+def _launch(job: RecoverJob) -> RecoverRun:
     """Run `recover_model` on `nproc` local processes (gloo on CPU, NCCL on GPU); rank 0 writes.
 
     A signal to this process (a scheduler's SIGTERM, Ctrl-C) is passed on to the workers, which stop
@@ -224,10 +252,8 @@ def _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, over
     import torch.multiprocessing as mp
     from torch.multiprocessing import ProcessExitedException
 
-    check_batch_split(cfg.batch_size, nproc)  # before spawning, not in every process
-    kwargs = {"compressed": compressed, "teacher": teacher, "out": out, "cfg": cfg, "dense_out": dense_out,
-              "device": device, "seed": seed, "resume": resume, "overwrite": overwrite, "progress": progress}
-    workers = mp.start_processes(_worker, args=(nproc, _free_port(), kwargs), nprocs=nproc, join=False,
+    check_batch_split(job.cfg.batch_size, job.nproc)  # before spawning, not in every process
+    workers = mp.start_processes(_worker, args=(job.nproc, _free_port(), job), nprocs=job.nproc, join=False,
                                  start_method="spawn")
     try:
         while not workers.join(timeout=1.0):
@@ -239,8 +265,8 @@ def _launch(compressed, teacher, out, cfg, dense_out, device, seed, resume, over
         if exc.exit_code in (130, 143):
             raise Terminated() if exc.exit_code == 143 else KeyboardInterrupt() from None
         raise
-    report = json.loads((Path(out) / "report.json").read_text())
-    return RecoverRun(str(compressed), teacher or "none", Path(out), report["recovery"])
+    report = json.loads((job.out / "report.json").read_text())
+    return RecoverRun(str(job.compressed), job.teacher or "none", job.out, report["recovery"])
 
 
 def _stop(processes, signum: int) -> None:

@@ -115,6 +115,7 @@ def read_manifest(path: Path) -> dict:
         raise ArtifactError(f"{file}: 'modules' is missing or not an object")
     for name, rec in modules.items():
         _check_record(file, name, rec)
+    _check_total(file, modules)
     aliases = manifest.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
         raise ArtifactError(f"{file}: 'aliases' is not an object of tensor names")
@@ -122,6 +123,24 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(quantized, dict) or not all(v in (0, 1) for v in quantized.values()):
         raise ArtifactError(f"{file}: 'quantized' is not an object of tensor names and axes 0 or 1")
     return manifest
+
+
+def _check_total(file: Path, modules: dict) -> None:
+    """The values the manifest's modules would allocate (float32), within this machine's memory: a
+    damaged or hand-edited shape is one line, not an attempt at a TiB."""
+    from smartprune.hf import physical_memory
+
+    values = 0
+    for rec in modules.values():
+        shape = rec.get("shape") or [rec.get("d_in", 1), rec.get("d_out", 1)]
+        n = 1
+        for d in shape:
+            n *= d
+        values += n
+    have = physical_memory()
+    if have and 4 * values > have:
+        raise ArtifactError(f"{file}: its modules' shapes ask for {4 * values / 2**30:,.1f} GiB of float32 values, "
+                            f"more than this machine's {have / 2**30:,.1f} GiB (a damaged or hand-edited manifest?)")
 
 
 def _positive_int(v) -> bool:

@@ -32,6 +32,7 @@ from smartprune.hf import read_config, use_sdpa
 from smartprune.modules.head import LowRankHead
 from smartprune.modules.masked import Projection, report_non_finite
 from smartprune.modules.packed import PackedEmbedding, PackedLinear, PackedMatrix, PackedProjection, Quant, dequantize
+from smartprune.paths import switch
 from smartprune.storage.format import DTYPES, FOLDED_KINDS, MANIFEST, TENSORS, read_manifest
 
 RESIDENT = ("compact", "dense")
@@ -110,7 +111,7 @@ def load(path: str | os.PathLike, *, structured: bool = True, verify: bool | Non
     if not (path / TENSORS).is_file():
         raise ArtifactError(f"{path / TENSORS} is missing: the compressed folder is incomplete")
     if verify is None:
-        verify = os.environ.get("SMARTPRUNE_VERIFY", "1") != "0"
+        verify = switch("SMARTPRUNE_VERIFY") != "0"
     if verify:
         _verify(path, manifest)
     try:

@@ -11,6 +11,7 @@ import pickle
 import shutil
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,15 @@ from torch import nn
 
 from smartprune.errors import ModelError, did_you_mean
 from smartprune.files import apply_umask
-from smartprune.hf import check_architecture, check_size, first_line, hub_reachable, read_config, use_sdpa
+from smartprune.hf import (
+    check_architecture,
+    check_size,
+    check_sizes,
+    first_line,
+    hub_reachable,
+    read_config,
+    use_sdpa,
+)
 from smartprune.modules.masked import report_non_finite
 from smartprune.paths import cache_dir
 
@@ -64,7 +73,7 @@ def _builtin_gguf(name: str) -> Path:
 
 # what a damaged, truncated or foreign GGUF file raises inside transformers' reader and the gguf package
 GGUF_ERRORS = (ValueError, KeyError, TypeError, OSError, IndexError, RuntimeError, struct.error, EOFError,
-               OverflowError, MemoryError)
+               ArithmeticError, MemoryError)  # ArithmeticError: OverflowError, ZeroDivisionError (heads 0)
 
 
 def _check_gguf(path: Path) -> None:
@@ -94,12 +103,15 @@ def _from_gguf(path: Path):
     except GGUF_ERRORS as exc:  # a damaged or foreign file
         raise ModelError(f"{path} cannot be read as a GGUF model ({first_line(exc)})") from None
     check_architecture(config, str(path))
+    check_sizes(config.to_dict(), path)
     check_size(config, str(path))
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        quantized, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                               output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except GGUF_ERRORS as exc:
         raise ModelError(f"{path} cannot be read as a GGUF model ({first_line(exc)})") from None
+    refuse_incomplete(info, path, "the GGUF file")
     # A GGUF-loaded model refuses save_pretrained, so rebuild it as a plain model from its config.
     cfg = quantized.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -135,16 +147,29 @@ def _gguf_cache(path: Path) -> Path:
     return cache_dir() / "models" / "gguf" / f"{path.stem}-{key}"
 
 
+STALE_S = 3600  # a conversion's temporary folder this old belongs to a run that was killed
+
+
 def _convert(gguf: Path, target: Path) -> Path:
+    """Convert into a temporary sibling, then rename it into place: a reader sees the whole folder or
+    none; two runs converting at once both end with the one that landed first; a killed run leaves only
+    its temporary folder, removed by a later conversion once it is stale."""
     log.info("converting %s to an fp32 folder in %s (once)", gguf.name, target)
     model, tokenizer = _from_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for old in target.parent.glob(f".{target.name}-*"):
+        if time.time() - old.stat().st_mtime > STALE_S:
+            shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         apply_umask(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another run's conversion landed first: the same model, whole
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -159,22 +184,48 @@ def _from_folder(path: Path):
     from transformers import AutoModelForCausalLM
 
     _check_folder(path)
+    _refuse_integer_weights(path)
     try:  # a tensor of the wrong shape is reported below with the missing ones, not raised mid-load
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
                                                            ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
         # e.g. a pickled .bin that torch's weights_only loader refuses (safe, but not loadable)
         raise ModelError(f"{path}: the weights cannot be loaded ({first_line(exc)})") from None
-    # transformers fills missing tensors with random values and only logs it (muted here): refuse.
+    refuse_incomplete(info, path, "the folder")
+    report_non_finite(model, str(path))
+    return model, read_tokenizer(path)
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # safetensors' names
+
+
+def _refuse_integer_weights(path: Path) -> None:
+    """A weight stored as integers in a plain folder is not a model transformers would read correctly
+    (it casts the values to float32 and runs them): refused, naming the tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # noqa: SIM118  (a safetensors handle is not iterable)
+                    dtype = f.get_slice(key).get_dtype()
+                    if key.endswith(".weight") and dtype not in FLOAT_DTYPES:
+                        raise ModelError(f"{file}: weight {key} is stored as {dtype}, not floating point; a plain "
+                                         "Hugging Face folder holds floating-point weights")
+        except SafetensorError as exc:
+            raise ModelError(f"{path}: the weights cannot be loaded ({first_line(exc)})") from None
+
+
+def refuse_incomplete(info: dict, path: Path, what: str) -> None:
+    """transformers fills missing tensors with random values and only logs it (muted here): refuse a
+    load whose `info` (``output_loading_info``) names missing, unexpected or mis-shaped tensors."""
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(f"{k[0]} (stored {list(k[1])}, expected {list(k[2])})" if isinstance(k, tuple) else str(k)
                       for k in info.get(kind) or ())
         if keys:
             shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-            raise ModelError(f"{path}: {kind.replace('_', ' ')} in the weights ({shown}); the folder is incomplete "
+            raise ModelError(f"{path}: {kind.replace('_', ' ')} in the weights ({shown}); {what} is incomplete "
                              "or of another model")
-    report_non_finite(model, str(path))
-    return model, read_tokenizer(path)
 
 
 def _check_folder(path: Path) -> None:

@@ -5,16 +5,17 @@ model's hidden states entering block 0 are cached for `cache_windows` training w
 block, the dense block's outputs are the target and the compressed block, fed the compressed model's
 own hidden states (so each block also corrects what the blocks before it got wrong), is trained for
 `block_steps` AdamW steps on batches drawn from the cache, its structure kept as in end-to-end
-recovery. A step touches one block and no output head, teacher forward or vocabulary-sized softmax, so
-it costs a small fraction of an end-to-end step (on SmolLM2-135M the 49,152-token head alone is a fifth
-of the multiply-adds). What it cannot see is the loss itself; end-to-end steps after it (the recovery
-budget) close that gap.
+recovery. Where blocks were removed (stage depth), each kept block is fitted to the output of the dense
+span it now stands for: itself and the removed blocks after it (`block_spans`). A step touches one
+block and no output head, teacher forward or vocabulary-sized softmax, so it costs a small fraction of
+an end-to-end step (on SmolLM2-135M the 49,152-token head alone is a fifth of the multiply-adds). What
+it cannot see is the loss itself; end-to-end steps after it (the recovery budget) close that gap.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +33,30 @@ from smartprune.training.sharding import StructureMasks
 CHUNK = 8  # windows per no-grad pass when the cache is filled or carried to the next block
 
 
-def check_blockwise(student: nn.Module, teacher: nn.Module, world_size: int) -> None:
+def check_blockwise(student: nn.Module, teacher: nn.Module, world_size: int, removed: Sequence[int] = ()) -> None:
     """One line, before any work, for what block-wise fitting cannot do (the teacher itself is required
     by the config and checked by recovery's setup)."""
     if world_size > 1:
         raise DataError("recovery objective 'blockwise' runs in one process; use --nproc 1 (or objective end_to_end)")
     n, m = len(get_adapter(student).blocks()), len(get_adapter(teacher).blocks())
-    if n != m:
-        raise DataError(f"recovery objective 'blockwise' pairs each block with the dense model's, but {m - n} of its "
-                        f"{m} blocks were removed (stage depth); use objective end_to_end")
+    if n != m - len(set(removed)) or any(not 0 <= i < m for i in removed):
+        raise DataError(f"recovery objective 'blockwise' pairs each block with the dense model's, but the model has "
+                        f"{n} of the teacher's {m} blocks and its report names {len(set(removed))} removed (stage "
+                        "depth records which); use objective end_to_end")
+
+
+def removed_in(report: dict) -> list[int]:
+    """The dense model's blocks that a compression report says were removed (stage depth)."""
+    return list(report.get("structure", {}).get("depth", {}).get("removed", []))
+
+
+def block_spans(dense_blocks: int, removed: Sequence[int]) -> list[range]:
+    """The dense blocks each kept block stands for: itself and the removed blocks after it (removed blocks
+    before the first kept one belong to the first)."""
+    gone = set(removed)
+    kept = [i for i in range(dense_blocks) if i not in gone]
+    return [range(0 if k == 0 else start, end) for k, (start, end) in enumerate(zip(kept, [*kept[1:], dense_blocks],
+                                                                                    strict=True))]
 
 
 def _map(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -49,13 +65,15 @@ def _map(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 
 def fit_blocks(student: nn.Module, teacher: nn.Module, train: Tensor, cfg: RecoverConfig, gen: torch.Generator,
-               masks: StructureMasks, device: torch.device, dtype: torch.dtype, progress: bool = True) -> dict:
-    """Fit every block of `student` in turn (see the module docstring); returns the phase's report:
-    the relative error of each block's output against the dense one, before and after its fit (on the
-    first few cached windows)."""
+               masks: StructureMasks, device: torch.device, dtype: torch.dtype, progress: bool = True,
+               removed: Sequence[int] = ()) -> dict:
+    """Fit every block of `student` in turn (see the module docstring; `removed`: the dense model's blocks
+    the student no longer has); returns the phase's report: the relative error of each block's output
+    against the dense span's, before and after its fit (on the first few cached windows)."""
     started = time.perf_counter()
     sa, ta = get_adapter(student), get_adapter(teacher)
     n = len(sa.blocks())
+    spans = block_spans(len(ta.blocks()), removed)
     ids = random_windows(train, cfg.cache_windows, cfg.seqlen, gen).to(device)
     for a in (sa, ta):
         a.prepare_calls(cfg.seqlen, {cfg.batch_size, CHUNK, cfg.cache_windows % CHUNK or CHUNK})
@@ -66,7 +84,7 @@ def fit_blocks(student: nn.Module, teacher: nn.Module, train: Tensor, cfg: Recov
     try:
         for i in range(n):
             with autocast(device, dtype):
-                target = _map(lambda h, i=i: ta.run_block(i, h), x_dense)
+                target = _map(lambda h, i=i: _run_span(ta, spans[i], h), x_dense)
                 before.append(_relative_error(_map(lambda h, i=i: sa.run_block(i, h), x_own[:CHUNK]),
                                               target[:CHUNK]))  # a sample: the fit, not this, should cost
             _fit_block(sa, i, x_own, target, cfg, gen, masks, device, dtype, bar)
@@ -76,8 +94,15 @@ def fit_blocks(student: nn.Module, teacher: nn.Module, train: Tensor, cfg: Recov
             x_dense = target
     finally:
         bar.close()
-    return {"blocks": n, "block_steps": cfg.block_steps, "cache_windows": cfg.cache_windows,
+    return {"blocks": n, "spans": [[s.start, s.stop - 1] for s in spans], "block_steps": cfg.block_steps,
+            "cache_windows": cfg.cache_windows,
             "seconds": time.perf_counter() - started, "relative_error_before": before, "relative_error_after": after}
+
+
+def _run_span(adapter, span: range, h: Tensor) -> Tensor:
+    for j in span:
+        h = adapter.run_block(j, h)
+    return h
 
 
 def _fit_block(adapter, i: int, x: Tensor, target: Tensor, cfg: RecoverConfig, gen: torch.Generator,

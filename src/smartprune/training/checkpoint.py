@@ -97,12 +97,49 @@ class Checkpointer:
             changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != asdict(cfg).get(k))
             raise DataError(f"checkpoint {self.path} was made with other recovery settings ({', '.join(changed)}); "
                             "resume with the same ones")
+        _check_fields(self.path, ckpt["state"])
+        if not self.sharded:
+            _check_weights(self.path, ckpt["model"], model)
         if self.sharded:
             load_full_state(model, opt, ckpt["model"], ckpt["optimizer"])
         else:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
+        try:
+            gen.set_state(ckpt["generator"])
+        except (TypeError, RuntimeError):
+            raise DataError(f"checkpoint {self.path}: its generator state is damaged; remove it and run without "
+                            "--resume") from None
         return RecoveryState(**ckpt["state"])
+
+
+# RecoveryState's fields and the types a checkpoint's copy of them must have
+_FIELDS = {"step": int, "total_steps": int, "tokens": int, "seconds": (int, float), "loss": list, "held_out": list,
+           "blockwise": (dict, type(None))}
+
+
+def _check_fields(path: Path, state) -> None:
+    """The saved state field by field: a hand-edited or damaged value is one line, never a wrong resume."""
+    if not isinstance(state, dict) or set(state) != set(_FIELDS):
+        raise DataError(f"checkpoint {path}: its state does not hold the fields {', '.join(_FIELDS)}; remove it and "
+                        "run without --resume")
+    for key, kind in _FIELDS.items():
+        value = state[key]
+        bad = isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0)
+        if bad:
+            raise DataError(f"checkpoint {path}: state '{key}' is {value!r}; remove it and run without --resume")
+
+
+def _check_weights(path: Path, saved, model: nn.Module) -> None:
+    """The checkpoint holds this model's weights (names and shapes), not another model's."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise DataError(f"checkpoint {path}: its weights are not a dict of tensors; remove it and run without --resume")
+    got = {k: tuple(v.shape) for k, v in saved.items()}
+    if got != want:
+        diff = sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k])
+        raise DataError(f"checkpoint {path} holds another model's weights ({diff[0]}"
+                        f"{f' and {len(diff) - 1} more' if len(diff) > 1 else ''} differ); resume the run that wrote "
+                        "it, or remove it and run without --resume")
 
 

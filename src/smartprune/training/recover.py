@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,10 +109,11 @@ class _Run:
     rank: int
     size: int
     sharded: bool
+    removed: tuple[int, ...] = ()  # the dense model's blocks the student no longer has (block-wise spans)
 
 
 def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module | None, device: torch.device,
-           seed: int, checkpoint_dir: str | Path | None, resume: bool) -> _Run:
+           seed: int, checkpoint_dir: str | Path | None, resume: bool, removed: tuple[int, ...] = ()) -> _Run:
     """Check the inputs, place (or shard) the models, build the optimizer, resume or start the state."""
     rank, size = world()
     check_batch_split(cfg.batch_size, size)
@@ -125,7 +126,7 @@ def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module |
         raise DataError(f"the teacher's vocabulary ({teacher.config.vocab_size} tokens) differs from the compressed "
                         f"model's ({model.config.vocab_size}); distillation needs the model it was compressed from")
     if cfg.objective == "blockwise":  # the config refuses it without a teacher; the dense one is there now
-        check_blockwise(model, teacher, size)
+        check_blockwise(model, teacher, size, removed)
     check_positions(model, cfg.seqlen, "recovery seqlen")
     train, held = recovery_streams(tokenizer, cfg.text, cfg.seqlen, cfg.eval_windows)
     if train.numel() < cfg.seqlen + cfg.batch_size:
@@ -157,7 +158,8 @@ def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module |
             state.total_steps = cfg.steps
         else:  # a minutes budget starts from the default and is sized after two steps (`_step`)
             state.total_steps = math.ceil(cfg.tokens / per_step) if cfg.tokens else DEFAULT_STEPS
-    run = _Run(student, teacher, params, masks, opt, gen, ckpt, state, train, held, device, dtype, rank, size, sharded)
+    run = _Run(student, teacher, params, masks, opt, gen, ckpt, state, train, held, device, dtype, rank, size, sharded,
+               removed)
     if not state.held_out:  # a resumed run has its starting perplexity already
         state.held_out.append({"step": 0, "tokens": 0, "seconds": 0.0, "perplexity": _held_out_ppl(run, cfg)})
     return run
@@ -169,7 +171,7 @@ def _fit_blocks(run: _Run, cfg: RecoverConfig, progress: bool) -> None:
     if cfg.objective != "blockwise" or state.blockwise is not None:
         return
     state.blockwise = fit_blocks(run.student, run.teacher, run.train, cfg, run.gen, run.masks, run.device, run.dtype,
-                                 progress)
+                                 progress, run.removed)
     state.seconds += state.blockwise["seconds"]
     state.held_out.append({"step": 0, "tokens": 0, "seconds": state.seconds, "after": "blockwise",
                            "perplexity": _held_out_ppl(run, cfg)})
@@ -232,10 +234,12 @@ def _finish(run: _Run, model: nn.Module, cfg: RecoverConfig) -> dict:
 def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Module | None = None,
             device: str | torch.device = "auto", seed: int = 0, checkpoint_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True,
-            on_step: Callable[[RecoveryState], None] | None = None) -> dict:
+            on_step: Callable[[RecoveryState], None] | None = None, removed_blocks: Sequence[int] = ()) -> dict:
     """Retrain compressed `model` in place with `cfg` (distilling from `teacher` unless ``cfg.teacher``
-    is ``none``); returns the ``recovery`` section of report.json."""
-    run = _setup(model, tokenizer, cfg, teacher, resolve_device(device), seed, checkpoint_dir, resume)
+    is ``none``); returns the ``recovery`` section of report.json. ``removed_blocks``: the teacher's
+    blocks that `model` no longer has (the depth stage's report), for the block-wise objective."""
+    run = _setup(model, tokenizer, cfg, teacher, resolve_device(device), seed, checkpoint_dir, resume,
+                 tuple(removed_blocks))
     state = run.state
     log.info("recovering for %d steps of %d x %d tokens on %s (%s, %d process(es)%s)", state.total_steps,
              cfg.batch_size, cfg.seqlen, run.device, str(run.dtype).removeprefix("torch."), run.size,
