@@ -10,17 +10,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # 64 s: run before firing benchmarks/gpu.py on a lent GPU (docs/gpu.md)
-def test_gpu_script_dry_run_runs_every_step(use_data, tmp_path, monkeypatch):
+def _dry_run(use_data, tmp_path, monkeypatch, steps: str | None = None) -> dict:
+    """benchmarks/gpu.py --dry-run (`steps`, or every step in the default order) into `tmp_path`: its report,
+    after checking that every step it ran is ok."""
     if not (use_data / "gpt2-tokenizer").is_dir():
         pytest.skip("GPT-2 tokenizer not in the data folder")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     sys.modules.pop("gpu", None)
     import gpu
 
-    code = gpu.main(["--out", str(tmp_path), "--dry-run"])  # every step, in the default order
+    code = gpu.main(["--out", str(tmp_path), "--dry-run", *(["--steps", steps] if steps else [])])
     data = json.loads((tmp_path / "gpu.json").read_text())
     assert code == 0, {k: v["result"] for k, v in data["steps"].items() if v["status"] != "ok"}
+    return data
+
+
+@pytest.mark.slow  # 64 s: run before firing benchmarks/gpu.py on a lent GPU (docs/gpu.md)
+def test_gpu_script_dry_run_runs_every_step(use_data, tmp_path, monkeypatch):
+    data = _dry_run(use_data, tmp_path, monkeypatch)  # every step, in the default order
     steps = data["steps"]
     assert list(steps) == ["a_tests", "b_compress", "d_table8_bf16", "c_recover", "e_table8_fp32"]
     assert "collected" in steps["a_tests"]["result"]["summary"]
@@ -37,15 +44,7 @@ def test_gpu_script_dry_run_runs_every_step(use_data, tmp_path, monkeypatch):
 
 @pytest.mark.slow  # 33 s: the two compare steps (o: OWL at 50%, s: the bounded-spread and joint allocations)
 def test_gpu_script_dry_run_runs_the_compare_steps(use_data, tmp_path, monkeypatch):
-    if not (use_data / "gpt2-tokenizer").is_dir():
-        pytest.skip("GPT-2 tokenizer not in the data folder")
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    sys.modules.pop("gpu", None)
-    import gpu
-
-    code = gpu.main(["--out", str(tmp_path), "--dry-run", "--steps", "os"])
-    data = json.loads((tmp_path / "gpu.json").read_text())
-    assert code == 0, {k: v["result"] for k, v in data["steps"].items() if v["status"] != "ok"}
+    data = _dry_run(use_data, tmp_path, monkeypatch, "os")
     owl = data["steps"]["o_owl50"]["result"]
     assert {"dense", "owl-sparsegpt", "owl-wanda"} <= {k.split(" ")[0] for k in owl}
     assert all("wikitext2 recovered" in v for k, v in owl.items() if not k.startswith("dense "))
@@ -59,15 +58,7 @@ def test_gpu_script_dry_run_runs_the_compare_steps(use_data, tmp_path, monkeypat
 
 @pytest.mark.slow  # about 3 minutes alone: the scale issue's GPU steps (g: structured recovery, l: Table 8 at scale)
 def test_gpu_script_dry_run_runs_the_scale_steps(use_data, tmp_path, monkeypatch):
-    if not (use_data / "gpt2-tokenizer").is_dir():
-        pytest.skip("GPT-2 tokenizer not in the data folder")
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    sys.modules.pop("gpu", None)
-    import gpu
-
-    code = gpu.main(["--out", str(tmp_path), "--dry-run", "--steps", "lg"])
-    data = json.loads((tmp_path / "gpu.json").read_text())
-    assert code == 0, {k: v["result"] for k, v in data["steps"].items() if v["status"] != "ok"}
+    data = _dry_run(use_data, tmp_path, monkeypatch, "lg")
     recovered = data["steps"]["g_recover_structured"]["result"]
     assert set(recovered) == {"slim-40", "smart-40", "paper"}
     assert all(set(r["after"]) == {"wikitext2", "ptb"} and r["recovery"]["steps"] == 2 for r in recovered.values())

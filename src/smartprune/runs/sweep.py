@@ -143,6 +143,7 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
     from smartprune.device import resolve_device
     from smartprune.evaluation.suite import EvalSettings, check_tasks, evaluate
     from smartprune.recipes.schema import RecoverConfig
+    from smartprune.runs.preflight import with_calibration
     from smartprune.storage.sources import load_model
     from smartprune.training.recover import recover
 
@@ -151,9 +152,8 @@ def run_sweep(settings: SweepSettings, json_path: str | Path | None = None, *, p
     eval_settings = EvalSettings(seqlen=settings.seqlen, limit=settings.limit, examples=settings.examples,
                                  seed=settings.seed)
     base = load_recipe(settings.base)
-    calib = {k: v for k, v in (("samples", settings.calib_samples), ("seqlen", settings.calib_seqlen)) if v}
-    if calib:
-        base = base.replace(calibration=dataclasses.replace(base.calibration, **calib))
+    # the overrides validated as compress validates them (a count or length out of range is one line)
+    base = with_calibration(base, settings.calib_samples, settings.calib_seqlen)
     points = _load_points(path, settings)
     done = {(p["variant"], p["rate"]) for p in points}
     todo = [("", 0.0)] if 0.0 in settings.rates and ("", 0.0) not in done else []
