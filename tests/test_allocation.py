@@ -187,6 +187,50 @@ def test_joint_sensitivity_measures_divergence_around_the_mean_and_restores_the_
     assert sum(c[2] for c in curves.values()) > 0 > sum(c[0] for c in curves.values())
 
 
+def test_the_divergence_is_float64_exact_on_a_large_vocabulary_with_large_logits():
+    import torch
+
+    from smartprune.compression.allocation import Divergence
+
+    g = torch.Generator().manual_seed(0)
+    dense = 12 * torch.randn(256, 49152, generator=g)  # SmolLM2's vocabulary, logits of +-40
+    moved = dense + 0.05 * torch.randn(256, 49152, generator=g)
+    exact = torch.nn.functional.kl_div(torch.log_softmax(moved.double(), -1), torch.log_softmax(dense.double(), -1),
+                                       log_target=True, reduction="batchmean")
+    # the differences an allocation compares are 1e-4 nats or less: its error must be far below that
+    kl = Divergence(dense)
+    assert abs(kl(moved) - float(exact)) < 2e-6 and abs(kl(dense)) < 2e-6
+
+
+def test_the_held_out_divergence_is_the_kl_of_the_next_token_distributions_by_hand(calib):
+    import torch
+    import torch.nn.functional as F
+
+    from smartprune.adapters import get_adapter
+    from smartprune.compression.allocation import HeldOutLoss
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    ids = calib.eval_ids
+    with torch.no_grad():
+        dense = model(ids).logits[:, :-1].reshape(-1, model.config.vocab_size)
+        loss = HeldOutLoss(adapter, ids, divergence=True)
+        w = adapter.ff_projections(1)["down"].weight
+        saved = w.clone()
+        w.mul_(torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.5)
+        moved = model(ids).logits[:, :-1].reshape(-1, model.config.vocab_size)
+        expected = F.kl_div(F.log_softmax(moved, -1), F.log_softmax(dense, -1), log_target=True,
+                            reduction="batchmean")
+        assert loss(1) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+        # several versions of block 1 after it as one batch: each as if run alone
+        first = adapter.run_block(1, loss.inputs[1])
+        w.copy_(saved)
+        second = adapter.run_block(1, loss.inputs[1])
+        together = loss.after(1, [first, second])
+        assert together[0] == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+        assert together[1] == pytest.approx(0.0, abs=1e-5)
+
+
 @pytest.mark.parametrize("embedding", [False, True])
 def test_a_joint_allocation_meets_the_target_within_the_spread(embedding, calib):
     model = tiny_model("llama")

@@ -7,7 +7,7 @@ from smartprune.compression.engine import compress
 from smartprune.methods.base import InputStats
 from smartprune.methods.criteria import wanda_score
 from smartprune.methods.pruning import lowest_in_matrix, lowest_n_of_m, lowest_per_row, spread
-from smartprune.methods.sparsegpt import sparsegpt
+from smartprune.methods.sparsegpt import sparsegpt, sparsegpt_at_rates
 from smartprune.recipes.schema import build_recipe
 
 from .conftest import tiny_model
@@ -134,3 +134,12 @@ def test_owl_is_refused_where_it_cannot_apply():
                             ({"wanda": {"owl": {"lamda": 0.1}}}, "did you mean 'lambda'")):
         with pytest.raises(RecipeError, match=message):
             build_recipe(fields, "t", "t")
+
+
+def test_sparsegpt_at_several_rates_in_one_sweep_equals_one_sweep_per_rate():
+    _, w, stats = _correlated_layer(d_in=96, d_out=24)
+    rates = [0.1, 0.45, 0.8]
+    together = sparsegpt_at_rates(w, stats.gram, rates, blocksize=32)
+    for rate, version in zip(rates, together, strict=True):
+        alone, prune = sparsegpt(w, stats.gram, rate, blocksize=32)
+        assert torch.equal(version, alone) and int((version == 0).sum()) == int(prune.sum()) == round(rate * w.numel())

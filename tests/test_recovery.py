@@ -340,6 +340,40 @@ def test_demo_prints_dense_compressed_and_recovered(model_dirs, use_data, tmp_pa
     assert "What it buys" in run.summary() and "| compressed + recovered | " in run.summary().split("What it buys")[1]
 
 
+def test_demo_runs_two_recipes_side_by_side_with_one_dense_score_and_one_bench_run(model_dirs, use_data, tmp_path):
+    from smartprune.runs.demo import run_demos
+
+    demo = run_demos(str(model_dirs["llama"]), ("paper", "smart-40"), quick=True, seqlen=64, recover_steps=2,
+                     progress=False, json_path=tmp_path / "demo.json")
+    data = json.loads((tmp_path / "demo.json").read_text())
+    paper, smart = data["runs"]
+    assert (paper["recipe"], smart["recipe"]) == ("paper", "smart-40")
+    assert paper["dense"] == smart["dense"]  # scored once, on the same windows
+    assert paper["report"]["recovery"]["steps"] == smart["report"]["recovery"]["steps"] == 2  # the same budget
+    # one bench run: the dense entry is the same measurement for both, each final model its own entry
+    assert paper["cost"]["dense"] == smart["cost"]["dense"]
+    assert paper["cost"]["compressed"] != smart["cost"]["compressed"]
+    table = demo.side_by_side()
+    assert table.count("\n| paper |") == 1 and table.count("\n| smart-40 |") == 1
+    assert "time: the one bench run of all 2 final models" in demo.summary()
+    assert smart["report"]["allocation"]["sensitivity"] == "joint (sparsegpt)"
+    # --quick measures a joint allocation at the mean and one move each side (smart-40 asks for two)
+    assert "joint measurement at the mean +- the spread only (recipe: 2 points each side)" in smart["schedule"]
+    assert len(smart["report"]["allocation"]["grid"]) == 3
+
+
+def test_demo_checks_every_recipe_before_the_first_one_runs(model_dirs, tmp_path, monkeypatch):
+    from smartprune.errors import RecipeError
+    from smartprune.runs import demo
+
+    ran = []
+    monkeypatch.setattr(demo, "execute", lambda spec: ran.append(spec))
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        demo.run_demos(str(model_dirs["llama"]), ("paper", str(tmp_path / "missing.yaml")), quick=True,
+                       progress=False)
+    assert ran == []
+
+
 def test_demo_recovers_block_wise_when_asked_depth_recipes_included(model_dirs, use_data, tmp_path):
     from smartprune.runs.demo import run_demo
 

@@ -92,39 +92,87 @@ def _input_stats(model: nn.Module, ids: Tensor, paths: list[str], gram: bool) ->
     return sums if gram else {p: v.sqrt() for p, v in sums.items()}
 
 
-Pruner = Callable[[str, Tensor, float], None]  # (path, weight d_in x d_out, rate): prune it in place
+class Pruner:
+    """How a block matrix is pruned while its unit's sensitivity is measured: called as
+    ``prune(path, w, rate)`` it prunes `w` (d_in x d_out) in place; `at_rates` gives the versions at
+    several rates from the same weights (one sweep where the method allows)."""
+
+    def __init__(self, one: Callable[[str, Tensor, float], None]) -> None:
+        self.one = one
+
+    def __call__(self, path: str, w: Tensor, rate: float) -> None:
+        self.one(path, w, rate)
+
+    def at_rates(self, path: str, w: Tensor, rates: list[float]) -> list[Tensor]:
+        out = []
+        for rate in rates:
+            v = w.detach().clone()
+            self.one(path, v, rate)
+            out.append(v)
+        return out
+
+
+class _SparseGPTPruner(Pruner):
+    """OBS with the weight update; all the rates of a matrix in one sweep (`sparsegpt_at_rates`)."""
+
+    def __init__(self, grams: dict[str, Tensor], blocksize: int, damp: float) -> None:
+        from smartprune.methods.sparsegpt import sparsegpt_at_rates
+
+        def one(path: str, w: Tensor, rate: float) -> None:
+            w.copy_(self.at_rates(path, w, [rate])[0])
+
+        super().__init__(one)
+        self.grams, self.blocksize, self.damp, self._sweep = grams, blocksize, damp, sparsegpt_at_rates
+
+    def at_rates(self, path: str, w: Tensor, rates: list[float]) -> list[Tensor]:
+        new = self._sweep(w.detach().T, self.grams[path].to(w.device), rates, self.blocksize, self.damp)
+        return [v.T.contiguous() for v in new]
 
 
 def block_pruner(model: nn.Module, paths: list[str], ids: Tensor, how: str, stage_cfg=None) -> Pruner:
-    """How a block matrix is pruned while its unit's sensitivity is measured: `how` is ``wanda``
-    (``|W_ij| * ||X_i||``), ``magnitude`` or ``sparsegpt`` (OBS with the weight update, the stage's
-    blocksize and dampening)."""
-    from smartprune.methods.sparsegpt import sparsegpt
-
+    """The `Pruner` of `how`: ``wanda`` (``|W_ij| * ||X_i||``), ``magnitude`` or ``sparsegpt`` (OBS with the
+    weight update, the stage's blocksize and dampening)."""
     if how == "magnitude":
-        return lambda path, w, rate: _prune_lowest(w, w.detach().abs(), rate)
+        return Pruner(lambda path, w, rate: _prune_lowest(w, w.detach().abs(), rate))
     if how == "sparsegpt":
         grams = _input_stats(model, ids, paths, gram=True)
         blocksize, damp = (stage_cfg.blocksize, stage_cfg.damp) if stage_cfg is not None else (128, 0.01)
-
-        def obs(path: str, w: Tensor, rate: float) -> None:
-            new_t, _ = sparsegpt(w.detach().T, grams[path].to(w.device), rate, None, blocksize, damp)
-            w.copy_(new_t.T)
-        return obs
+        return _SparseGPTPruner(grams, blocksize, damp)
     norms = input_norms(model, ids, paths)
-    return lambda path, w, rate: _prune_lowest(w, wanda_score(w, norms[path]), rate)
+    return Pruner(lambda path, w, rate: _prune_lowest(w, wanda_score(w, norms[path]), rate))
+
+
+class Divergence:
+    """KL(p || softmax z) per position, averaged, against the distributions `p` of reference `logits`
+    (rows: positions), as ``sum p log p - sum p z + logsumexp z`` per row (sum p = 1): per measurement no
+    vocabulary-sized log-softmax or divergence tensor, only an elementwise product and per-row sums.
+
+    Precision matters: the differences measured are 1e-4 nats or less. `p` is normalized in float64, then
+    kept in float32 (its rows summed to 1 +- 2e-5 from a float32 softmax, and each row's sum multiplies a
+    logsumexp of about 20 nats); the products are summed pairwise (a float32 dot product (bmm) of 50k
+    terms of mixed sign drifted by up to 1e-2 per row)."""
+
+    def __init__(self, logits: Tensor) -> None:
+        p = F.softmax(logits.double(), dim=-1)
+        self.neg_entropy = float(torch.special.xlogy(p, p).sum())  # sum p log p
+        self.p = p.float()
+
+    def __call__(self, z: Tensor) -> float:
+        cross = (self.p * z).sum(-1).double()
+        lse = torch.logsumexp(z, dim=-1).double()
+        return (self.neg_entropy - float(cross.sum()) + float(lse.sum())) / z.shape[0]
 
 
 class HeldOutLoss:
     """The next-token loss on held-out windows, recomputed from a unit's block on: the blocks before
     it are unchanged while it is pruned, so their outputs are computed once (about half the work).
     With `divergence`, the loss is instead KL(dense || model) per token against the model as it is now
-    (the dense one), whose log-probabilities are kept; `refresh` recomputes the blocks' inputs after
-    the model changed."""
+    (the dense one), whose next-token distributions are kept; `refresh` recomputes the blocks' inputs
+    after the model changed."""
 
     def __init__(self, adapter: Adapter, ids: Tensor, divergence: bool = False) -> None:
         self.adapter, self.ids = adapter, ids
-        self.reference = self._log_probs(self._from(None)) if divergence else None
+        self.divergence = Divergence(self._from(None)) if divergence else None
         self.refresh()
 
     def refresh(self) -> None:
@@ -136,23 +184,35 @@ class HeldOutLoss:
                 h = self.adapter.run_block(i, h)
 
     def _from(self, block: int | None) -> Tensor:
-        """The logits of all but the last position, run from `block` on."""
+        """The logits of all but the last position, run from `block` on, one row per position."""
         a = self.adapter
         with torch.no_grad():
             h = a.embed(self.ids) if block is None else self.inputs[block]
             for i in range(block or 0, len(a.blocks())):
                 h = a.run_block(i, h)
-            return a.head(h)[:, :-1].float()
+            return self._logits(h)
 
-    @staticmethod
-    def _log_probs(logits: Tensor) -> Tensor:
-        return F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+    def _logits(self, h: Tensor) -> Tensor:
+        logits = self.adapter.head(h[:, :-1]).float()
+        return logits.reshape(-1, logits.shape[-1])
 
     def __call__(self, block: int | None = None) -> float:
-        logits = self._from(block)
-        if self.reference is None:
-            return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.ids[:, 1:].reshape(-1)))
-        return float(F.kl_div(self._log_probs(logits), self.reference, log_target=True, reduction="batchmean"))
+        return self._score(self._from(block))
+
+    def after(self, block: int, outputs: list[Tensor]) -> list[float]:
+        """The loss of each of `outputs` (block `block`'s output under one version of its weights), run
+        through the blocks after it as one batch (larger products run faster than several small ones)."""
+        a = self.adapter
+        with torch.no_grad():
+            h = torch.cat(outputs)
+            for i in range(block + 1, len(a.blocks())):
+                h = a.run_block(i, h)
+            return [self._score(self._logits(part)) for part in h.split(self.ids.shape[0])]
+
+    def _score(self, z: Tensor) -> float:
+        if self.divergence is None:
+            return float(F.cross_entropy(z, self.ids[:, 1:].reshape(-1)))
+        return self.divergence(z)
 
 
 def _prune_lowest(weight: Tensor, score: Tensor, rate: float) -> None:
@@ -210,7 +270,7 @@ def joint_sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor
     """Divergence from the dense model (nats per token) of each unit at each of `rates` while every other
     unit is pruned at ``rates[base]`` (the mean rate), minus the divergence with all at the mean rate: the
     cost of moving one unit away from a uniform allocation. Block matrices are pruned by `prune` from
-    their dense weights (each version computed once), the embedding by its FPP criterion."""
+    their dense weights (a unit's rates in one sweep, `Pruner.at_rates`), the embedding by its FPP criterion."""
     model = adapter.model
     loss = HeldOutLoss(adapter, eval_ids, divergence=True)  # the dense reference, before anything is pruned
     dense = {p: model.get_submodule(p).weight.detach().clone() for u in all_units for p in u.paths}
@@ -219,34 +279,49 @@ def joint_sensitivity(adapter: Adapter, all_units: list[Unit], calib_ids: Tensor
         if u.block is None:
             modules = [model.get_submodule(p) for p in u.paths]
             emb_scores.update(zip(u.paths, embedding_scores(adapter, modules, calib_ids, emb_criterion), strict=True))
-    versions: dict[tuple[str, float], Tensor] = {}
 
-    def set_rate(u: Unit, rate: float) -> None:
+    def versions(u: Unit, at: list[float]) -> dict[str, list[Tensor]]:
+        """Each matrix of `u` pruned from its dense weights at each rate of `at`."""
+        out = {}
         for p in u.paths:
-            if (p, rate) not in versions:
+            if u.block is not None:
+                out[p] = prune.at_rates(p, dense[p], at)
+                continue
+            out[p] = []
+            for rate in at:
                 w = dense[p].clone()
-                if u.block is None:
-                    _prune_lowest(w, emb_scores[p], rate)
-                else:
-                    prune(p, w, rate)
-                versions[p, rate] = w
-            model.get_submodule(p).weight.copy_(versions[p, rate])
+                _prune_lowest(w, emb_scores[p], rate)
+                out[p].append(w)
+        return out
 
+    def put(u: Unit, chosen: dict[str, list[Tensor]], i: int) -> None:
+        for p in u.paths:
+            model.get_submodule(p).weight.copy_(chosen[p][i])
+
+    mean, moves = rates[base], [r for i, r in enumerate(rates) if i != base]
     with torch.no_grad():
-        for u in all_units:
-            set_rate(u, rates[base])
+        at_mean = {}
+        for u in tqdm(all_units, desc="joint sensitivity: all at the mean", disable=not progress, leave=False):
+            at_mean[u.name] = versions(u, [mean])
+            put(u, at_mean[u.name], 0)
         loss.refresh()  # the blocks' inputs with every unit at the mean rate
-        at_mean = loss()
+        base_loss = loss()
         out = {}
         for u in tqdm(all_units, desc="joint sensitivity", disable=not progress, leave=False):
-            curve = []
-            for i, rate in enumerate(rates):
-                if i == base:
-                    curve.append(0.0)
-                    continue
-                set_rate(u, rate)
-                curve.append(loss(u.block) - at_mean)
-            set_rate(u, rates[base])
+            moved = versions(u, moves)  # one unit's versions at a time: memory stays one model's worth
+            if u.block is None:  # the embedding: every block's input moves
+                curve = []
+                for i in range(len(moves)):
+                    put(u, moved, i)
+                    curve.append(loss() - base_loss)
+            else:  # the unit's block on each version, the blocks after it once for all
+                outputs = []
+                for i in range(len(moves)):
+                    put(u, moved, i)
+                    outputs.append(adapter.run_block(u.block, loss.inputs[u.block]))
+                curve = [v - base_loss for v in loss.after(u.block, outputs)]
+            curve.insert(base, 0.0)
+            put(u, at_mean[u.name], 0)
             out[u.name] = curve
         for p, w in dense.items():  # the dense model back: the stages prune it for real
             model.get_submodule(p).weight.copy_(w)

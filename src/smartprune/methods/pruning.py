@@ -16,6 +16,9 @@ def spread(total: int, parts: int) -> Tensor:
 
 def lowest_in_matrix(score: Tensor, count: int) -> Tensor:
     """The `count` lowest scores of the whole matrix."""
+    # top-k, not a selection by threshold (kthvalue, several times faster): weights upcast from a
+    # quantized file take few distinct values, so exact ties are common and the choice among them
+    # changes the result; top-k keeps every number measured so far reproducible
     prune = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     if count:
         prune[torch.topk(score.flatten(), count, largest=False).indices] = True

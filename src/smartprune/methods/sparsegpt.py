@@ -42,40 +42,63 @@ def sparsegpt(weight_t: Tensor, gram: Tensor, sparsity: float, nm: tuple[int, in
               blocksize: int = 128, damp: float = 0.01, fixed: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Prune `weight_t` (d_out, d_in) given the input Gram matrix; returns (new weights, prune mask).
     With `fixed` (a prune mask) the mask is not chosen, only the surviving weights are updated."""
-    w = weight_t.detach().double().clone()
-    rows, cols = w.shape
+    cols = weight_t.shape[1]
     if nm is not None and (blocksize % nm[1] or cols % nm[1]):
         raise ValueError(f"N:M with M={nm[1]} needs blocksize ({blocksize}) and inputs ({cols}) divisible by M")
     hinv, dead = inverse_hessian_factor(gram, damp)
-    w[:, dead] = 0.0
-    prune = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
-    total = round(sparsity * w.numel())
+    w, prune = _sweep(weight_t.detach().double()[None], hinv, dead, [sparsity], nm, blocksize,
+                      None if fixed is None else fixed[None])
+    return w[0].to(weight_t.dtype), prune[0]
+
+
+def sparsegpt_at_rates(weight_t: Tensor, gram: Tensor, rates: list[float], blocksize: int = 128,
+                       damp: float = 0.01) -> list[Tensor]:
+    """`weight_t` (d_out, d_in) pruned by SparseGPT at each of `rates`, in one sweep: each version is the
+    one `sparsegpt` gives, but the inverse Hessian is factored once and the column loop runs once for
+    all of them (each version's rows stacked; an allocation measures every matrix at several rates)."""
+    hinv, dead = inverse_hessian_factor(gram, damp)
+    w = weight_t.detach().double()[None].expand(len(rates), -1, -1)
+    new, _ = _sweep(w, hinv, dead, rates, None, blocksize, None)
+    return [v.to(weight_t.dtype) for v in new]
+
+
+def _sweep(w: Tensor, hinv: Tensor, dead: Tensor, sparsities: list[float], nm: tuple[int, int] | None,
+           blocksize: int, fixed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The OBS sweep over the columns of `w` (versions, d_out, d_in; float64) with the factor `hinv`:
+    version v reaches ``round(sparsities[v] * d_out * d_in)`` zeros (or N:M, or the `fixed` masks)."""
+    w = w.clone()
+    versions, rows, cols = w.shape
+    w[:, :, dead] = 0.0
+    prune = torch.zeros(versions, rows, cols, dtype=torch.bool, device=w.device)
+    totals = [round(s * rows * cols) for s in sparsities]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        w1, hinv1 = w[:, :, i1:i2].clone(), hinv[i1:i2, i1:i2]
         d = hinv1.diagonal()
         err1 = torch.zeros_like(w1)
         if fixed is not None:
-            mask1 = fixed[:, i1:i2].to(w.device)
+            mask1 = fixed[:, :, i1:i2].to(w.device)
         elif nm is None:  # this block's share of the exact total, chosen adaptively within the block
-            k = round(total * i2 / cols) - round(total * i1 / cols)
-            mask1 = lowest_in_matrix(w1.pow(2) / d.pow(2), k)
+            mask1 = torch.stack([lowest_in_matrix(w1[v].pow(2) / d.pow(2),
+                                                  round(t * i2 / cols) - round(t * i1 / cols))
+                                 for v, t in enumerate(totals)])
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             if fixed is None and nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
-                mask1[:, g] = lowest_n_of_m(w1[:, g].pow(2) / d[g].pow(2), *nm)
-            col = w1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(col), col)
+                score = w1[:, :, g].pow(2) / d[g].pow(2)
+                mask1[:, :, g] = lowest_n_of_m(score.reshape(-1, nm[1]), *nm).view_as(score)
+            col = w1[:, :, i]
+            q = torch.where(mask1[:, :, i], torch.zeros_like(col), col)
             err = (col - q) / d[i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            w1[:, i] = q  # exactly zero where pruned
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        prune[:, i1:i2] = mask1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return w.to(weight_t.dtype), prune
+            w1[:, :, i:] -= err[:, :, None] * hinv1[i, i:]
+            w1[:, :, i] = q  # exactly zero where pruned
+            err1[:, :, i] = err
+        w[:, :, i1:i2] = w1
+        prune[:, :, i1:i2] = mask1
+        w[:, :, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w, prune
 
 
 class SparseGPTStage(OneShotStage):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from smartprune.compression.accounting import format_table
 from smartprune.files import write_json
 from smartprune.runs.compress import stage_seconds
-from smartprune.runs.pipeline import execute
+from smartprune.runs.pipeline import execute, measure_cost
+from smartprune.runs.preflight import preflight
 from smartprune.runs.spec import RunSpec
 
 
@@ -64,26 +66,105 @@ class DemoRun:
         return "\n".join([*lines, f"time: {times}"])
 
 
+# The main job's two recipes: the paper's, reproduced honestly, and the best quality per byte measured here
+DEMO_RECIPES = ("paper", "smart-40")
+
+
+@dataclass
+class Demo:
+    """The demo's runs (one per recipe, same model, windows and recovery budget) and their side-by-side
+    summary; the running costs of all final models come from one bench run."""
+
+    runs: list[DemoRun]
+    measure_seconds: float | None = None  # the one bench run of every final model
+
+    def to_dict(self) -> dict:
+        return self.runs[0].to_dict() if len(self.runs) == 1 else {"runs": [r.to_dict() for r in self.runs]}
+
+    def summary(self) -> str:
+        if len(self.runs) == 1:
+            return self.runs[0].summary()
+        parts = [r.summary() for r in self.runs]
+        return "\n\n".join([*parts, self.side_by_side()])
+
+    def side_by_side(self) -> str:
+        """One line per recipe: perplexities and what the final model buys against dense."""
+        d = self.runs[0].dense
+        lines = [f"Side by side (WikiText-2 on {d['windows']} windows, dense {d['perplexity']:,.2f}; running cost "
+                 "against dense from one bench run):", "",
+                 "| recipe | compression | compressed | recovered | decode | prefill | held in memory | peak RSS |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in self.runs:
+            final = r.recovered or r.compressed
+            ratios = r.cost["compressed"][-1]["ratios"] if r.cost else {}
+            prefill = f"latency_b1_{r.cost['length']}" if r.cost else ""
+
+            def x(key: str, inverse: bool = False, ratios=ratios) -> str:
+                v = ratios.get(key)
+                return "" if v is None else f"{1 / v if inverse else v:.2f}x"
+
+            lines.append(f"| {r.recipe} | {r.report['overall']['compression']:.1%} | "
+                         f"{r.compressed['perplexity']:,.2f} | "
+                         f"{final['perplexity']:,.2f} ({final['perplexity'] / d['perplexity']:,.2f}x) | "
+                         f"{x('generate_tokens_per_s')} | {x(prefill, True)} | {x('resident_bytes')} | "
+                         f"{x('peak_rss_bytes')} |")
+        lines += ["", "decode and prefill: speed-up over dense (above 1 is faster); memory: fraction of dense"]
+        if self.measure_seconds is not None:
+            lines.append(f"time: the one bench run of all {len(self.runs)} final models {self.measure_seconds:.0f} s")
+        return "\n".join(lines)
+
+
 def run_demo(model: str = "smollm2-135m", recipe: str | Path = "paper", *, quick: bool = False,
              recover_steps: int | None = None, measure: bool = True, **options) -> DemoRun:
-    """The main job: perplexity of MODEL before and after compressing it with `recipe`, and after
-    retraining the compressed model (distillation from the dense one; ``recover_steps=0`` skips it).
+    """The main job for one recipe: perplexity of MODEL before and after compressing it with `recipe`,
+    and after retraining the compressed model (distillation from the dense one; ``recover_steps=0``
+    skips it); `run_demos` with one recipe."""
+    return run_demos(model, (recipe,), quick=quick, recover_steps=recover_steps, measure=measure, **options).runs[0]
+
+
+def run_demos(model: str = "smollm2-135m", recipes: tuple[str | Path, ...] = DEMO_RECIPES, *, quick: bool = False,
+              recover_steps: int | None = None, measure: bool = True, **options) -> Demo:
+    """The main job: for each recipe, perplexity of MODEL before and after compressing it, and after
+    retraining the compressed model (distillation from the dense one, the same budget for each;
+    ``recover_steps=0`` skips it). Default: the paper's recipe and ``smart-40`` side by side.
 
     Default subset: the first 16 windows of 1024 tokens of the WikiText-2 test text (``limit``,
     ``seqlen``). ``quick`` uses 4 evaluation windows, 8 calibration windows of 64 tokens and a shorter
     recovery; ``recover_objective`` ("end_to_end" or "blockwise") replaces the recovery's objective. With
-    ``measure`` the final model's running cost is then measured against the dense one (decoding speed,
-    prefill, peak RSS, bytes held; `pipeline.measure_cost`). Other `options`: `RunSpec.of`'s keywords
-    (``seed``, ``device``, ``json_path``, ``progress``, ...).
+    ``measure`` the final models' running cost is then measured against the dense one in one bench run
+    (decoding speed, prefill, peak RSS, bytes held; `pipeline.measure_cost`). Other `options`:
+    `RunSpec.of`'s keywords (``seed``, ``device``, ``json_path``, ``progress``, ...).
     """
     # Recovery stays end-to-end by default, quick or not: block fits alone won on a structured model
     # (width-40) but lost on `paper` in both time and quality (docs/frontier.md, "The quick demo").
-    spec = RunSpec.of(model, recipe, evaluate=True, quick=quick, measure=measure, recover_steps=recover_steps,
-                      recover_budget="quick" if quick else "full", **options)
-    r = execute(spec)
-    e = r.evaluations
-    run = DemoRun(model, r.prepared.recipe.name, e["dense"], e["compressed"], r.report, e.get("recovered"),
-                  r.seconds, r.cost, r.prepared.schedule)
-    if spec.outputs.json_path:
-        write_json(spec.outputs.json_path, run.to_dict())
-    return run
+    specs = [RunSpec.of(model, recipe, evaluate=True, quick=quick, recover_steps=recover_steps,
+                        recover_budget="quick" if quick else "full", **options) for recipe in recipes]
+    for spec in specs[1:]:  # every recipe's checks before the first one's work (execute checks its own)
+        preflight(spec)
+    runs, finals, dense = [], [], None
+    for spec in specs:
+        if dense is not None:  # the same model on the same windows: scored once
+            spec = dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, dense=dense))
+        r = execute(spec)
+        e = r.evaluations
+        dense = e["dense"]
+        runs.append(DemoRun(model, r.prepared.recipe.name, e["dense"], e["compressed"], r.report, e.get("recovered"),
+                            r.seconds, None, r.prepared.schedule))
+        finals.append(r.model)
+        tokenizer = r.tokenizer
+    measured = None
+    if measure:
+        t = time.perf_counter()
+        spec = specs[0]
+        for run, cost in zip(runs, measure_cost(model, finals, tokenizer, spec.overrides.quick, spec.progress),
+                             strict=True):
+            run.cost = cost
+        measured = time.perf_counter() - t
+        if len(runs) == 1:  # one run: its own phase, inside its total
+            seconds = runs[0].seconds
+            total = seconds.pop("total")
+            seconds.update(measure=measured, total=total + measured)
+    demo = Demo(runs, measured if len(runs) > 1 else None)
+    if specs[0].outputs.json_path:
+        write_json(specs[0].outputs.json_path, demo.to_dict())
+    return demo

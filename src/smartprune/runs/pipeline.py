@@ -29,6 +29,8 @@ class RunResult:
     evaluations: dict[str, dict] = field(default_factory=dict)  # dense / compressed / recovered perplexity
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, in the order they ran
     cost: dict | None = None  # running cost of the final model against dense (`measure_cost`)
+    model: object = None  # the final model (compressed, recovered where asked), on the CPU
+    tokenizer: object = None
 
 
 class _Run:
@@ -49,6 +51,9 @@ class _Run:
 
     def evaluate(self, name: str) -> None:
         if self.spec.evaluation is None:
+            return
+        if name == "dense" and self.spec.evaluation.dense is not None:  # scored by an earlier run
+            self.result.evaluations[name] = self.spec.evaluation.dense
             return
         t = time.perf_counter()
         self.loaded.model.to(self.p.device)
@@ -100,7 +105,8 @@ class _Run:
         if not self.spec.measure:
             return
         t = time.perf_counter()
-        self.result.cost = measure_cost(self.spec.model, self.loaded, self.spec.overrides.quick, self.spec.progress)
+        self.result.cost = measure_cost(self.spec.model, [self.student], self.loaded.tokenizer,
+                                        self.spec.overrides.quick, self.spec.progress)[0]
         self.result.seconds["measure"] = time.perf_counter() - t
 
     def save(self) -> None:
@@ -129,6 +135,7 @@ def execute(spec: RunSpec) -> RunResult:
     run.recover(teacher)
     run.measure()
     run.save()
+    run.result.model, run.result.tokenizer = run.student.to("cpu"), run.loaded.tokenizer
     run.result.seconds["total"] = time.perf_counter() - started
     return run.result
 
@@ -148,20 +155,23 @@ def export_name(model: str, recipe: str) -> str:
     return f"{ref.stem if ref.suffix == '.gguf' else ref.name}-{Path(recipe).stem}"
 
 
-def measure_cost(model: str, loaded, quick: bool, progress: bool) -> dict:
-    """The final model written to a temporary compressed folder and measured against MODEL in one
-    bench run (`smartprune.runs.cost`): a short one, sized for the demo's time, of the model held the way
-    it would be deployed (packed when it has pruned entries); `compare --measure` and `bench` give the rest."""
+def measure_cost(model: str, finals: list, tokenizer, quick: bool, progress: bool) -> list[dict]:
+    """Each final model written to a temporary compressed folder and all measured against MODEL in one
+    bench run (`smartprune.runs.cost`): a short one, sized for the demo's time, of each model held the way
+    it would be deployed (packed when it has pruned entries); `compare --measure` and `bench` give the
+    rest. One cost record per final model, each with the dense model's entry and the machine."""
     import tempfile
 
     from smartprune.runs.cost import keep, measure
 
     length, new_tokens = 128, (16 if quick else 64)
-    masked = any(getattr(m, "mask", None) is not None for m in loaded.model.modules())
-    held = ("compact",) if masked else ("dense",)
+    masked = {any(getattr(m, "mask", None) is not None for m in f.modules()) for f in finals}
+    # packed where there are pruned entries; both where the models differ (each row labelled)
+    held = ("dense", "compact") if len(masked) > 1 else ("compact",) if masked == {True} else ("dense",)
     with tempfile.TemporaryDirectory(prefix="smartprune-demo-") as tmp:
-        spec = keep(loaded.model.to("cpu"), loaded.tokenizer, Path(tmp) / "model")
-        entries, machine = measure([model, spec], ("speed", "memory"), repeats=1, length=length,
-                                   new_tokens=new_tokens, device="cpu", residencies=held, progress=progress)
-    return {"dense": entries[0][0], "compressed": entries[1], "machine": machine, "length": length,
-            "new_tokens": new_tokens}
+        specs = [keep(f.to("cpu"), tokenizer, Path(tmp) / f"model-{i}") for i, f in enumerate(finals)]
+        entries, machine = measure([model, *specs], ("speed", "memory"), repeats=1, length=length,
+                                   new_tokens=new_tokens, device="cpu", residencies=held,
+                                   progress=progress)
+    return [{"dense": entries[0][0], "compressed": e, "machine": machine, "length": length, "new_tokens": new_tokens}
+            for e in entries[1:]]

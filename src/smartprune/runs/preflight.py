@@ -39,6 +39,7 @@ IDENTITY = "run.json"  # the model, recipe and seed that made it
 # (the paper's 10% is 7 iterations to 70%); on SmolLM2 the `paper` compression is most of the demo's time
 QUICK_STEP = 0.25
 QUICK_FPP_SHARE = 0.35
+QUICK_JOINT_POINTS = 1  # a joint allocation's moves each side of the mean (half the measurements of smart-40's 2)
 QUICK_CALIBRATION = {"samples": 8, "seqlen": 64}
 QUICK_LIMIT, LIMIT = 4, 16  # evaluation windows
 
@@ -162,6 +163,10 @@ def quick_schedule(rec: Recipe) -> tuple[Recipe, str]:
     if rec.strategy.recursive and rec.strategy.step < QUICK_STEP:
         changes["strategy"] = dataclasses.replace(rec.strategy, step=QUICK_STEP)
         said.append(f"recursive rate steps of {QUICK_STEP:g} (recipe: {rec.strategy.step:g})")
+    o = rec.overall
+    if o is not None and o.sensitivity == "joint" and o.points > QUICK_JOINT_POINTS:
+        changes["overall"] = dataclasses.replace(o, points=QUICK_JOINT_POINTS)
+        said.append(f"joint measurement at the mean +- the spread only (recipe: {o.points} points each side)")
     for name, cfg in rec.stages.items():
         share = getattr(cfg, "p_pos", 0.0) + getattr(cfg, "p_neg", 0.0)
         if 0 < share < QUICK_FPP_SHARE:

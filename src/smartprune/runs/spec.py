@@ -64,6 +64,7 @@ class Evaluation:
 
     seqlen: int = 1024
     limit: int | None = None  # windows (None: 16, or 4 with --quick)
+    dense: dict | None = None  # the dense model's result on the same windows, when an earlier run scored it
 
 
 @dataclass(frozen=True)
