@@ -40,18 +40,32 @@ def test_a_spread_keeps_every_rate_near_the_mean():
     assert allocate(units, curves, (0.5, 1.0), 120, spread=1.0) == {"a": 50, "b": 70}
 
 
-@pytest.mark.parametrize("target", [0.3, 0.5])
-def test_the_overall_target_is_met_exactly(target, kind, calib):
+@pytest.mark.parametrize("target,sensitivity,measured", [(0.3, "joint", 5), (0.5, "wanda", 4)])
+def test_the_overall_target_is_met_exactly(target, sensitivity, measured, kind, calib):
     model = tiny_model(kind)
     recipe = load_recipe("smart-50").replace(overall=build_recipe(
-        {"overall": {"target": target}, "sparsegpt": {}}, "x", "test").overall)
+        {"overall": {"target": target, "sensitivity": sensitivity}, "sparsegpt": {}}, "x", "test").overall)
     report = compress(model, None, recipe, calib=calib, progress=False).report
     o = report["overall"]
     assert o["params_before"] - o["params_after"] == round(target * o["params_before"])
     units = report["allocation"]["units"]
     assert {u["unit"] for u in units} >= {"embedding", "block 0 qk", "block 1 ff"}
-    assert all(0 <= round(u["rate"] * u["entries"]) <= round(0.9 * u["entries"]) and len(u["loss_increase"]) == 4
-               for u in units)  # no matrix past max_rate
+    # joint: the mean and two moves each side; single-unit: the 4-rate grid up to max_rate
+    assert all(0 <= round(u["rate"] * u["entries"]) <= round(0.9 * u["entries"]) and
+               len(u["loss_increase"]) == measured for u in units)  # no matrix past max_rate
+
+
+def test_an_overall_section_measures_jointly_unless_it_says_otherwise():
+    from smartprune.recipes.schema import GRID_POINTS, JOINT_POINTS, JOINT_SPREAD
+
+    joint = build_recipe({"overall": {"target": 0.4}, "sparsegpt": {}}, "x", "test").overall
+    assert (joint.sensitivity, joint.points, joint.spread) == ("joint", JOINT_POINTS, JOINT_SPREAD)
+    alone = build_recipe({"overall": {"sensitivity": "wanda"}, "sparsegpt": {}}, "x", "test").overall
+    assert (alone.points, alone.spread) == (GRID_POINTS, None)  # the grid up to max_rate, unbounded
+    given = build_recipe({"overall": {"points": 2, "spread": 0.1}, "sparsegpt": {}}, "x", "test").overall
+    assert (given.sensitivity, given.points, given.spread) == ("joint", 2, 0.1)
+    with pytest.raises(RecipeError, match="spread 0 leaves it nothing"):
+        build_recipe({"overall": {"spread": 0}, "sparsegpt": {}}, "x", "test")
 
 
 def test_a_recipe_spread_bounds_every_units_rate_in_the_model(calib):
@@ -95,7 +109,8 @@ def test_compare_puts_smart_beside_the_peers_at_equal_size(model_dirs, use_data,
 
     # the tiny model's embedding (GPT-2 vocabulary) holds 99% of its parameters: a small target
     recipe = tmp_path / "smart-tiny.yaml"
-    recipe.write_text("overall: {target: 0.01}\nfpp_emb: {criterion: frequency, steps: 0}\nsparsegpt: {}\n")
+    recipe.write_text("overall: {target: 0.01}\nfpp_emb: {criterion: frequency, steps: 0}\nsparsegpt: {}\n"
+                      "calibration: {eval_samples: 2}\n")  # its own held-out windows: the joint measurement's
     code, _, err = run(capsys, "compare", model_dirs["llama"], "--methods", f"{recipe},sparsegpt,wanda", "--sparsity",
                        f"match:{recipe}", "--tasks", "wikitext2", "--limit", "1", "--seqlen", "64",
                        "--calib-samples", "8", "--calib-seqlen", "16", "--json", tmp_path / "c.json")
@@ -103,8 +118,10 @@ def test_compare_puts_smart_beside_the_peers_at_equal_size(model_dirs, use_data,
     rows = {r["method"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
     assert rows[str(recipe)]["compression"] == pytest.approx(0.01, abs=1e-6)
     assert rows[str(recipe)]["allocation"]["target"] == 0.01
+    assert rows[str(recipe)]["calibration"] == {"text": "wikitext2", "samples": 8, "seqlen": 16, "eval_samples": 2}
     for peer in ("sparsegpt", "wanda"):  # the same number of parameters removed, within one per matrix
         assert rows[peer]["compression"] == pytest.approx(0.01, abs=1e-5)
+        assert rows[peer]["calibration"] == {"text": "wikitext2", "samples": 8, "seqlen": 16, "eval_samples": 4}
 
 
 def test_scored_by_its_stage_a_unit_is_pruned_as_sparsegpt_will_prune_it(calib):
@@ -247,6 +264,10 @@ def test_a_joint_allocation_meets_the_target_within_the_spread(embedding, calib)
     assert any(u["unit"] == "embedding" for u in a["units"]) == embedding
 
 
-def test_a_joint_measurement_needs_a_spread():
-    with pytest.raises(RecipeError, match=r"set overall\.spread"):
-        build_recipe({"overall": {"sensitivity": "joint"}, "sparsegpt": {}}, "r", "test")
+def test_the_quick_schedule_halves_a_joint_measurement_and_leaves_a_structured_plan_alone():
+    from smartprune.runs.preflight import quick_schedule
+
+    smart, said = quick_schedule(load_recipe("smart-50"))  # joint by default: two moves each side
+    assert smart.overall.points == 1 and "joint measurement at the mean +- the spread only" in said
+    slim, said = quick_schedule(load_recipe("slim-40"))  # its overall section plans structure, no moves
+    assert slim.overall == load_recipe("slim-40").overall and "joint" not in said

@@ -143,3 +143,50 @@ def test_sparsegpt_at_several_rates_in_one_sweep_equals_one_sweep_per_rate():
     for rate, version in zip(rates, together, strict=True):
         alone, prune = sparsegpt(w, stats.gram, rate, blocksize=32)
         assert torch.equal(version, alone) and int((version == 0).sum()) == int(prune.sum()) == round(rate * w.numel())
+
+
+def _textbook_sparsegpt(w: torch.Tensor, gram: torch.Tensor, sparsity: float, blocksize: int,
+                        nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """SparseGPT without any lazy update: every pruned column's error applied to all later columns at
+    once, the mask of each block chosen from the weights as they are when the block starts."""
+    from smartprune.methods.sparsegpt import inverse_hessian_factor
+
+    hinv, _ = inverse_hessian_factor(gram)
+    w = w.clone().double()
+    rows, cols = w.shape
+    total = round(sparsity * rows * cols)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        d = hinv.diagonal()[i1:i2]
+        mask = lowest_in_matrix(w[:, i1:i2].pow(2) / d.pow(2), round(total * i2 / cols) - round(total * i1 / cols))
+        for i in range(i1, i2):
+            if nm is not None and (i - i1) % nm[1] == 0:
+                g = slice(i, i + nm[1])
+                mask[:, g.start - i1:g.stop - i1] = lowest_n_of_m(w[:, g].pow(2) / hinv.diagonal()[g].pow(2), *nm)
+            err = torch.where(mask[:, i - i1], w[:, i], torch.zeros_like(w[:, i])) / hinv[i, i]
+            w[:, i:] -= err[:, None] * hinv[i, i:]
+            w[mask[:, i - i1], i] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("blocksize,nm", [(40, None), (128, None), (24, (2, 4))])
+def test_lazy_sweep_equals_the_textbook_column_by_column_update(blocksize, nm):
+    # the sweep updates within a block lazily too (16 columns at a time, the rest by one product):
+    # the same sums in another order, so the same weights to float64 rounding and the same masks
+    _, w, stats = _correlated_layer(d_in=96, d_out=24)
+    w = (w * 4).round() / 4  # few distinct values, as in a quantized file: ties in the first block's scores
+    expected = _textbook_sparsegpt(w, stats.gram, 0.5 if nm is None else 0.0, blocksize, nm)
+    got, prune = sparsegpt(w, stats.gram, 0.5 if nm is None else 0.0, nm=nm, blocksize=blocksize)
+    assert torch.equal(prune, expected == 0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_lowest_in_matrix_is_top_k_choice_with_ties_at_the_threshold_or_without():
+    no_ties = torch.tensor([[0.3, 0.1], [0.4, 0.2]])
+    assert lowest_in_matrix(no_ties, 2).tolist() == [[False, True], [False, True]]
+    tied = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.0, 1.0] * 50)  # 200 ones tie across the threshold
+    expected = torch.zeros(300, dtype=torch.bool)
+    expected[torch.topk(tied, 120, largest=False).indices] = True
+    got = lowest_in_matrix(tied, 120)
+    assert int(got.sum()) == 120 and torch.equal(got, expected)
+    assert lowest_in_matrix(tied, 0).sum() == 0 and lowest_in_matrix(tied, 300).all()

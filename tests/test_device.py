@@ -1,6 +1,8 @@
 """Mixed precision must see weights changed inside it: the engine prunes and fits weights in place
-within one autocast region, and torch's cast cache would otherwise keep serving the dense copy."""
+within one autocast region, and torch's cast cache would otherwise keep serving the dense copy; and the
+CPU allocator's retained heap (no fresh pages for every large tensor of a measurement)."""
 
+import pytest
 import torch
 
 from smartprune.adapters import get_adapter
@@ -40,3 +42,35 @@ def test_the_allocation_measures_block_units_in_bfloat16(kind, pattern_calib):
     for name in costly:  # ... and in bfloat16 about as much
         full, half = curves[torch.float32][name], curves[torch.bfloat16][name]
         assert half[-1] > 0.5 * full[-1], (name, full, half)
+
+
+def test_retained_heap_serves_large_tensors_from_the_heap_and_gives_it_back():
+    import ctypes
+    import platform
+
+    from smartprune.device import _glibc, retained_heap
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator only")
+    libc = _glibc()
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc before 2.33 has no mallinfo2")
+
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                         "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = Info
+
+    def mapped(mib: int) -> int:  # bytes mapped apart from the heap while a tensor of `mib` MiB lives
+        before = libc.mallinfo2().hblkhd
+        t = torch.ones(mib << 18)
+        after = libc.mallinfo2().hblkhd
+        del t
+        return after - before
+
+    # sizes above any chunk an earlier test may have left free in the heap, which glibc would reuse
+    assert mapped(320) >= 320 << 20  # glibc's default: a fresh mapping for a large block, unmapped when freed
+    with retained_heap():
+        assert mapped(64) == 0 and mapped(64) == 0  # from the heap, kept for the next one
+    assert mapped(384) >= 384 << 20  # the default back after

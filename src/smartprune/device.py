@@ -65,3 +65,42 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """The device a model's parameters live on (inputs are moved there)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def retained_heap():
+    """Within: the C library's allocator serves large CPU tensors from its heap and keeps them when freed.
+    By default glibc maps fresh pages from the kernel for every allocation above 32 MiB and unmaps them
+    when it is freed, so a phase that allocates the same large tensors thousands of times (an allocation's
+    measurement: logits over the vocabulary, activations of later blocks) pays a page fault per 4 KiB each
+    time: on SmolLM2-135M a quarter of the time of a joint measurement, measured. After: the thresholds
+    glibc's own adjustment reaches (32 / 64 MiB), and the memory kept given back. Elsewhere than glibc on
+    Linux, nothing changes."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+        libc.malloc_trim(0)

@@ -21,7 +21,7 @@ from smartprune.cli.shared import (
     window,
 )
 from smartprune.errors import DataError
-from smartprune.recipes.sections import RecoverConfig
+from smartprune.recipes.sections import RECOVERY_BUDGETS, RecoverConfig
 
 
 def add_recipes(sub) -> None:
@@ -113,13 +113,16 @@ def add_demo(sub) -> None:
                        "time taken. --recipe runs one recipe instead.")
     d.add_argument("--model", default="smollm2-135m", help=MODEL_HELP)
     d.add_argument("--recipe", help="one recipe name or file instead of the two (paper and smart-40)")
+    full, quick = RECOVERY_BUDGETS["full"], RECOVERY_BUDGETS["quick"]
     d.add_argument("--quick", action="store_true",
-                   help="shorter in every phase: 8 calibration windows of 64 tokens, a coarser schedule, 8 recovery "
-                   "steps of 4 x 128 tokens, 4 evaluation windows, 16 decoded tokens")
+                   help=f"shorter in every phase: 8 calibration windows of 64 tokens, a coarser schedule, "
+                   f"{quick['steps']} recovery steps of {quick['batch_size']} x {quick['seqlen']} tokens, 4 evaluation "
+                   "windows, 16 decoded tokens")
     d.add_argument("--limit", type=positive, help="evaluation windows (16; --quick: 4)")
     seed(d)
-    d.add_argument("--recover-steps", type=int, help="recovery steps after compression (120; --quick: 16; "
-                   "0 skips recovery; a recipe with its own recover section sets its own)")
+    d.add_argument("--recover-steps", type=int, help=f"recovery steps after compression ({full['steps']} of "
+                   f"{full['batch_size']} x {full['seqlen']} tokens; --quick: {quick['steps']}; 0 skips recovery; a "
+                   "recipe with its own recover section sets its own)")
     d.add_argument("--recover-objective", choices=("end_to_end", "blockwise"),
                    help="end_to_end (distil the whole model) or blockwise (first fit each block to the dense "
                    "block's, or after depth the dense span's, outputs, then the end-to-end steps; docs/guide.md, "

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from smartprune.adapters import Adapter
+from smartprune.device import retained_heap
 from smartprune.errors import RecipeError
 from smartprune.methods.criteria import wanda_score
 from smartprune.methods.fpp import criterion_score, lookup_counts
@@ -420,13 +421,14 @@ def plan(adapter: Adapter, cfg: OverallConfig, calib_ids: Tensor, eval_ids: Tens
     paths = [p for u in all_units if u.block is not None for p in u.paths]
     prune = block_pruner(model, paths, calib_ids, how, stage_cfg) if paths else None
     joint = cfg.sensitivity == "joint"
-    if joint:
-        grid, base = joint_grid(remove / sum(u.size for u in all_units), cfg)
-        curves = joint_sensitivity(adapter, all_units, calib_ids, eval_ids, grid, base, cfg.emb_criterion, prune,
-                                   progress)
-    else:
-        grid = cfg.grid()
-        curves = sensitivity(adapter, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress, prune)
+    with retained_heap():  # thousands of same-sized large tensors: no fresh pages from the kernel for each
+        if joint:
+            grid, base = joint_grid(remove / sum(u.size for u in all_units), cfg)
+            curves = joint_sensitivity(adapter, all_units, calib_ids, eval_ids, grid, base, cfg.emb_criterion,
+                                       prune, progress)
+        else:
+            grid = cfg.grid()
+            curves = sensitivity(adapter, all_units, calib_ids, eval_ids, grid, cfg.emb_criterion, progress, prune)
     counts = allocate(all_units, curves, grid, remove, cfg.spread, origin=not joint)
     rates = matrix_rates(all_units, counts, model)
     report = {"target": cfg.target, "removed": sum(counts.values()), "grid": list(grid),

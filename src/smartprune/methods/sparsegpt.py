@@ -71,33 +71,45 @@ def _sweep(w: Tensor, hinv: Tensor, dead: Tensor, sparsities: list[float], nm: t
     w[:, :, dead] = 0.0
     prune = torch.zeros(versions, rows, cols, dtype=torch.bool, device=w.device)
     totals = [round(s * rows * cols) for s in sparsities]
+    # Within a block too, the columns are updated lazily: `inner` columns one by one, then the rest of
+    # the block by one matrix product (the same sums in another order; the per-column updates over the
+    # whole block were most of the time). A multiple of M, so no N:M group straddles two inner blocks.
+    inner = 16 if nm is None else nm[1] * max(1, 16 // nm[1])
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1, hinv1 = w[:, :, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        hinv1 = hinv[i1:i2, i1:i2]
         d = hinv1.diagonal()
+        w1 = w[:, :, i1:i2].permute(2, 0, 1).contiguous()  # (columns, versions, rows): a column is contiguous
         err1 = torch.zeros_like(w1)
         if fixed is not None:
-            mask1 = fixed[:, :, i1:i2].to(w.device)
+            mask1 = fixed[:, :, i1:i2].to(w.device).permute(2, 0, 1)
         elif nm is None:  # this block's share of the exact total, chosen adaptively within the block
-            mask1 = torch.stack([lowest_in_matrix(w1[v].pow(2) / d.pow(2),
+            mask1 = torch.stack([lowest_in_matrix(w[v, :, i1:i2].pow(2) / d.pow(2),
                                                   round(t * i2 / cols) - round(t * i1 / cols))
-                                 for v, t in enumerate(totals)])
+                                 for v, t in enumerate(totals)]).permute(2, 0, 1)
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if fixed is None and nm is not None and i % nm[1] == 0:
-                g = slice(i, i + nm[1])
-                score = w1[:, :, g].pow(2) / d[g].pow(2)
-                mask1[:, :, g] = lowest_n_of_m(score.reshape(-1, nm[1]), *nm).view_as(score)
-            col = w1[:, :, i]
-            q = torch.where(mask1[:, :, i], torch.zeros_like(col), col)
-            err = (col - q) / d[i]
-            w1[:, :, i:] -= err[:, :, None] * hinv1[i, i:]
-            w1[:, :, i] = q  # exactly zero where pruned
-            err1[:, :, i] = err
-        w[:, :, i1:i2] = w1
-        prune[:, :, i1:i2] = mask1
-        w[:, :, i2:] -= err1 @ hinv[i1:i2, i2:]
+        # per column: err = w / d where pruned (0 where kept), the later columns of the inner block
+        # minus err * hinv row, the column itself zeroed where pruned (few calls: the loop is bound by them)
+        pruned = mask1.to(w1.dtype)
+        dl = d.tolist()
+        cols1, errs, prunes, masks = w1.unbind(0), err1.unbind(0), pruned.unbind(0), mask1.unbind(0)
+        for j1 in range(0, i2 - i1, inner):
+            j2 = min(j1 + inner, i2 - i1)
+            for i in range(j1, j2):
+                if fixed is None and nm is not None and i % nm[1] == 0:
+                    score = (w1[i:i + nm[1]].pow(2) / d[i:i + nm[1], None, None].pow(2)).permute(1, 2, 0)
+                    chosen = lowest_n_of_m(score.reshape(-1, nm[1]), *nm).view_as(score).permute(2, 0, 1)
+                    mask1[i:i + nm[1]] = chosen
+                    pruned[i:i + nm[1]] = chosen
+                torch.mul(cols1[i], prunes[i], out=errs[i]).div_(dl[i])
+                w1[i:j2].addcmul_(hinv1[i, i:j2, None, None], errs[i], value=-1.0)
+                cols1[i].masked_fill_(masks[i], 0.0)  # exactly zero where pruned
+            # the rest of the block gets these columns' errors in one product, not one per column
+            w1[j2:] -= torch.tensordot(hinv1[j1:j2, j2:], err1[j1:j2], dims=([0], [0]))
+        w[:, :, i1:i2] = w1.permute(1, 2, 0)
+        prune[:, :, i1:i2] = mask1.permute(1, 2, 0)
+        w[:, :, i2:] -= err1.permute(1, 2, 0) @ hinv[i1:i2, i2:]
     return w, prune
 
 

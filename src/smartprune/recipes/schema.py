@@ -33,6 +33,12 @@ class CalibrationConfig:
                                lo=1, hi=1_000_000)
 
 
+# What an `overall` section leaves unset, by how units are measured (docs/smart-results.md sections 8-11):
+# joint: each unit moved JOINT_POINTS step(s) each side of the mean, within JOINT_SPREAD of it;
+# the single-unit measurements: a grid of GRID_POINTS rates up to max_rate, unbounded.
+JOINT_POINTS, JOINT_SPREAD, GRID_POINTS = 2, 0.2, 4
+
+
 @dataclass(frozen=True)
 class OverallConfig:
     """Allocation instead of fixed rates: the overall compression to reach exactly, shared out over the
@@ -41,21 +47,30 @@ class OverallConfig:
 
     target: float = option(0.5, "fraction of all the model's parameters removed (exactly)", lo=0.0, hi=0.99)
     max_rate: float = option(0.9, "highest rate any matrix may reach (the sensitivity grid's top)", lo=0.01, hi=1.0)
-    points: int = option(4, "sensitivity grid: rates max_rate * k / points for k = 1..points (joint: mean "
-                         "+- spread * k / points)", lo=1, hi=100)
+    points: int | None = option(None, f"rates measured per unit: joint: mean +- spread * k / points, k = 1..points "
+                                f"each side (default {JOINT_POINTS}); wanda, stage: max_rate * k / points, k = "
+                                f"1..points (default {GRID_POINTS})", lo=1, hi=100)
     emb_criterion: str = option("frequency", "how the embedding is scored while measuring: magnitude | frequency",
                                 choices=offered("embedding"))
-    sensitivity: str = option("wanda", "how a block unit is pruned while its loss is measured: wanda (|W| * ||X||, "
-                              "no weight update) | stage (by the recipe's own pruning stage: SparseGPT with its "
-                              "weight update, Wanda or magnitude) | joint (by the stage, each unit moved by +-spread "
-                              "while every other unit sits at the mean rate; divergence from the dense model; "
-                              "needs spread)", choices=("wanda", "stage", "joint"))
+    sensitivity: str = option("joint", "how a block unit is measured: joint (the default: every unit pruned by the "
+                              "recipe's stage at the mean rate, each one moved within +-spread of it, the divergence "
+                              "from the dense model) | wanda (each unit alone, |W| * ||X||, no weight update) | stage "
+                              "(each unit alone, by the recipe's own pruning stage)",
+                              choices=("joint", "wanda", "stage"))
     spread: float | None = option(None, "bound every unit's rate to within this of the mean rate the allocatable "
-                                  "matrices need (OWL's lambda); none: unbounded", lo=0.0, hi=1.0)
+                                  f"matrices need (OWL's lambda); default {JOINT_SPREAD} under joint, unbounded "
+                                  "otherwise", lo=0.0, hi=1.0)
     structure: str = option("zeroed", "structured stages: how each (blocks, heads, width) candidate is scored: "
                             "zeroed (the removed inputs zeroed) | compensated (where the stage compensates, the "
                             "removed inputs replaced by their least-squares prediction, as its re-fit does)",
                             choices=("zeroed", "compensated"))
+
+    def __post_init__(self) -> None:  # the unset fields take their measurement's default
+        joint = self.sensitivity == "joint"
+        if self.points is None:
+            object.__setattr__(self, "points", JOINT_POINTS if joint else GRID_POINTS)
+        if self.spread is None and joint:
+            object.__setattr__(self, "spread", JOINT_SPREAD)
 
     def grid(self) -> tuple[float, ...]:
         return tuple(self.max_rate * k / self.points for k in range(1, self.points + 1))
@@ -265,7 +280,7 @@ def _check_overall(stages: dict[str, FitConfig], overall: OverallConfig | None, 
         raise RecipeError(f"recipe {source}: overall: one pruning stage at most")
     if overall.sensitivity == "joint" and not overall.spread:
         raise RecipeError(f"recipe {source}: overall: sensitivity 'joint' measures each unit within +-spread of the "
-                          "mean rate; set overall.spread (e.g. 0.1)")
+                          f"mean rate; spread 0 leaves it nothing to measure (default {JOINT_SPREAD})")
     if any(getattr(stages.get(k), "owl", None) is not None for k in PRUNING_STAGES):
         raise RecipeError(f"recipe {source}: overall: the allocation and OWL both set the block sparsities; "
                           "keep one")

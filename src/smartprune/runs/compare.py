@@ -16,6 +16,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from smartprune.adapters import get_adapter
 from smartprune.compression.accounting import block_linear_weights
 from smartprune.compression.engine import compress
-from smartprune.data import calibration, check_positions, eval_text, tokenize, train_text_path
+from smartprune.data import Calibration, calibration, check_positions, eval_text, tokenize, train_text_path
 from smartprune.device import resolve_compute_dtype, resolve_device
 from smartprune.errors import RecipeError, did_you_mean
 from smartprune.evaluation.perplexity import check_limit, perplexity_of_ids
@@ -296,14 +297,14 @@ class _Comparer:
         self.settings, self.keep_dir, self.progress, self.partial = settings, keep_dir, progress, partial
         self.methods = _resolve_methods(settings.methods)
         self.sparsities = [parse_sparsity(t) for t in settings.sparsities]
-        for label, _, _ in self.sparsities:  # match:RECIPE names a recipe that must exist before any work
-            if label.startswith("match:"):
-                load_recipe(label[6:])
+        # match:RECIPE names a recipe that must exist before any work
+        matched = [load_recipe(label[6:]) for label, _, _ in self.sparsities if label.startswith("match:")]
         check_limit(settings.limit)
         self.dev = resolve_device(settings.device)
         resolve_compute_dtype(settings.compute_dtype, self.dev)  # an unknown name fails before any model work
         self.recover_cfg = _recover_config(settings)
-        train_text_path("wikitext2")
+        for text in {"wikitext2"} | {r.calibration.text for r in [r for _, r in self.methods if r] + matched}:
+            train_text_path(text)
         texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
         self.saved = _saved_units(partial, settings)  # an interrupted run's rows: refused (other settings) first
         self.loaded = load_model(settings.model)
@@ -318,6 +319,7 @@ class _Comparer:
         self.eval_ids = {t: tokenize(self.tok, text) for t, text in texts.items()}
         self.calib = calibration(self.tok, "wikitext2", settings.calib_samples, settings.calib_seqlen, 4,
                                  settings.seed)
+        self.calibs = {("wikitext2", 4): self.calib}
         self.removed_by: dict[str, int] = dict(self.saved["removed_by"])
         self.rows: list[dict] = []
 
@@ -346,15 +348,25 @@ class _Comparer:
             row["folder"] = keep(model, self.tok, self.keep_dir / folder_name(len(self.rows), method, sparsity))
         self.rows.append(row)
 
+    def calibration(self, recipe: Recipe) -> Calibration:
+        """The recipe's calibration text and held-out windows (its own measurement's; an allocation's), the
+        window count and length of the comparison: the baselines' windows wherever the recipe's text is theirs."""
+        key = (recipe.calibration.text, recipe.calibration.eval_samples)
+        if key not in self.calibs:
+            self.calibs[key] = calibration(self.tok, key[0], self.settings.calib_samples, self.settings.calib_seqlen,
+                                           key[1], self.settings.seed)
+        return self.calibs[key]
+
     def run(self, method: str, label: str, recipe: Recipe) -> dict:
         fresh = load_model(self.settings.model).model
         with PeakRSS() as mem:
             t = time.perf_counter()
-            report = compress(fresh, self.tok, recipe, seed=self.settings.seed, calib=self.calib,
+            report = compress(fresh, self.tok, recipe, seed=self.settings.seed, calib=self.calibration(recipe),
                               progress=self.progress, device=self.dev,
                               compute_dtype=self.settings.compute_dtype).report
             seconds = time.perf_counter() - t
         self.evaluate(fresh, method, label, (report["overall"]["compression"], seconds, mem.peak))
+        self.rows[-1]["calibration"] = report["calibration"]  # the windows it was compressed with
         if "allocation" in report:  # the rates a recipe with an overall section chose
             self.rows[-1]["allocation"] = report["allocation"]
         return report
@@ -383,7 +395,8 @@ class _Comparer:
 
     def baseline_row(self, name: str, label: str, fraction: float | None, pattern: str | None) -> None:
         if label.startswith("match:"):
-            fraction = _matched_fraction(label[6:], self.removed_by, self.loaded.model, self.settings, self.calib)
+            fraction = _matched_fraction(label[6:], self.removed_by, self.loaded.model, self.settings,
+                                         self.calibration)
             label = f"{label} ({fraction:.4f})"
         self.run(name, label, _baseline_recipe(name, fraction, pattern))
 
@@ -405,12 +418,14 @@ def _recover_config(settings: CompareSettings) -> RecoverConfig | None:
 
 
 def _matched_fraction(recipe_name: str, removed_by: dict[str, int], model, settings: CompareSettings,
-                      calib) -> float:
-    """The block-linear sparsity that removes as many parameters as `recipe_name` did."""
+                      calib: Callable[[Recipe], Calibration]) -> float:
+    """The block-linear sparsity that removes as many parameters as `recipe_name` did (`calib`: the windows
+    a recipe is compressed with)."""
     if recipe_name not in removed_by:  # not among --methods: run it now (it is not reported)
         fresh = load_model(settings.model).model
+        recipe = load_recipe(recipe_name)
         removed_by[recipe_name] = _removed(
-            compress(fresh, None, load_recipe(recipe_name), seed=settings.seed, calib=calib,
+            compress(fresh, None, recipe, seed=settings.seed, calib=calib(recipe),
                      device=settings.device, compute_dtype=settings.compute_dtype).report)
     total = block_linear_weights(get_adapter(model))
     fraction = removed_by[recipe_name] / total

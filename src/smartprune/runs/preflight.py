@@ -18,6 +18,7 @@ from smartprune.errors import ArtifactError, DataError, OutputError, RecipeError
 from smartprune.evaluation.perplexity import check_limit
 from smartprune.files import check_free_space, check_output, check_output_file, check_outputs_apart, read_json
 from smartprune.hf import config_parameters
+from smartprune.methods import STRUCTURED
 from smartprune.recipes import Recipe, load_recipe
 from smartprune.recipes.schema import (
     RECOVERY_BUDGETS,
@@ -39,7 +40,7 @@ IDENTITY = "run.json"  # the model, recipe and seed that made it
 # (the paper's 10% is 7 iterations to 70%); on SmolLM2 the `paper` compression is most of the demo's time
 QUICK_STEP = 0.25
 QUICK_FPP_SHARE = 0.35
-QUICK_JOINT_POINTS = 1  # a joint allocation's moves each side of the mean (half the measurements of smart-40's 2)
+QUICK_JOINT_POINTS = 1  # a joint allocation's moves each side of the mean (half the default's 2)
 QUICK_CALIBRATION = {"samples": 8, "seqlen": 64}
 QUICK_LIMIT, LIMIT = 4, 16  # evaluation windows
 
@@ -164,7 +165,8 @@ def quick_schedule(rec: Recipe) -> tuple[Recipe, str]:
         changes["strategy"] = dataclasses.replace(rec.strategy, step=QUICK_STEP)
         said.append(f"recursive rate steps of {QUICK_STEP:g} (recipe: {rec.strategy.step:g})")
     o = rec.overall
-    if o is not None and o.sensitivity == "joint" and o.points > QUICK_JOINT_POINTS:
+    unstructured = not any(k in STRUCTURED for k in rec.stages)  # a structured allocation measures no moves
+    if o is not None and unstructured and o.sensitivity == "joint" and o.points > QUICK_JOINT_POINTS:
         changes["overall"] = dataclasses.replace(o, points=QUICK_JOINT_POINTS)
         said.append(f"joint measurement at the mean +- the spread only (recipe: {o.points} points each side)")
     for name, cfg in rec.stages.items():
