@@ -303,7 +303,8 @@ class _Comparer:
         self.dev = resolve_device(settings.device)
         resolve_compute_dtype(settings.compute_dtype, self.dev)  # an unknown name fails before any model work
         self.recover_cfg = _recover_config(settings)
-        for text in {"wikitext2"} | {r.calibration.text for r in [r for _, r in self.methods if r] + matched}:
+        recipes = [r for _, r in self.methods if r is not None] + matched
+        for text in {"wikitext2"} | {r.calibration.text for r in recipes}:  # the baselines calibrate on wikitext2
             train_text_path(text)
         texts = {t: eval_text(t) for t in settings.tasks}  # missing data fails before any model work
         self.saved = _saved_units(partial, settings)  # an interrupted run's rows: refused (other settings) first
@@ -317,9 +318,7 @@ class _Comparer:
                             "--measure")
         self.tok = self.loaded.tokenizer
         self.eval_ids = {t: tokenize(self.tok, text) for t, text in texts.items()}
-        self.calib = calibration(self.tok, "wikitext2", settings.calib_samples, settings.calib_seqlen, 4,
-                                 settings.seed)
-        self.calibs = {("wikitext2", 4): self.calib}
+        self.calibs: dict[tuple[str, int], Calibration] = {}  # by (text, held-out windows), `calibration`
         self.removed_by: dict[str, int] = dict(self.saved["removed_by"])
         self.rows: list[dict] = []
 
@@ -359,9 +358,10 @@ class _Comparer:
 
     def run(self, method: str, label: str, recipe: Recipe) -> dict:
         fresh = load_model(self.settings.model).model
+        calib = self.calibration(recipe)  # tokenized once per text, outside the compression's time
         with PeakRSS() as mem:
             t = time.perf_counter()
-            report = compress(fresh, self.tok, recipe, seed=self.settings.seed, calib=self.calibration(recipe),
+            report = compress(fresh, self.tok, recipe, seed=self.settings.seed, calib=calib,
                               progress=self.progress, device=self.dev,
                               compute_dtype=self.settings.compute_dtype).report
             seconds = time.perf_counter() - t
