@@ -2,6 +2,7 @@
 equal one, and the command line refuses bad input in one line."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from smartprune.cli.main import main
 from smartprune.modules.masked import FoldedProjection, Maskable
-from smartprune.recipes.schema import RecoverConfig
+from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
 from smartprune.storage.load import load
 from smartprune.storage.save import save
 from smartprune.training.recover import recover, structure_report
@@ -174,6 +175,47 @@ def test_blockwise_refuses_what_it_cannot_pair(gpt2_tokenizer, use_data):
     assert build_recipe({"depth": {"rate": 0.25}, "recover": {"objective": "blockwise"}}, "x", "test").recover
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_objective_auto_fits_blocks_only_where_the_shapes_changed(compressed, gpt2_tokenizer, use_data):
+    """`paper` (folded and pruned matrices of their full size) keeps the dense shapes: end-to-end; a
+    feed-forward width or a block removed changes them: blockwise, unless the fits cannot run (several
+    processes, no teacher, a removed block not named)."""
+    from smartprune.adapters import get_adapter
+    from smartprune.training.blockwise import resolve_objective, shapes_changed
+
+    model, teacher = compressed
+    auto = RecoverConfig(objective="auto", **SMALL)
+    assert not shapes_changed(model, teacher) and not shapes_changed(teacher, teacher)
+    assert resolve_objective(auto, model, teacher, 1).objective == "end_to_end"
+    from smartprune.compression.engine import compress
+    from smartprune.data import Calibration
+    from smartprune.recipes.schema import build_recipe
+
+    narrow = copy.deepcopy(teacher)  # half the feed-forward neurons removed (the structured stage)
+    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(0))
+    compress(narrow, None, build_recipe({"ff_neurons": {"rate": 0.5}}, "narrow", "test"),
+             calib=Calibration(ids, ids[:3], "synthetic"), progress=False)
+    assert shapes_changed(narrow, teacher)
+    assert resolve_objective(auto, narrow, teacher, 1).objective == "blockwise"
+    r = recover(narrow, gpt2_tokenizer, dataclasses.replace(auto, steps=1, block_steps=1, cache_windows=4,
+                                                            lr_after_fits=1e-4), teacher=teacher, progress=False)
+    assert r["objective"] == "blockwise" and r["blockwise"]["block_steps"] == 1 and r["config"]["objective"] == \
+        "blockwise"
+    full = RecoverConfig(**RECOVERY_BUDGETS["full"])  # the demo's: fits, then its own peak; quick: end-to-end
+    assert lr_at(39, 40, resolve_objective(full, narrow, teacher, 1)) < lr_at(39, 40, full)
+    assert resolve_objective(RecoverConfig(**RECOVERY_BUDGETS["quick"]), narrow, teacher, 1).objective == \
+        "end_to_end"
+    shallow = copy.deepcopy(teacher)
+    get_adapter(shallow).keep_blocks([0])
+    assert shapes_changed(shallow, teacher)
+    assert resolve_objective(auto, shallow, teacher, 1, removed=[1]).objective == "blockwise"
+    assert resolve_objective(auto, shallow, teacher, 1).objective == "end_to_end"  # which block went: unknown
+    assert resolve_objective(auto, shallow, teacher, 2, removed=[1]).objective == "end_to_end"  # two processes
+    assert resolve_objective(auto, shallow, None, 1, removed=[1]).objective == "end_to_end"
+    fixed = RecoverConfig(objective="end_to_end", **SMALL)
+    assert resolve_objective(fixed, shallow, teacher, 1, removed=[1]) is fixed
+
+
 def test_block_spans_give_each_kept_block_the_removed_blocks_after_it():
     from smartprune.training.blockwise import block_spans, removed_in
 
@@ -218,6 +260,10 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert lr_at(9, 100, cfg) == pytest.approx(1.0)
     assert lr_at(100, 100, cfg) == pytest.approx(0.1)
     assert lr_at(55, 100, cfg) == pytest.approx(0.55)  # halfway through the cosine: (1 + 0.1) / 2
+    after = dataclasses.replace(cfg, lr_after_fits=0.3)  # its peak only where block fits came first
+    assert lr_at(9, 100, after) == pytest.approx(1.0)
+    fitted = dataclasses.replace(after, objective="blockwise")
+    assert lr_at(9, 100, fitted) == pytest.approx(0.3) and lr_at(100, 100, fitted) == pytest.approx(0.03)
 
 
 def test_structure_report_finds_a_revived_entry(compressed):

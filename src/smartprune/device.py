@@ -68,6 +68,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_retained_depth = 0  # retained_heap's nesting (only the outermost sets and restores glibc's thresholds)
 
 
 def _glibc():
@@ -91,16 +92,19 @@ def retained_heap():
     measurement: logits over the vocabulary, activations of later blocks) pays a page fault per 4 KiB each
     time: on SmolLM2-135M a quarter of the time of a joint measurement, measured. After: the thresholds
     glibc's own adjustment reaches (32 / 64 MiB), and the memory kept given back. Elsewhere than glibc on
-    Linux, nothing changes."""
+    Linux, nothing changes. Nested uses (an evaluation inside a recovery) leave it to the outermost."""
+    global _retained_depth
     libc = _glibc()
-    if libc is None:
+    if libc is None or _retained_depth:
         yield
         return
     libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    _retained_depth += 1
     try:
         yield
     finally:
+        _retained_depth -= 1
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
         libc.malloc_trim(0)

@@ -21,7 +21,7 @@ from smartprune.cli.shared import (
     window,
 )
 from smartprune.errors import DataError
-from smartprune.recipes.sections import RECOVERY_BUDGETS, RecoverConfig
+from smartprune.recipes.sections import OBJECTIVES, RECOVERY_BUDGETS, RecoverConfig
 
 
 def add_recipes(sub) -> None:
@@ -123,10 +123,11 @@ def add_demo(sub) -> None:
     d.add_argument("--recover-steps", type=int, help=f"recovery steps after compression ({full['steps']} of "
                    f"{full['batch_size']} x {full['seqlen']} tokens; --quick: {quick['steps']}; 0 skips recovery; a "
                    "recipe with its own recover section sets its own)")
-    d.add_argument("--recover-objective", choices=("end_to_end", "blockwise"),
-                   help="end_to_end (distil the whole model) or blockwise (first fit each block to the dense "
+    d.add_argument("--recover-objective", choices=OBJECTIVES,
+                   help="end_to_end (distil the whole model), blockwise (first fit each block to the dense "
                    "block's, or after depth the dense span's, outputs, then the end-to-end steps; docs/guide.md, "
-                   "Retraining after compression). Default: end_to_end")
+                   "Retraining after compression) or auto (blockwise for a structured recipe, whose shapes "
+                   f"changed). Default: {full['objective']}; --quick: {quick.get('objective', 'end_to_end')}")
     d.add_argument("--no-measure", action="store_true", help="skip measuring what the final model costs to run "
                    "against dense (decoding speed, prefill, peak RSS, bytes held: about a minute)")
     device(d)
@@ -151,7 +152,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # recover flags drawn from RecoverConfig's fields (validated by the recipe schema, so ranges and NaN are
 # checked once); the budget, the window length and the compute dtype are declared beside them
 RECOVER_FLAGS = ("text", "batch_size", "lr", "weight_decay", "temperature", "kl_weight", "ce_weight", "hidden_weight",
-                 "objective", "block_steps", "block_lr", "cache_windows", "eval_every", "eval_windows",
+                 "objective", "lr_after_fits", "block_steps", "block_lr", "cache_windows", "eval_every", "eval_windows",
                  "checkpoint_minutes", "sharding")
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from smartprune.options import option
 
+OBJECTIVES = ("end_to_end", "blockwise", "auto")
+
 
 @dataclass(frozen=True)
 class RecoverConfig:
@@ -36,11 +38,16 @@ class RecoverConfig:
     ce_weight: float = option(1.0, "weight of the next-token cross-entropy", lo=0.0, hi=1e6)
     hidden_weight: float = option(0.0, "weight of matching the last hidden states (mean squared error)", lo=0.0,
                                   hi=1e6)
-    objective: str = option("end_to_end", "end_to_end (distil the whole model) | blockwise (first fit each block to "
+    objective: str = option("auto", "end_to_end (distil the whole model) | blockwise (first fit each block to "
                             "the dense block's outputs on cached windows, block_steps steps per block, far cheaper "
-                            "per step; then the end-to-end budget)", choices=("end_to_end", "blockwise"))
+                            "per step; then the end-to-end budget) | auto (blockwise where the compression changed "
+                            "the model's shapes, blocks, heads or widths removed, and one process runs it; "
+                            "end_to_end otherwise)", choices=OBJECTIVES)
     block_steps: int = option(32, "objective blockwise: optimizer steps per block (batch_size cached windows each)",
                               lo=0, hi=1e7)
+    lr_after_fits: float | None = option(None, "end-to-end peak learning rate after block-wise fits (default: lr): a "
+                                         "model the fits brought near the dense one wants smaller steps", lo=0.0,
+                                         hi=1.0)
     block_lr: float = option(3e-3, "objective blockwise: AdamW peak learning rate of the block fits (warm-up, then "
                              "cosine to a tenth, per block)", lo=0.0, hi=1.0)
     cache_windows: int = option(64, "objective blockwise: training windows whose hidden states are cached", lo=1,
@@ -71,7 +78,12 @@ class RecoverConfig:
 
 
 # Named recovery budgets (the demo's, and `compare --recover-budget`'s): what fits the demo's time on two CPU
-# cores (30 and 6 minutes; a step of 4 x 256 tokens takes about 17 s there, of 4 x 128 about 10 s: docs/results),
-# distillation from the dense model. Until 2026-11-30 they were 120 and 16 steps (docs/frontier.md's runs).
-RECOVERY_BUDGETS = {"full": {"steps": 40, "seqlen": 256, "batch_size": 4, "lr": 1e-3, "eval_every": 20},
-                    "quick": {"steps": 8, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 8}}
+# cores (30 and 8 minutes; a step of 4 x 256 tokens takes about 17 s there, of 4 x 128 about 10 s: docs/results),
+# distillation from the dense model. Until 2026-11-30 they were 120 and 16 steps (docs/frontier.md's runs). The
+# full budget fits a structured model's blocks first (auto), then takes its end-to-end steps at 3e-4: on `slim-40`
+# that beat end-to-end steps for the same CPU time, and 1e-3 after the fits (docs/structured-results.md); the
+# quick one has no time for the fits (about 130 s on SmolLM2-135M).
+RECOVERY_BUDGETS = {"full": {"steps": 40, "seqlen": 256, "batch_size": 4, "lr": 1e-3, "eval_every": 20,
+                             "objective": "auto", "lr_after_fits": 3e-4},
+                    "quick": {"steps": 8, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 8,
+                              "objective": "end_to_end"}}

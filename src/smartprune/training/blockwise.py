@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from smartprune.adapters import get_adapter
 from smartprune.data import random_windows
 from smartprune.device import autocast
 from smartprune.errors import DataError
+from smartprune.modules.masked import Projection
 from smartprune.recipes.schema import RecoverConfig
 from smartprune.training.schedule import warmup_cosine
 from smartprune.training.sharding import StructureMasks
@@ -43,6 +45,31 @@ def check_blockwise(student: nn.Module, teacher: nn.Module, world_size: int, rem
         raise DataError(f"recovery objective 'blockwise' pairs each block with the dense model's, but the model has "
                         f"{n} of the teacher's {m} blocks and its report names {len(set(removed))} removed (stage "
                         "depth records which); use objective end_to_end")
+
+
+def shapes_changed(student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether compression changed the model's shapes (blocks, heads or widths removed: structured), rather
+    than zeroing or folding entries of matrices that keep their sizes."""
+    sa, ta = get_adapter(student), get_adapter(teacher)
+
+    def sizes(a) -> list[int]:  # every block linear's logical size (a pruned or folded matrix keeps its own)
+        mods = (a.model.get_submodule(p) for i in range(len(a.blocks())) for p in a.linear_paths(i).values())
+        return [m.d_in * m.d_out if isinstance(m, Projection) else m.weight.numel() for m in mods]
+
+    return len(sa.blocks()) != len(ta.blocks()) or sizes(sa) != sizes(ta)
+
+
+def resolve_objective(cfg: RecoverConfig, student: nn.Module, teacher: nn.Module | None, world_size: int,
+                      removed: Sequence[int] = ()) -> RecoverConfig:
+    """`cfg` with objective auto made concrete: blockwise where the compression changed the model's shapes
+    and block fits can run (one process, the dense teacher, each kept block paired with the dense span it
+    stands for: `removed` names the dense model's removed blocks), the full budget's case measured to win
+    per CPU-minute (docs/structured-results.md); end_to_end otherwise."""
+    if cfg.objective != "auto":
+        return cfg
+    fits = cfg.teacher == "dense" and teacher is not None and world_size == 1 and shapes_changed(student, teacher) \
+        and len(get_adapter(student).blocks()) == len(get_adapter(teacher).blocks()) - len(set(removed))
+    return replace(cfg, objective="blockwise" if fits else "end_to_end")
 
 
 def removed_in(report: dict) -> list[int]:

@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 
 from smartprune.adapters import get_adapter
 from smartprune.data import check_positions, recovery_streams, windows_at
-from smartprune.device import autocast, resolve_compute_dtype, resolve_device
+from smartprune.device import autocast, resolve_compute_dtype, resolve_device, retained_heap
 from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.modules.masked import FOLDED, Maskable
 from smartprune.recipes.schema import RecoverConfig
-from smartprune.training.blockwise import check_blockwise, fit_blocks
+from smartprune.training.blockwise import check_blockwise, fit_blocks, resolve_objective
 from smartprune.training.checkpoint import Checkpointer, RecoveryState
 from smartprune.training.distributed import agreed, all_reduce_mean, any_rank, check_batch_split, world
 from smartprune.training.schedule import lr_at
@@ -231,6 +231,7 @@ def _finish(run: _Run, model: nn.Module, cfg: RecoverConfig) -> dict:
             "objective": cfg.objective, **({"blockwise": state.blockwise} if state.blockwise else {})}
 
 
+@retained_heap()  # every step allocates the same vocabulary-wide tensors: served from the heap, no page faults
 def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Module | None = None,
             device: str | torch.device = "auto", seed: int = 0, checkpoint_dir: str | Path | None = None,
             resume: bool = False, progress: bool = True,
@@ -238,6 +239,11 @@ def recover(model: nn.Module, tokenizer, cfg: RecoverConfig, *, teacher: nn.Modu
     """Retrain compressed `model` in place with `cfg` (distilling from `teacher` unless ``cfg.teacher``
     is ``none``); returns the ``recovery`` section of report.json. ``removed_blocks``: the teacher's
     blocks that `model` no longer has (the depth stage's report), for the block-wise objective."""
+    asked = cfg.objective
+    cfg = resolve_objective(cfg, model, teacher, world()[1], removed_blocks)
+    if asked != cfg.objective:
+        log.info("objective auto: %s (%s)", cfg.objective, "the model's shapes differ from the dense model's"
+                 if cfg.objective == "blockwise" else "the model keeps the dense model's shapes, or no block fits")
     run = _setup(model, tokenizer, cfg, teacher, resolve_device(device), seed, checkpoint_dir, resume,
                  tuple(removed_blocks))
     state = run.state

@@ -20,5 +20,8 @@ def warmup_cosine(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def lr_at(step: int, total: int, cfg: RecoverConfig) -> float:
-    """Recovery's schedule: the warm-up is a share of the steps (at least one step when it is not 0)."""
-    return warmup_cosine(step, total, cfg.lr, max(1, round(cfg.warmup * total)) if cfg.warmup > 0 else 0)
+    """Recovery's end-to-end schedule: the warm-up is a share of the steps (at least one step when it is not
+    0); the peak is `lr_after_fits` where block-wise fits came first and it is set, else `lr`."""
+    fitted = cfg.objective == "blockwise" and cfg.lr_after_fits is not None
+    peak = cfg.lr_after_fits if fitted else cfg.lr
+    return warmup_cosine(step, total, peak, max(1, round(cfg.warmup * total)) if cfg.warmup > 0 else 0)
