@@ -52,7 +52,10 @@ def test_recover_flags_are_drawn_from_the_recover_section():
         action, f = actions[name], fields[name]
         assert action.option_strings == ["--" + name.replace("_", "-")] and action.default is None
         assert action.help.startswith(f.metadata["doc"]) and action.choices == f.metadata["choices"]
-        assert f"(default: {f.default:g})" in action.help if isinstance(f.default, float) else \
-            f"(default: {f.default})" in action.help
+        if f.default is None:  # its doc says what not giving it means (lr_after_fits: "default: lr")
+            assert "(default: None)" not in action.help and "default:" in f.metadata["doc"]
+        else:
+            assert f"(default: {f.default:g})" in action.help if isinstance(f.default, float) else \
+                f"(default: {f.default})" in action.help
     args = sub.parse_args(["c", "--teacher", "t", "--out", "o", "--lr", "0.5", "--objective", "blockwise"])
     assert (args.lr, args.objective, args.batch_size) == (0.5, "blockwise", None)
