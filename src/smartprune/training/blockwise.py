@@ -41,7 +41,7 @@ def check_blockwise(student: nn.Module, teacher: nn.Module, world_size: int, rem
     if world_size > 1:
         raise DataError("recovery objective 'blockwise' runs in one process; use --nproc 1 (or objective end_to_end)")
     n, m = len(get_adapter(student).blocks()), len(get_adapter(teacher).blocks())
-    if n != m - len(set(removed)) or any(not 0 <= i < m for i in removed):
+    if not _paired(n, m, removed) or any(not 0 <= i < m for i in removed):
         raise DataError(f"recovery objective 'blockwise' pairs each block with the dense model's, but the model has "
                         f"{n} of the teacher's {m} blocks and its report names {len(set(removed))} removed (stage "
                         "depth records which); use objective end_to_end")
@@ -68,8 +68,13 @@ def resolve_objective(cfg: RecoverConfig, student: nn.Module, teacher: nn.Module
     if cfg.objective != "auto":
         return cfg
     fits = cfg.teacher == "dense" and teacher is not None and world_size == 1 and shapes_changed(student, teacher) \
-        and len(get_adapter(student).blocks()) == len(get_adapter(teacher).blocks()) - len(set(removed))
+        and _paired(len(get_adapter(student).blocks()), len(get_adapter(teacher).blocks()), removed)
     return replace(cfg, objective="blockwise" if fits else "end_to_end")
+
+
+def _paired(kept: int, dense: int, removed: Sequence[int]) -> bool:
+    """Whether `kept` blocks pair with the `dense` model's once the `removed` ones are taken out."""
+    return kept == dense - len(set(removed))
 
 
 def removed_in(report: dict) -> list[int]:
