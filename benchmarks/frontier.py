@@ -26,11 +26,8 @@ import hashlib
 from pathlib import Path
 
 import yaml
-from structured import (  # the structured benchmark's, beside this file (same windows, same cache)
-    RECOVER_STEPS,
-    _cached,
-    _ppl,
-)
+from common import cached, ppl  # beside this file: the benchmarks' shared helpers
+from structured import RECOVER_STEPS  # the structured benchmark's budget (its rows are reused here)
 
 from smartprune.files import read_json, write_results
 from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
@@ -70,13 +67,13 @@ def made_row(name: str, recipe: str | dict, out: Path, limit: int, steps: int) -
     if not (folder / "compressed").is_dir():
         compress_model(MODEL, recipe, out=folder / "compressed", overwrite=True, progress=False)
     report = read_json(folder / "compressed" / "report.json", "report")
-    before = _cached(folder / "before.json", lambda: {"wikitext2": _ppl(folder / "compressed", "wikitext2", limit)})
+    before = cached(folder / "before.json", lambda: {"wikitext2": ppl(folder / "compressed", "wikitext2", limit)})
     if not (folder / "recovered").is_dir():
         cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps})
         recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / "recovered", cfg=cfg, overwrite=True,
                       progress=False)
     recovery = read_json(folder / "recovered" / "report.json", "report").get("recovery", {})
-    after = _cached(folder / "after.json", lambda: {t: _ppl(folder / "recovered", t, limit) for t in TASKS})
+    after = cached(folder / "after.json", lambda: {t: ppl(folder / "recovered", t, limit) for t in TASKS})
     return {"name": name, "kind": "made", "compression": report["overall"]["compression"], "before": before,
             "after": after, "recover_seconds": recovery.get("seconds"), "folder": str(folder / "recovered"),
             "held": "compact"}
@@ -104,7 +101,7 @@ def int8_row(name: str, source: str | None, structured: Path, out: Path, limit: 
         model = load_model(MODEL).model if source is None else load(structured / source, structured=False)
         tokenizer = AutoTokenizer.from_pretrained(converted_builtin(MODEL) if source is None else structured / source)
         save(model, target, tokenizer=tokenizer, dtype="int8")
-    after = _cached(out / f"{name}.json", lambda: {t: _ppl(target, t, limit) for t in TASKS})
+    after = cached(out / f"{name}.json", lambda: {t: ppl(target, t, limit) for t in TASKS})
     origin = read_json(structured / source.split("/")[0] / "compressed" / "report.json", "report") if source else None
     compression = origin["overall"]["compression"] if origin else 0.0
     return {"name": name, "kind": "8-bit re-encoding", "compression": compression, "before": None, "after": after,
@@ -231,7 +228,7 @@ def main() -> None:
     print("== bench", flush=True)
     specs = [dense_folder, *[r["folder"] for r in rows]]
     key = hashlib.sha256("\n".join(specs).encode()).hexdigest()[:8]
-    timed = _cached(args.out / f"bench-{key}.json", lambda: bench(specs, BenchSettings(
+    timed = cached(args.out / f"bench-{key}.json", lambda: bench(specs, BenchSettings(
         repeats=args.repeats, lengths=(512,), batches=(8,), residencies=("compact",), device="cpu",
         compute_dtypes=("float32",), train=False), progress=False).to_dict())
     data = {"model": MODEL, "limit": args.limit, "steps": args.recover_steps, "dense": dense, "rows": rows,

@@ -19,21 +19,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from smartprune.files import read_json, write_json, write_results
+from common import cached  # beside this file: the benchmarks' shared helpers
+
+from smartprune.files import write_results
 from smartprune.paths import data_file
 from smartprune.runtimes import llamacpp
 
 OURS = ("f32", "f16", "q8_0", "q4_0")
 THEIRS = ("f32", "f16", "q8_0")
 QUANTIZED = ("q4_0", "q4_k_m")  # llama-quantize of llama.cpp's own f16 file
-
-
-def _cached(path: Path, make):
-    if path.is_file():
-        return read_json(path, "cached result")
-    result = make()
-    write_json(path, result)
-    return result
 
 
 def files(folder: Path, name: str, out: Path) -> dict[str, Path]:
@@ -91,11 +85,11 @@ def own_perplexity(folder: Path, windows: int) -> dict:
 def measure(folder: Path, name: str, out: Path, chunks: int) -> dict:
     text = data_file("wikitext-2-raw", "wiki.test.raw")
     made = files(folder, name, out)
-    row = {"folder": str(folder), "own": _cached(out / f"{name}-own.json", lambda: own_perplexity(folder, chunks)),
-           "tokens": _cached(out / f"{name}-tokens.json",
+    row = {"folder": str(folder), "own": cached(out / f"{name}-own.json", lambda: own_perplexity(folder, chunks)),
+           "tokens": cached(out / f"{name}-tokens.json",
                              lambda: token_agreement(folder, made["ours f32"], text)), "files": {}}
     for label, path in made.items():
-        result = _cached(out / f"{path.stem}-ppl.json", lambda p=path: llamacpp.perplexity(p, text, chunks=chunks))
+        result = cached(out / f"{path.stem}-ppl.json", lambda p=path: llamacpp.perplexity(p, text, chunks=chunks))
         row["files"][label] = {**result, "bytes": path.stat().st_size, "file": path.name}
         print(f"{name:>14} {label:<16} ppl {result['ppl']:.4f}", flush=True)
     return row

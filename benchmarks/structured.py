@@ -25,16 +25,16 @@ import json
 from pathlib import Path
 
 import yaml
+from common import MODEL, cached, ppl  # beside this file: the benchmarks' shared helpers
 
 from smartprune.evaluation import perplexity
-from smartprune.files import read_json, write_json, write_results
+from smartprune.files import read_json, write_results
 from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
 from smartprune.runs.bench import BenchSettings, bench
 from smartprune.runs.compress import compress_model
 from smartprune.runs.recover import recover_model
-from smartprune.storage.sources import converted_builtin, load_model
+from smartprune.storage.sources import converted_builtin
 
-MODEL = "smollm2-135m"
 GGUF_LIMIT = 8  # perplexity windows of the GGUF read-back check
 # recovery steps (of the quick demo's 4 x 128 tokens): the budget the committed docs were measured with, the
 # quick demo's until 2026-11-30 (now 8); benchmarks/frontier.py reuses these rows, so it shares the number
@@ -110,20 +110,6 @@ def tiny_criteria(seeds: int = 5) -> list[dict]:
     return rows
 
 
-def _ppl(folder: Path, task: str, limit: int) -> dict:
-    loaded = load_model(str(folder))
-    r = perplexity(loaded.model, loaded.tokenizer, task, limit=limit, progress=False)
-    return {"perplexity": r.perplexity, "windows": r.windows}
-
-
-def _cached(path: Path, make) -> dict:
-    if path.is_file():
-        return read_json(path, "cached result")
-    data = make()
-    write_json(path, data)
-    return data
-
-
 def run_model(name: str, recipe: dict, out: Path, limit: int, steps: int) -> dict:
     print(f"== {name}", flush=True)
     folder = out / name
@@ -133,13 +119,13 @@ def run_model(name: str, recipe: dict, out: Path, limit: int, steps: int) -> dic
         compress_model(MODEL, folder / "recipe.yaml", out=folder / "compressed", dense_out=folder / "hf",
                        overwrite=True, progress=False)
     report = read_json(folder / "compressed" / "report.json", "report")
-    before = _cached(folder / "before.json", lambda: {"wikitext2": _ppl(folder / "hf", "wikitext2", limit)})
+    before = cached(folder / "before.json", lambda: {"wikitext2": ppl(folder / "hf", "wikitext2", limit)})
     if steps and not (folder / "recovered-hf").is_dir():
         cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps})
         recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / "recovered", cfg=cfg,
                       dense_out=folder / "recovered-hf", overwrite=True, progress=False)
     final = folder / ("recovered-hf" if steps else "hf")
-    after = _cached(folder / "after.json", lambda: {t: _ppl(final, t, limit) for t in ("wikitext2", "ptb")})
+    after = cached(folder / "after.json", lambda: {t: ppl(final, t, limit) for t in ("wikitext2", "ptb")})
     config = json.loads((final / "config.json").read_text())
     plan = report.get("structure", {}).get("plan", {})
     return {"name": name, "recipe": recipe, "compression": report["overall"]["compression"],
@@ -158,8 +144,8 @@ def run_criteria(out: Path) -> list[dict]:
         if not (folder / "hf").is_dir():
             compress_model(MODEL, folder / "recipe.yaml", out=folder / "compressed", dense_out=folder / "hf",
                            overwrite=True, progress=False)
-        rows.append({"name": name, **_cached(folder / "before.json",
-                                             lambda f=folder: {"wikitext2": _ppl(f / "hf", "wikitext2", 8)})})
+        rows.append({"name": name, **cached(folder / "before.json",
+                                             lambda f=folder: {"wikitext2": ppl(f / "hf", "wikitext2", 8)})})
     return rows
 
 
@@ -179,7 +165,7 @@ def run_gguf(out: Path, row: dict, limit: int) -> dict:
     with torch.no_grad():
         want = reference(ids).logits
     rows = [{"type": "safetensors folder", "bytes": (folder / "model.safetensors").stat().st_size,
-             "wikitext2": _ppl(folder, "wikitext2", limit)}]
+             "wikitext2": ppl(folder, "wikitext2", limit)}]
     for kind in ("f32", "f16", "q8_0"):
         path = out / "gguf" / f"{row['name']}-{kind}.gguf"
         if not path.is_file():
@@ -298,21 +284,21 @@ def main() -> None:
              "config": {k: v for k, v in json.loads((Path(dense_folder) / "config.json").read_text()).items()
                         if k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                                  "intermediate_size")},
-             **{k: v for k, v in _cached(args.out / "dense.json", lambda: {
-                 "before": {"wikitext2": _ppl(Path(dense_folder), "wikitext2", args.limit)},
-                 "after": {t: _ppl(Path(dense_folder), t, args.limit) for t in ("wikitext2", "ptb")}}).items()}}
+             **{k: v for k, v in cached(args.out / "dense.json", lambda: {
+                 "before": {"wikitext2": ppl(Path(dense_folder), "wikitext2", args.limit)},
+                 "after": {t: ppl(Path(dense_folder), t, args.limit) for t in ("wikitext2", "ptb")}}).items()}}
     models, gguf = [], None
     for name, recipe in recipes(args.rates, not args.no_sparsegpt, tuple(args.kinds)).items():
         models.append(run_model(name, recipe, args.out, args.limit, args.recover_steps))
         if name == args.gguf_model:  # early: the check is short and its model made
             print("== gguf", flush=True)
-            gguf = _cached(args.out / "gguf" / "gguf.json", lambda row=models[-1]: run_gguf(args.out, row, GGUF_LIMIT))
+            gguf = cached(args.out / "gguf" / "gguf.json", lambda row=models[-1]: run_gguf(args.out, row, GGUF_LIMIT))
     models.sort(key=_order)
     if args.no_bench:
         return
     print("== bench", flush=True)
     names = "-".join(m["name"] for m in models)
-    timed = _cached(args.out / f"bench-{hashlib.sha256(names.encode()).hexdigest()[:8]}.json", lambda: bench(
+    timed = cached(args.out / f"bench-{hashlib.sha256(names.encode()).hexdigest()[:8]}.json", lambda: bench(
         [dense_folder, *[m["folder"] for m in models]],
         BenchSettings(repeats=args.repeats, lengths=(512,), batches=(8,), residencies=("dense",), device="cpu",
                       compute_dtypes=("float32",), train=False), progress=False).to_dict())
@@ -322,7 +308,7 @@ def main() -> None:
     plot(data, args.out / "structured.png")
     print("== criteria", flush=True)
     data["criteria"] = run_criteria(args.out)
-    data["tiny_criteria"] = _cached(args.out / "criteria" / "tiny.json", lambda: {"rows": tiny_criteria()})["rows"]
+    data["tiny_criteria"] = cached(args.out / "criteria" / "tiny.json", lambda: {"rows": tiny_criteria()})["rows"]
     write_results(args.out, "structured", data, markdown(data))
 
 

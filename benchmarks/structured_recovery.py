@@ -5,8 +5,11 @@ retrains it from the compressed model, and is scored on WikiText-2 and PTB test.
 
     python benchmarks/structured_recovery.py --out runs/srec                       # every variant
     python benchmarks/structured_recovery.py --out runs/srec --variants full full-lr3e-4
+    python benchmarks/structured_recovery.py --out runs/srec-gemma --model gemma3-270m --recipe slim-25 \
+        --variants quick demo-full
 
-Every step is cached in --out (re-running resumes; a variant is one folder). Results:
+Every step is cached in --out (re-running resumes; a variant is one folder; one --out per dense model,
+whose scores it caches). Results:
 ``recovery-RECIPE.json`` and ``.md`` in --out. Run it alone on the machine: the recovery seconds are
 the comparison (quality per CPU-minute), so a second job beside it makes them meaningless.
 """
@@ -17,13 +20,12 @@ import argparse
 import time
 from pathlib import Path
 
-from structured import MODEL, _cached, _ppl
+from common import MODEL, cached, ppl  # beside this file: the benchmarks' shared helpers
 
 from smartprune.files import read_json, write_results
 from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
 from smartprune.runs.compress import compress_model
 from smartprune.runs.recover import recover_model
-from smartprune.storage.sources import converted_builtin
 
 TASKS = ("wikitext2", "ptb")
 
@@ -58,24 +60,24 @@ def config(variant: str) -> RecoverConfig:
     return RecoverConfig(**{**BASES[budget], **changes})
 
 
-def compressed(out: Path, recipe: str) -> Path:
-    folder = out / recipe
+def compressed(out: Path, model: str, recipe: str) -> Path:
+    folder = out / Path(recipe).stem
     if not (folder / "hf").is_dir():
         started = time.perf_counter()
-        compress_model(MODEL, recipe, out=folder / "compressed", dense_out=folder / "hf", overwrite=True,
+        compress_model(model, recipe, out=folder / "compressed", dense_out=folder / "hf", overwrite=True,
                        progress=False)
         print(f"compressed {recipe} in {time.perf_counter() - started:.0f} s", flush=True)
     return folder
 
 
-def run(folder: Path, variant: str, limit: int) -> dict:
+def run(folder: Path, model: str, variant: str, limit: int) -> dict:
     print(f"== {variant}", flush=True)
     hf = folder / f"{variant}-hf"
     if not hf.is_dir():
-        recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / variant, cfg=config(variant),
+        recover_model(str(folder / "compressed"), teacher=model, out=folder / variant, cfg=config(variant),
                       dense_out=hf, overwrite=True, progress=False)
     report = read_json(folder / variant / "report.json", "report")["recovery"]
-    scores = _cached(folder / f"{variant}.json", lambda: {t: _ppl(hf, t, limit) for t in TASKS})
+    scores = cached(folder / f"{variant}.json", lambda: {t: ppl(hf, t, limit) for t in TASKS})
     fits = report.get("blockwise", {}).get("seconds", 0.0)
     return {"variant": variant, "budget": VARIANTS[variant][0], "changes": VARIANTS[variant][1],
             "objective": report["objective"], "steps": report["steps"], "tokens": report["tokens"],
@@ -83,9 +85,9 @@ def run(folder: Path, variant: str, limit: int) -> dict:
             "blockwise_seconds": fits, **scores}
 
 
-def markdown(rows: list[dict], before: dict, dense: dict, recipe: str, limit: int) -> str:
+def markdown(rows: list[dict], before: dict, dense: dict, model: str, recipe: str, limit: int) -> str:
     d = dense["wikitext2"]["perplexity"]
-    lines = [f"# Recovery settings for `{recipe}` of SmolLM2-135M at the demo's budgets", "",
+    lines = [f"# Recovery settings for `{recipe}` of {model} at the demo's budgets", "",
              f"WikiText-2 / PTB test perplexity, first {limit} windows of 1024 tokens; (xN) = N times dense "
              f"({d:.2f} / {dense['ptb']['perplexity']:.2f}). Before recovery: "
              f"{before['wikitext2']['perplexity']:.2f} / {before['ptb']['perplexity']:.2f}. Each variant changes "
@@ -105,17 +107,18 @@ def markdown(rows: list[dict], before: dict, dense: dict, recipe: str, limit: in
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default=MODEL, help=f"the dense model (default {MODEL}; a built-in name or folder)")
     p.add_argument("--recipe", default="slim-40", help="a structured recipe (built-in name or file)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--limit", type=int, default=32, help="evaluation windows per task (32)")
     args = p.parse_args()
-    folder = compressed(args.out, args.recipe)
-    dense_hf = Path(converted_builtin(MODEL))
-    dense = _cached(args.out / "dense.json", lambda: {t: _ppl(dense_hf, t, args.limit) for t in TASKS})
-    before = _cached(folder / "before.json", lambda: {t: _ppl(folder / "hf", t, args.limit) for t in TASKS})
-    rows = [run(folder, v, args.limit) for v in args.variants]
-    data = {"model": MODEL, "recipe": args.recipe, "limit": args.limit, "dense": dense, "before": before, "rows": rows}
-    md = markdown(rows, before, dense, args.recipe, args.limit)
+    folder = compressed(args.out, args.model, args.recipe)
+    dense = cached(args.out / "dense.json", lambda: {t: ppl(args.model, t, args.limit) for t in TASKS})
+    before = cached(folder / "before.json", lambda: {t: ppl(folder / "hf", t, args.limit) for t in TASKS})
+    rows = [run(folder, args.model, v, args.limit) for v in args.variants]
+    data = {"model": args.model, "recipe": args.recipe, "limit": args.limit, "dense": dense, "before": before,
+            "rows": rows}
+    md = markdown(rows, before, dense, args.model, args.recipe, args.limit)
     write_results(args.out, f"recovery-{Path(args.recipe).stem}", data, md)
 
 

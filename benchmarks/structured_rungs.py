@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import yaml
-from structured import MODEL, _cached, _ppl
+from common import MODEL, cached, ppl  # beside this file: the benchmarks' shared helpers
 
 from smartprune.files import read_json, write_results
 from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
@@ -48,13 +48,13 @@ def run(rate: float, compensate: bool, out: Path, limit: int, plan: str = "zeroe
     row = {"name": name, "rate": rate, "compensate": compensate, "plan": plan,
            "compression": report["overall"]["compression"],
            "structure": report.get("structure", {}).get("plan", {}).get("chosen"),
-           "before": _cached(folder / "before.json", lambda: {t: _ppl(folder / "hf", t, limit) for t in TASKS})}
+           "before": cached(folder / "before.json", lambda: {t: ppl(folder / "hf", t, limit) for t in TASKS})}
     for budget in BUDGETS:
         hf = folder / f"{budget}-hf"
         if not hf.is_dir():
             recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / budget,
                           cfg=RecoverConfig(**RECOVERY_BUDGETS[budget]), dense_out=hf, overwrite=True, progress=False)
-        row[budget] = _cached(folder / f"{budget}.json", lambda hf=hf: {t: _ppl(hf, t, limit) for t in TASKS})
+        row[budget] = cached(folder / f"{budget}.json", lambda hf=hf: {t: ppl(hf, t, limit) for t in TASKS})
     return row
 
 
@@ -119,7 +119,7 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dense_folder = Path(converted_builtin(MODEL))
-    dense = _cached(args.out / "dense.json", lambda: {t: _ppl(dense_folder, t, args.limit) for t in TASKS})
+    dense = cached(args.out / "dense.json", lambda: {t: ppl(dense_folder, t, args.limit) for t in TASKS})
     rows = []
     variants = [(True, plan) for plan in args.plans] + ([] if args.no_plain else [(False, "zeroed")])
     for compensate, plan in variants:  # compensation on first: the recipes' default

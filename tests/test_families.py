@@ -6,6 +6,8 @@ family without a table entry (Bloom) through everything that needs no roles."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -201,3 +203,35 @@ def test_the_builtin_gguf_given_as_a_file_loads_like_the_builtin():
     ids = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
         assert torch.equal(by_file.model(ids).logits, by_name.model(ids).logits)
+
+
+def test_a_builtin_split_across_packages_is_joined_once_into_the_cache(tmp_path, monkeypatch):
+    """Gemma-3-270M's GGUF comes in four PyPI packages (data/NAME.partNN each): the parts are found
+    without importing them, joined in order into the cache, reused, joined again when a part changed;
+    a missing part is one line naming the install command."""
+    from smartprune.errors import ModelError
+    from smartprune.storage import sources
+
+    site = tmp_path / "site"
+    chunks = [b"GGUF" + bytes(range(7)), bytes(range(50, 53)), b"end"]
+    for i, chunk in enumerate(chunks):
+        data = site / f"sp_fake_part{i + 1}" / "data"
+        data.mkdir(parents=True)
+        (data.parent / "__init__.py").write_text("raise ImportError('a part is data, never imported')\n")
+        (data / f"fake.gguf.part{i:02d}").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("SMARTPRUNE_CACHE", str(tmp_path / "cache"))
+    parts = tuple(f"sp_fake_part{i}" for i in (1, 2, 3))
+    monkeypatch.setitem(sources.BUILTINS, "fake", sources.Builtin(parts[0], "fake.gguf", "pip install fake", parts))
+
+    joined = sources._builtin_gguf("fake")
+    assert joined.read_bytes() == b"".join(chunks)
+    assert joined.parent == tmp_path / "cache" / "gguf"
+    os.utime(joined, ns=(0, 10**9))
+    assert sources._builtin_gguf("fake").stat().st_mtime_ns == 10**9  # reused, not joined again
+    (site / "sp_fake_part2" / "data" / "fake.gguf.part01").write_bytes(b"longer part")
+    assert sources._builtin_gguf("fake").read_bytes() == chunks[0] + b"longer part" + chunks[2]
+    assert [p.name for p in joined.parent.iterdir()] == ["fake.gguf"]  # no temporary file left
+    shutil.rmtree(site / "sp_fake_part3")
+    with pytest.raises(ModelError, match=r"needs the package sp_fake_part3: run `pip install fake`"):
+        sources._builtin_gguf("fake")

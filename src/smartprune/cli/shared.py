@@ -12,7 +12,7 @@ from smartprune.errors import DataError, did_you_mean
 DEVICE_HELP = "auto (a GPU when torch sees one), cpu, cuda or cuda:N"
 
 MODEL_HELP = ("a local Hugging Face folder, a .gguf file, a folder written by `smartprune compress --out`, "
-              "the built-in name smollm2-135m, or a hub id (needs a network)")
+              "a built-in name (smollm2-135m, gemma3-270m), or a hub id (needs a network)")
 
 
 class Parser(argparse.ArgumentParser):

