@@ -41,6 +41,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "demo-full": ("demo-full", {}),
     "quick": ("quick", {}),
     "quick-warm": ("quick", {"warmup": 0.25}),
+    # short block fits before the quick budget's 8 steps (windows of 128, as its steps), then the full budget's lr
+    "quick-fits8": ("quick", {"objective": "blockwise", "block_steps": 8, "cache_windows": 32, "lr_after_fits": 3e-4}),
+    "quick-fits16": ("quick", {"objective": "blockwise", "block_steps": 16, "cache_windows": 32,
+                               "lr_after_fits": 3e-4}),
+    "quick-fits32": ("quick", {"objective": "blockwise", "block_steps": 32, "lr_after_fits": 3e-4}),
     "full": ("full", {}),
     "full-warm": ("full", {"warmup": 0.25}),
     "full-lr3e-4": ("full", {"lr": 3e-4}),

@@ -220,6 +220,46 @@ def test_gguf_export_reads_back_in_transformers(base_dirs, use_data, tmp_path, c
     assert 0 < err < 0.1  # 8-bit blocks: close, not equal
 
 
+def test_recover_writes_the_recovered_model_as_gguf_and_refuses_what_it_cannot(base_dirs, use_data, tmp_path,
+                                                                               capsys, monkeypatch):
+    """The model a user ships is the recovered one: `recover --gguf-out` writes it (the same logits as its
+    --dense-out folder, read back by transformers), checked before any training like compress's."""
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(MIX)
+    code, _, err = run(capsys, "compress", base_dirs / "llama", "--recipe", recipe, "--out", tmp_path / "c",
+                       "--calib-samples", "8", "--calib-seqlen", "32")
+    assert code == 0, err
+    train = ("--steps", "2", "--train-seqlen", "32", "--batch-size", "2", "--eval-windows", "1")
+    code, out, err = run(capsys, "recover", tmp_path / "c", "--teacher", base_dirs / "llama", "--out", tmp_path / "r",
+                         "--dense-out", tmp_path / "rd", "--gguf-out", tmp_path / "r.gguf", "--gguf-type", "f32",
+                         *train)
+    assert code == 0, err
+    assert "GGUF file" in out and "r.gguf" in out
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "rd").eval()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="r.gguf").eval()
+    assert back.config.num_hidden_layers == vanilla.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert torch.allclose(back(_ids()).logits, vanilla(_ids()).logits, atol=1e-4, rtol=1e-4)
+
+    import smartprune.runs.recover as recovering
+
+    monkeypatch.setattr(recovering, "recover", lambda *a, **k: pytest.fail("trained before refusing"))
+    unstructured = tmp_path / "sparsegpt.yaml"
+    unstructured.write_text("sparsegpt: {sparsity: 0.5}\n")
+    code, _, err = run(capsys, "compress", base_dirs / "llama", "--recipe", unstructured, "--out", tmp_path / "u",
+                       "--calib-samples", "8", "--calib-seqlen", "32")
+    assert code == 0, err
+    cases = [((tmp_path / "u", "--gguf-out", tmp_path / "u.gguf"), "stage 'sparsegpt' leaves unstructured sparsity"),
+             ((tmp_path / "c", "--gguf-type", "q8_0"), "give --gguf-out FILE too"),
+             ((tmp_path / "c", "--gguf-out", tmp_path / "q.gguf", "--gguf-type", "q4_k"), "q4_k"),
+             ((tmp_path / "c", "--gguf-out", tmp_path / "r.gguf"), "exists")]
+    for argv, message in cases:
+        code, _, err = run(capsys, "recover", *argv, "--teacher", base_dirs / "llama", "--out", tmp_path / "r2",
+                           *train)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "u.gguf").exists()
+
+
 @pytest.mark.slow  # 38 s; the Llama GGUF export stays in the default suite
 @pytest.mark.parametrize("name", ["qwen3", "gemma3_text"])
 def test_gguf_export_of_qwen3_and_gemma3_reads_back_in_transformers(name, use_data, tmp_path, capsys,

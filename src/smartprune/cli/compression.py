@@ -58,11 +58,7 @@ def add_compress(sub) -> None:
     c.add_argument("--dense-out", help="also write a plain Hugging Face folder with the compressed weights "
                    "materialized (vanilla from_pretrained loads it; after structured stages a smaller standard "
                    "architecture)")
-    c.add_argument("--gguf-out", help="also write the model as a GGUF file (llama.cpp, transformers' GGUF loader): "
-                   "for recipes whose result is a standard architecture (depth, attn_heads, ff_neurons); "
-                   "llama, qwen3 and gemma3_text; the metadata llama.cpp's own converter writes (tests compare)")
-    c.add_argument("--gguf-type", help="GGUF tensor type: f32, f16 (default), bf16, q8_0, or q4_0 "
-                   "(the token table at q8_0); k-quants: write f16, then llama.cpp's llama-quantize")
+    gguf_flags(c, "the model")
     seed(c, "seed for calibration windows and random choices")
     c.add_argument("--calib-samples", type=positive, help="override the recipe's calibration window count")
     c.add_argument("--calib-seqlen", type=window, help="override the recipe's calibration window length")
@@ -85,18 +81,33 @@ def add_compress(sub) -> None:
     c.set_defaults(func=cmd_compress)
 
 
+def gguf_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--gguf-out", help=f"also write {what} as a GGUF file (llama.cpp, transformers' GGUF "
+                        "loader): for recipes whose result is a standard architecture (depth, attn_heads, "
+                        "ff_neurons); llama, qwen3 and gemma3_text; the metadata llama.cpp's own converter writes "
+                        "(tests compare)")
+    parser.add_argument("--gguf-type", help="GGUF tensor type: f32, f16 (default), bf16, q8_0, or q4_0 "
+                        "(the token table at q8_0); k-quants: write f16, then llama.cpp's llama-quantize")
+
+
+def gguf_type(args: argparse.Namespace) -> str:
+    """--gguf-type's value; alone (without --gguf-out) it would do nothing, so it is refused."""
+    if args.gguf_type is not None and args.gguf_out is None:
+        raise DataError("--gguf-type sets the type of the --gguf-out file; give --gguf-out FILE too (or leave "
+                        "--gguf-type out)")
+    return args.gguf_type or "f16"
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from smartprune.runs.compress import compress_model
 
-    if args.gguf_type is not None and args.gguf_out is None:  # a setting that would do nothing
-        raise DataError("--gguf-type sets the type of the --gguf-out file; give --gguf-out FILE too (or leave "
-                        "--gguf-type out)")
+    kind = gguf_type(args)
     result = compress_model(args.model, args.recipe, out=args.out, dense_out=args.dense_out, seed=args.seed,
                             overwrite=args.overwrite, calib_samples=args.calib_samples,
                             calib_seqlen=args.calib_seqlen, target_compression=args.target_compression,
                             dtype=args.dtype, device=args.device,
                             offload=args.offload, compute_dtype=args.compute_dtype, gguf_out=args.gguf_out,
-                            gguf_type=args.gguf_type or "f16", resume=args.resume, progress=not args.quiet)
+                            gguf_type=kind, resume=args.resume, progress=not args.quiet)
     say(result.summary())
     return 0
 
@@ -170,6 +181,7 @@ def add_recover(sub) -> None:
     rc.add_argument("--teacher", required=True, help="the dense model to distil from (" + MODEL_HELP + "), or none")
     rc.add_argument("--out", required=True, help="folder for the recovered model (same format as COMPRESSED)")
     rc.add_argument("--dense-out", help="also write a plain Hugging Face folder of the recovered weights")
+    gguf_flags(rc, "the recovered model")
     budget = rc.add_mutually_exclusive_group()  # steps, tokens or minutes
     config_flags(budget, RecoverConfig, ("steps", "tokens", "minutes"))
     renamed(rc, "--train-seqlen", "--seqlen", "--seqlen is an evaluation window elsewhere", dest="seqlen",
@@ -194,12 +206,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from smartprune.recipes.schema import build_section
     from smartprune.runs.recover import recover_model
 
+    kind = gguf_type(args)
     given = {k: getattr(args, k) for k in (*RECOVER_FLAGS, "steps", "tokens", "minutes", "seqlen", "compute_dtype")
              if getattr(args, k) is not None}
     given["teacher"] = "none" if args.teacher == "none" else "dense"
     cfg = build_section(RecoverConfig, given, "recover")
     run = recover_model(args.compressed, teacher=args.teacher, out=args.out, cfg=cfg, dense_out=args.dense_out,
-                        device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                        gguf_out=args.gguf_out, gguf_type=kind, device=args.device, seed=args.seed,
+                        resume=args.resume, overwrite=args.overwrite,
                         nproc=args.nproc, progress=not args.quiet)
     if run.rank != 0:
         return 0

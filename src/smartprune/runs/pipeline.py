@@ -16,7 +16,7 @@ from smartprune.files import read_json, write_json
 from smartprune.runs.environment import environment
 from smartprune.runs.preflight import IDENTITY, RESUME_POINT, Prepared, check_windows, preflight
 from smartprune.runs.spec import RunSpec
-from smartprune.storage.gguf_writer import check_tokenizer, write_gguf
+from smartprune.storage.gguf_writer import check_tokenizer, export_name, write_gguf
 from smartprune.storage.save import plain_model, save, write_dense
 from smartprune.storage.sources import load_model, model_reference
 
@@ -146,13 +146,6 @@ def keep_resume_point(model, tokenizer, report: dict, folder: Path, identity: di
     shutil.rmtree(folder, ignore_errors=True)  # ours (a hidden sibling of --out): an older run's leftovers
     save(model, folder / RESUME_POINT, tokenizer=tokenizer, report=report)
     write_json(folder / IDENTITY, identity)
-
-
-def export_name(model: str, recipe: str) -> str:
-    """The GGUF file's ``general.name``: the model as the user named it (a folder's or file's name, a hub
-    id's last part, a built-in name) and the recipe; never a local path."""
-    ref = Path(model).expanduser()
-    return f"{ref.stem if ref.suffix == '.gguf' else ref.name}-{Path(recipe).stem}"
 
 
 def measure_cost(model: str, finals: list, tokenizer, quick: bool, progress: bool) -> list[dict]:

@@ -18,12 +18,21 @@ import torch
 import torch.distributed as dist
 
 from smartprune.device import resolve_device
-from smartprune.errors import ArtifactError, DataError, Terminated
-from smartprune.files import atomic_dir, check_free_space, check_output, check_outputs_apart, read_json, write_json
+from smartprune.errors import ArtifactError, DataError, OutputError, Terminated
+from smartprune.files import (
+    atomic_dir,
+    check_free_space,
+    check_output,
+    check_output_file,
+    check_outputs_apart,
+    read_json,
+    write_json,
+)
 from smartprune.recipes.schema import RecoverConfig
 from smartprune.runs.bench import what_you_got
 from smartprune.storage.format import MANIFEST, TENSORS
-from smartprune.storage.save import save, write_dense
+from smartprune.storage.gguf_writer import check_tokenizer, export_name, write_gguf
+from smartprune.storage.save import plain_model, save, write_dense
 from smartprune.storage.sources import check_model, model_reference
 from smartprune.training.blockwise import removed_in
 from smartprune.training.checkpoint import CHECKPOINT
@@ -40,6 +49,7 @@ class RecoverRun:
     out: Path
     recovery: dict
     rank: int = 0  # under torch.distributed only rank 0 prints and writes
+    gguf_out: Path | None = None
 
     def to_dict(self) -> dict:
         return {"compressed": self.compressed, "teacher": self.teacher, "out": str(self.out),
@@ -72,7 +82,7 @@ class RecoverRun:
         if "overall" not in data:
             return []
         dense = self.teacher if self.teacher != "none" else data.get("model")
-        return what_you_got(data, self.out, dense)
+        return what_you_got(data, self.out, dense, self.gguf_out)
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -105,6 +115,8 @@ class RecoverJob:
     out: Path
     cfg: RecoverConfig
     dense_out: Path | None = None  # also a plain Hugging Face folder
+    gguf_out: Path | None = None  # also a GGUF file (a standard result only)
+    gguf_type: str = "f16"
     device: str | torch.device = "auto"
     seed: int = 0
     resume: bool = False
@@ -119,8 +131,9 @@ def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg:
     spec, or None/"none" for plain fine-tuning) and write the result to `out`. `options`: the other
     fields of `RecoverJob` (dense_out, device, seed, resume, overwrite, nproc, progress)."""
     teacher = None if teacher in (None, "none") else teacher
-    if options.get("dense_out") is not None:
-        options["dense_out"] = Path(options["dense_out"])
+    for key in ("dense_out", "gguf_out"):
+        if options.get(key) is not None:
+            options[key] = Path(options[key])
     job = RecoverJob(compressed, teacher, Path(out), dataclasses.replace(cfg, teacher="dense" if teacher else "none"),
                      **options)
     if not dist.is_initialized():  # every check before any work (in the launching process)
@@ -135,14 +148,42 @@ def _preflight(job: RecoverJob) -> None:
     if job.dense_out is not None:
         check_output(job.dense_out, job.overwrite)
     local = Path(job.compressed).expanduser()
-    check_outputs_apart(job.out, job.dense_out, local if local.exists() else None)
+    check_outputs_apart(job.out, job.dense_out, job.gguf_out, local if local.exists() else None)
     resolve_device(job.device)
     check_model(job.compressed)
+    if job.gguf_out is not None:
+        _check_gguf_out(job, local)
     if job.teacher is not None:
         check_model(job.teacher)
     _check_space(job.compressed, job.out)
     if job.resume and not (checkpoint_dir(job.out) / CHECKPOINT).is_file():
         raise DataError(f"nothing to resume: no checkpoint at {checkpoint_dir(job.out)}")
+
+
+def _check_gguf_out(job: RecoverJob, local: Path) -> None:
+    """--gguf-out, before any work: a model whose compression left a standard architecture (the recipe in
+    its report), a family and type the writer knows, a free path. The tokenizer is checked once loaded."""
+    from smartprune.recipes.schema import build_recipe, not_standard
+    from smartprune.storage.gguf_writer import check_gguf, check_gguf_shape
+    from smartprune.storage.sources import model_config
+
+    report = _report(local)
+    if "recipe_config" in report:
+        why = not_standard(build_recipe(report["recipe_config"], str(report.get("recipe")), str(local)))
+        if why:
+            raise OutputError(f"--gguf-out: {job.compressed} was compressed with recipe '{report.get('recipe')}', "
+                              f"whose {why}")
+    config = model_config(job.compressed)
+    check_gguf(config.model_type if config is not None else "", job.gguf_type)
+    if config is not None:
+        check_gguf_shape(config)
+    check_output_file(job.gguf_out, job.overwrite)
+
+
+def _report(local: Path) -> dict:
+    """The report.json of a `compress --out` folder ({} for any other model)."""
+    path = local / "report.json"
+    return read_json(path, "report", ArtifactError) if (local / MANIFEST).is_file() and path.is_file() else {}
 
 
 def _run(job: RecoverJob) -> RecoverRun:
@@ -158,6 +199,8 @@ def _run(job: RecoverJob) -> RecoverRun:
         ref, tokenizer = loaded.model, tokenizer or loaded.tokenizer
     if tokenizer is None:
         raise DataError(f"neither {job.compressed} nor the teacher has tokenizer files; recovery needs one")
+    if job.gguf_out is not None:  # before the training, as compress checks it before compressing
+        check_tokenizer(tokenizer)
     recovery = recover(student, tokenizer, job.cfg, teacher=ref, device=_rank_device(job.device), seed=job.seed,
                        checkpoint_dir=checkpoint_dir(job.out), resume=job.resume, progress=job.progress,
                        removed_blocks=removed_in(report))
@@ -168,12 +211,15 @@ def _run(job: RecoverJob) -> RecoverRun:
         _write(student, tokenizer, {**report, "recovery": recovery}, job.out, is_compact, job.overwrite)
         if job.dense_out is not None:
             write_dense(student, job.dense_out, tokenizer=tokenizer, overwrite=job.overwrite)
+        if job.gguf_out is not None:
+            name = export_name(report.get("model", job.compressed), report.get("recipe", "recovered"))
+            write_gguf(plain_model(student), job.gguf_out, tokenizer=tokenizer, gguf_type=job.gguf_type, name=name)
         shutil.rmtree(checkpoint_dir(job.out), ignore_errors=True)
     if size > 1:
         dist.barrier()
     if joined:
         dist.destroy_process_group()
-    return RecoverRun(str(job.compressed), job.teacher or "none", job.out, recovery, rank)
+    return RecoverRun(str(job.compressed), job.teacher or "none", job.out, recovery, rank, job.gguf_out)
 
 
 def _write(model, tokenizer, report: dict, out: Path, is_compact: bool, overwrite: bool) -> None:
@@ -266,7 +312,7 @@ def _launch(job: RecoverJob) -> RecoverRun:
             raise Terminated() if exc.exit_code == 143 else KeyboardInterrupt() from None
         raise
     report = json.loads((job.out / "report.json").read_text())
-    return RecoverRun(str(job.compressed), job.teacher or "none", job.out, report["recovery"])
+    return RecoverRun(str(job.compressed), job.teacher or "none", job.out, report["recovery"], gguf_out=job.gguf_out)
 
 
 def _stop(processes, signum: int) -> None:

@@ -268,6 +268,13 @@ def _tensors(writer, model: nn.Module, gguf_type: str) -> None:
         _tensor(writer, name, data, gguf_type)
 
 
+def export_name(model: str, recipe: str) -> str:
+    """The GGUF file's ``general.name``: the model as the user named it (a folder's or file's name, a hub
+    id's last part, a built-in name) and the recipe; never a local path."""
+    ref = Path(model).expanduser()
+    return f"{ref.stem if ref.suffix == '.gguf' else ref.name}-{Path(recipe).stem}"
+
+
 def write_gguf(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, gguf_type: str = "f16",
                name: str | None = None) -> Path:
     """Write `model` (a plain Hugging Face model of a standard config) to the GGUF file `path`
