@@ -69,7 +69,7 @@ def made_row(name: str, recipe: str | dict, out: Path, limit: int, steps: int) -
     report = read_json(folder / "compressed" / "report.json", "report")
     before = cached(folder / "before.json", lambda: {"wikitext2": ppl(folder / "compressed", "wikitext2", limit)})
     if not (folder / "recovered").is_dir():
-        cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps})
+        cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps, "objective": "end_to_end"})  # as measured
         recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / "recovered", cfg=cfg, overwrite=True,
                       progress=False)
     recovery = read_json(folder / "recovered" / "report.json", "report").get("recovery", {})

@@ -121,7 +121,7 @@ def run_model(name: str, recipe: dict, out: Path, limit: int, steps: int) -> dic
     report = read_json(folder / "compressed" / "report.json", "report")
     before = cached(folder / "before.json", lambda: {"wikitext2": ppl(folder / "hf", "wikitext2", limit)})
     if steps and not (folder / "recovered-hf").is_dir():
-        cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps})
+        cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps, "objective": "end_to_end"})  # as measured
         recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / "recovered", cfg=cfg,
                       dense_out=folder / "recovered-hf", overwrite=True, progress=False)
     final = folder / ("recovered-hf" if steps else "hf")
