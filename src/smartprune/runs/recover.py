@@ -129,7 +129,7 @@ def recover_model(compressed: str, *, teacher: str | None, out: str | Path, cfg:
                   **options) -> RecoverRun:
     """Retrain COMPRESSED (a `compress --out` folder or any model) distilling from TEACHER (a MODEL
     spec, or None/"none" for plain fine-tuning) and write the result to `out`. `options`: the other
-    fields of `RecoverJob` (dense_out, device, seed, resume, overwrite, nproc, progress)."""
+    fields of `RecoverJob` (dense_out, gguf_out, gguf_type, device, seed, resume, overwrite, nproc, progress)."""
     teacher = None if teacher in (None, "none") else teacher
     for key in ("dense_out", "gguf_out"):
         if options.get(key) is not None:
