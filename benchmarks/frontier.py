@@ -26,11 +26,11 @@ import hashlib
 from pathlib import Path
 
 import yaml
-from common import cached, ppl  # beside this file: the benchmarks' shared helpers
+from common import QUICK_END_TO_END, cached, ppl  # beside this file: the benchmarks' shared helpers
 from structured import RECOVER_STEPS  # the structured benchmark's budget (its rows are reused here)
 
 from smartprune.files import read_json, write_results
-from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
+from smartprune.recipes.schema import RecoverConfig
 from smartprune.runs.bench import BenchSettings, bench
 from smartprune.runs.compress import compress_model
 from smartprune.runs.recover import recover_model
@@ -69,7 +69,7 @@ def made_row(name: str, recipe: str | dict, out: Path, limit: int, steps: int) -
     report = read_json(folder / "compressed" / "report.json", "report")
     before = cached(folder / "before.json", lambda: {"wikitext2": ppl(folder / "compressed", "wikitext2", limit)})
     if not (folder / "recovered").is_dir():
-        cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps, "objective": "end_to_end"})  # as measured
+        cfg = RecoverConfig(**{**QUICK_END_TO_END, "steps": steps})
         recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / "recovered", cfg=cfg, overwrite=True,
                       progress=False)
     recovery = read_json(folder / "recovered" / "report.json", "report").get("recovery", {})

@@ -21,15 +21,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common import QUICK_END_TO_END  # beside this file: the benchmarks' shared helpers
+
 from smartprune.evaluation import perplexity
 from smartprune.files import read_json, write_json, write_results
-from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
+from smartprune.recipes.schema import RecoverConfig
 from smartprune.runs.recover import recover_model
 from smartprune.storage.sources import load_model
 
 MODEL = "smollm2-135m"
-# 8 steps of 4 x 128 tokens, lr 1e-3 (16 in docs/frontier.md's run), end-to-end as when this was measured
-QUICK = {**RECOVERY_BUDGETS["quick"], "objective": "end_to_end"}
+QUICK = QUICK_END_TO_END  # 8 steps of 4 x 128 tokens, lr 1e-3 (16 in docs/frontier.md's run), as measured
 VARIANTS: dict[str, dict] = {
     "end-to-end 16 (quick demo)": {**QUICK, "steps": 16},  # the quick demo's budget when this was measured
     "end-to-end 48": {**QUICK, "steps": 48},

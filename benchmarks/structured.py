@@ -25,11 +25,11 @@ import json
 from pathlib import Path
 
 import yaml
-from common import MODEL, cached, ppl  # beside this file: the benchmarks' shared helpers
+from common import MODEL, QUICK_END_TO_END, cached, ppl  # beside this file: the benchmarks' shared helpers
 
 from smartprune.evaluation import perplexity
 from smartprune.files import read_json, write_results
-from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
+from smartprune.recipes.schema import RecoverConfig
 from smartprune.runs.bench import BenchSettings, bench
 from smartprune.runs.compress import compress_model
 from smartprune.runs.recover import recover_model
@@ -121,7 +121,7 @@ def run_model(name: str, recipe: dict, out: Path, limit: int, steps: int) -> dic
     report = read_json(folder / "compressed" / "report.json", "report")
     before = cached(folder / "before.json", lambda: {"wikitext2": ppl(folder / "hf", "wikitext2", limit)})
     if steps and not (folder / "recovered-hf").is_dir():
-        cfg = RecoverConfig(**{**RECOVERY_BUDGETS["quick"], "steps": steps, "objective": "end_to_end"})  # as measured
+        cfg = RecoverConfig(**{**QUICK_END_TO_END, "steps": steps})
         recover_model(str(folder / "compressed"), teacher=MODEL, out=folder / "recovered", cfg=cfg,
                       dense_out=folder / "recovered-hf", overwrite=True, progress=False)
     final = folder / ("recovered-hf" if steps else "hf")

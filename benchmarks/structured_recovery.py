@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import MODEL, cached, ppl  # beside this file: the benchmarks' shared helpers
+from common import MODEL, QUICK_END_TO_END, cached, ppl  # beside this file: the benchmarks' shared helpers
 
 from smartprune.files import read_json, write_results
 from smartprune.recipes.schema import RECOVERY_BUDGETS, RecoverConfig
@@ -32,8 +32,7 @@ TASKS = ("wikitext2", "ptb")
 # The bases the variants change: the quick and full budgets as they were until 2026-12-07 (end-to-end, lr 1e-3
 # throughout) and as the demo runs them now (RECOVERY_BUDGETS: block fits first where the shapes changed, then
 # lr 3e-4; on a structured model full is the same run as full-blockwise-lr3e-4, quick as quick-fits16).
-_FITS = ("block_steps", "cache_windows", "lr_after_fits")
-BASES = {"quick": {**{k: v for k, v in RECOVERY_BUDGETS["quick"].items() if k not in _FITS}, "objective": "end_to_end"},
+BASES = {"quick": QUICK_END_TO_END,
          "demo-quick": RECOVERY_BUDGETS["quick"],
          "full": {**RECOVERY_BUDGETS["full"], "objective": "end_to_end", "lr_after_fits": None},
          "demo-full": RECOVERY_BUDGETS["full"]}
