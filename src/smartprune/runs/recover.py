@@ -100,8 +100,7 @@ def _load_student(spec: str):
     path = Path(spec).expanduser()
     if path.is_dir() and (path / MANIFEST).is_file():
         tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
-        report = read_json(path / "report.json", "report", ArtifactError) if (path / "report.json").is_file() else {}
-        return load(path, structured=False), tokenizer, report, True
+        return load(path, structured=False), tokenizer, _report(path), True
     loaded = load_model(spec)  # a dense model: plain fine-tuning or distillation (the "dense fine-tuned" row)
     return loaded.model, loaded.tokenizer, {}, False
 
