@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from smartprune.data import check_positions, eval_text, tokenize
-from smartprune.device import model_device, retained_heap
+from smartprune.device import model_device
 from smartprune.errors import DataError
 
 
@@ -65,7 +65,6 @@ def check_limit(limit: int | None) -> None:
 
 
 @torch.no_grad()
-@retained_heap()  # a vocabulary-wide logits tensor per window: kept in the heap, not mapped afresh each time
 def perplexity_of_ids(model: nn.Module, ids: Tensor, seqlen: int, *, stride: int | None = None,
                       limit: int | None = None, task: str = "tokens", progress: bool = True) -> PerplexityResult:
     """Perplexity of `model` on the 1-D token stream `ids`."""
