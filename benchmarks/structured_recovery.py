@@ -40,6 +40,8 @@ BASES = {"quick": QUICK_END_TO_END,
 # name -> (base, changes to it)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "demo-full": ("demo-full", {}),
+    # the full budget of 2026-12-07 (32 fit steps per block on 64 cached windows), before the longer fits
+    "demo-full-fits32": ("demo-full", {"block_steps": 32, "cache_windows": 64}),
     "demo-quick": ("demo-quick", {}),
     "quick": ("quick", {}),
     "quick-warm": ("quick", {"warmup": 0.25}),
@@ -60,6 +62,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "full-steps62": ("full", {"steps": 62}),
     "full-blockwise-lr3e-4": ("full", {"objective": "blockwise", "lr": 3e-4}),
     "full-blockwise-lr1e-4": ("full", {"objective": "blockwise", "lr": 1e-4}),
+    # the block fits' loss: each token's error relative to its target's norm (what the next RMS norm sees)
+    "demo-quick-token": ("demo-quick", {"block_loss": "token"}),
+    "demo-full-token": ("demo-full", {"block_steps": 32, "cache_windows": 64, "block_loss": "token"}),
+    # distillation alone in the end-to-end steps (no next-token cross-entropy beside the KL)
+    "demo-quick-kl": ("demo-quick", {"ce_weight": 0.0}),
+    "demo-full-kl": ("demo-full", {"block_steps": 32, "cache_windows": 64, "ce_weight": 0.0}),
+    # the next-token cross-entropy alone (no distillation in the end-to-end steps; the fits still use the teacher)
+    "demo-quick-ce": ("demo-quick", {"kl_weight": 0.0}),
+    "demo-full-ce": ("demo-full", {"kl_weight": 0.0}),
+    # 64 block-fit steps on 128 cached windows (measured against the fits32 budget of the time, then made the
+    # full budget: demo-full now): with its 40 end-to-end steps, and with 20
+    "demo-full-fits64": ("demo-full", {"block_steps": 64, "cache_windows": 128}),
+    "demo-full-fits64-steps20": ("demo-full", {"block_steps": 64, "cache_windows": 128, "steps": 20}),
 }
 
 

@@ -54,6 +54,24 @@ def test_eval_bad_inputs_get_one_line(argv, message, model_dirs, use_data, capsy
         assert "SMARTPRUNE_DATA" in line
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--prompt", "Hi"], "--prompt acts on generation tasks, and --tasks wikitext2 has none"),
+    (["--sample"], "--sample acts on generation tasks"),
+    (["--tasks", "sst2", "--seqlen", "64"], "--seqlen acts on perplexity tasks, and --tasks sst2 has none"),
+    (["--mode", "finetune"], "--mode acts on classification tasks"),
+    (["--tasks", "sst2", "--max-train", "8"], "--max-train acts on --mode finetune"),
+    (["--examples", "4"], "--examples acts on classification and lm-eval tasks"),
+    (["--lm-eval-allow-code"], "no folder was given"),
+])
+def test_eval_refuses_a_flag_that_does_nothing_for_its_tasks(argv, message, model_dirs, use_data, capsys,
+                                                              monkeypatch):
+    import smartprune.runs.evaluate as runs_evaluate
+
+    monkeypatch.setattr(runs_evaluate, "load_model", lambda *a, **k: pytest.fail("a model loaded first"))
+    code, _, err = run(capsys, "eval", model_dirs["gpt2"], *argv)
+    assert code == 2 and message in _one_clean_line(err), err
+
+
 def test_eval_of_an_empty_text_is_one_clear_error(model_dirs, use_data, capsys):
     raw = use_data / "wikitext-2-raw" / "wiki.test.raw"
     saved = raw.read_text()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -251,6 +252,13 @@ def test_sweep_rates_that_never_end_are_one_line(model_dirs, use_data, capsys):
         assert code == 2 and "start:stop:step" in _one_clean_line(err), rates
 
 
+@pytest.mark.parametrize("argv, message", [(["--examples", "4"], "--examples acts on classification"),
+                                           (["--tasks", "sst2", "--limit", "2"], "--limit acts on perplexity")])
+def test_sweep_flags_for_tasks_it_does_not_evaluate_are_one_line(argv, message, model_dirs, use_data, capsys):
+    code, _, err = run(capsys, "sweep", model_dirs["llama"], "--method", "magnitude", "--rates", "0.5", *argv)
+    assert code == 2 and message in _one_clean_line(err), err
+
+
 @pytest.mark.parametrize("damage, message", [
     ("no weights", "is missing"),
     ("huge shape", "GiB of float32 values"),
@@ -270,7 +278,7 @@ def test_a_compressed_folder_damaged_in_its_sizes(damage, message, compressed_di
 
 
 @pytest.mark.parametrize("kind", ["llama"])
-@pytest.mark.parametrize("damage", ["step a string", "another model"])
+@pytest.mark.parametrize("damage", ["step a string", "another model", "another seed"])
 def test_a_checkpoint_is_checked_field_by_field_before_it_is_used(damage, compressed, gpt2_tokenizer, use_data,
                                                                  tmp_path):
     import copy
@@ -296,11 +304,14 @@ def test_a_checkpoint_is_checked_field_by_field_before_it_is_used(damage, compre
     if damage == "step a string":
         ckpt["state"]["step"] = "1"
         student, message = copy.deepcopy(model), "state 'step' is '1'"
-    else:  # the same settings, another model: its weights do not fit this one
+    elif damage == "another model":  # the same settings, another model: its weights do not fit this one
         student, message = family_model("qwen3", vocab=model.config.vocab_size), "another model's weights"
+    else:  # its generator state would silently replace the new seed's draws
+        student, message = copy.deepcopy(model), r"made with other recovery settings \(seed\)"
     torch.save(ckpt, path)
     with pytest.raises(DataError, match=message):
-        recover(student, gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path, resume=True, progress=False)
+        recover(student, gpt2_tokenizer, cfg, teacher=teacher, checkpoint_dir=tmp_path, resume=True, progress=False,
+                seed=5 if damage == "another seed" else 0)
 
 
 @pytest.mark.parametrize("content", [b"garbage" * 10, b""])
@@ -382,7 +393,8 @@ def test_a_gguf_file_missing_tensors_is_refused_not_filled_with_random_weights(m
 
 
 @pytest.mark.parametrize("case", ["json under a file", "non-UTF-8 out", "gguf type without gguf out",
-                                  "unknown kernel switch", "unknown verify switch"])
+                                  "unknown kernel switch", "unknown verify switch", "cache under a file",
+                                  "offload on a CPU"])
 def test_settings_and_paths_that_cannot_work_are_one_line_before_any_work(case, model_dirs, use_data, tmp_path,
                                                                          capsys, monkeypatch):
     import os
@@ -403,7 +415,12 @@ def test_settings_and_paths_that_cannot_work_are_one_line_before_any_work(case, 
                                         "--gguf-type", "q8_0"], "give --gguf-out FILE too"),
         "unknown kernel switch": (["eval", model, "--tasks", "wikitext2"], "SMARTPRUNE_KERNEL='garbage'"),
         "unknown verify switch": (["eval", model, "--tasks", "wikitext2"], "SMARTPRUNE_VERIFY='no'"),
+        "cache under a file": (["eval", model, "--tasks", "wikitext2"], f"{tmp_path / 'afile'} is a file"),
+        "offload on a CPU": (["compress", model, "--recipe", "irc", "--out", tmp_path / "o", "--offload", "--device",
+                              "cpu"], "this run is on the CPU"),
     }[case]
+    if case == "cache under a file":
+        monkeypatch.setenv("SMARTPRUNE_CACHE", str(tmp_path / "afile" / "cache"))
     monkeypatch.setenv("SMARTPRUNE_KERNEL", "garbage" if case == "unknown kernel switch" else "1")
     monkeypatch.setenv("SMARTPRUNE_VERIFY", "no" if case == "unknown verify switch" else "1")
     code, _, err = run(capsys, *argv)
@@ -418,6 +435,8 @@ def test_settings_and_paths_that_cannot_work_are_one_line_before_any_work(case, 
     ({"num_hidden_layers": "2"}, "num_hidden_layers is '2'"),
     ({"hidden_size": 2**20 + 1}, "not a multiple of num_attention_heads"),
     ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps is nan; a config holds finite numbers"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("inf")}}, "rope_scaling.factor is inf"),
 ])
 def test_a_config_with_impossible_sizes_is_one_line_before_any_weight(change, message, model_dirs, use_data,
                                                                       tmp_path, capsys):
@@ -430,3 +449,45 @@ def test_a_config_with_impossible_sizes_is_one_line_before_any_weight(change, me
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     code, _, err = run(capsys, "eval", folder, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
     assert code == 2 and message in _one_clean_line(err)
+
+
+@pytest.mark.parametrize("shard, message", [("../other/model.safetensors", "is not a file of the model folder"),
+                                            ("gone.safetensors", "shard gone.safetensors is missing")])
+def test_a_shard_index_names_files_of_its_own_folder(shard, message, model_dirs, use_data, tmp_path, capsys):
+    """An index naming a shard elsewhere would load another folder's weights as this model (transformers
+    follows the path); a missing shard is one line, not a model with random weights."""
+    import json
+    import shutil
+
+    folder, other = tmp_path / "m", tmp_path / "other"
+    shutil.copytree(model_dirs["llama"], folder)
+    shutil.copytree(model_dirs["llama"], other)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}))
+    code, _, err = run(capsys, "eval", folder, "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16")
+    assert code == 2 and message in _one_clean_line(err), err
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("twice.yaml", "export: standard\nff_neurons: {rate: 0.5}\nff_neurons: {rate: 0.9}\n",
+     "'ff_neurons' is given twice (lines 2 and 3)"),
+    ("twice.json", '{"export": "standard", "ff_neurons": {"rate": 0.5}, "ff_neurons": {"rate": 0.9}}',
+     "'ff_neurons' is given twice"),
+    ("deep.yaml", "ff_neurons: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("deep.json", '{"ff_neurons": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
+    ("folder.yaml", None, "is a folder, not a recipe file"),
+    ("merge.yaml", "base: &b {rate: 0.5}\nff_neurons:\n  <<: *b\n  rate: 0.3\n", "unknown key 'base'"),
+])
+def test_a_recipe_file_that_says_two_things_or_nothing_is_one_line(name, text, message, tmp_path):
+    """A key given twice would silently keep the last value; deep nesting was a RecursionError."""
+    from smartprune.errors import RecipeError
+    from smartprune.recipes.resolve import load_recipe
+
+    path = tmp_path / name
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_text(text)
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe(path)

@@ -157,3 +157,34 @@ def test_a_task_folder_runs_no_code_unless_allowed(where, model_dirs, use_data, 
     assert ("sub/evil.yaml" if where == "folder" else "elsewhere/base.yaml") in line
     assert not (tmp_path / "ran").exists()
     lm_eval_tasks.check_no_code(str(folder), allow_code=True)  # allowed: the scan stands aside
+
+
+# Held-out spellings of the same tag (each resolves to `!function` in lm-eval's loader, checked below): a `%TAG`
+# handle, a %-escape, a UTF-16 file, an include list, an include through an alias, the verbatim form.
+SPELLINGS = {"tag handle": ("%TAG !f! !func\n---\ntask: x\nprocess_docs: !f!tion evil.p\n", "t.yaml"),
+             "escape": ("task: x\nprocess_docs: !%66unction evil.p\n", "t.yaml"),
+             "utf-16": ("task: x\nprocess_docs: !function evil.p\n", "t.yaml"),
+             "include list": ("include:\n  - ../out/base.yaml\ntask: x\n", "base.yaml"),
+             "include alias": ("task: x\nmeta: &a ../out/base.yaml\ninclude: *a\n", "base.yaml"),
+             "verbatim": ("task: x\nprocess_docs: !<!function> evil.p\n", "t.yaml")}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_every_spelling_of_the_code_tag_is_refused(spelling, tmp_path):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    text, named = SPELLINGS[spelling]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "base.yaml").write_text("process_docs: !function evil.p\n")
+    task = tmp_path / "tasks" / "t.yaml"
+    task.write_bytes(text.encode("utf-16" if spelling == "utf-16" else "utf-8"))
+    # lm-eval's own loader reads it as the code tag (resolve_func=False: the function's path, nothing imported)
+    assert load_yaml(task, resolve_func=False)["process_docs"].endswith("evil.p")
+    with pytest.raises(lm_eval_tasks.DataError, match=f"{named} runs Python code \\(!function evil.p\\)"):
+        lm_eval_tasks.check_no_code(str(tmp_path / "tasks"))
+
+
+def test_the_code_tag_in_a_comment_or_a_string_is_data(tmp_path):
+    (tmp_path / "t.yaml").write_text("task: x\n# !function in a comment\ndoc_to_text: '!function is text'\n")
+    lm_eval_tasks.check_no_code(str(tmp_path))  # no code: nothing refused

@@ -103,6 +103,16 @@ def test_blockwise_fits_each_block_to_the_dense_one_and_keeps_the_structure(comp
     assert all(torch.equal(m.mask, masks[n]) for n, m in model.named_modules() if n in masks)
 
 
+def test_the_block_losses_by_hand():
+    """mse averages every squared entry; token weighs each token's squared error by its target's squared norm,
+    so the second token (a target 5x larger, an error 10x larger) no longer makes nearly all of the loss."""
+    from smartprune.training.blockwise import _block_loss
+
+    out, target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), torch.tensor([[[2.0, 0.0], [0.0, 10.0]]])
+    assert _block_loss(out, target, "mse").item() == pytest.approx((1 + 0 + 0 + 100) / 4)
+    assert _block_loss(out, target, "token").item() == pytest.approx((1 / 4 + 100 / 100) / 2)
+
+
 @pytest.mark.parametrize("kind", ["llama"])
 def test_a_block_fit_rezeroes_its_own_block_only(compressed):
     """`subset` keeps the masks of the given weights: a block step re-zeroes one block, not the model."""
@@ -337,6 +347,10 @@ def test_recover_command_writes_a_loadable_model_and_report(compressed, model_di
     (["--lr", "nan"], "finite"),
     (["--steps", "3", "--resume"], "nothing to resume"),
     (["--text", "no/such/file.txt"], "neither"),
+    (["--objective", "end_to_end", "--lr-after-fits", "1e-4"], "--lr-after-fits acts on block-wise fits"),
+    (["--objective", "end_to_end", "--block-loss", "token"], "--block-loss acts on block-wise fits"),
+    (["--temperature", "2"], "--temperature acts on distillation from a teacher"),
+    (["--sharding", "fsdp"], "this run has one"),
 ])
 def test_recover_command_bad_input_is_one_line(argv, message, model_dirs, use_data, tmp_path, capsys):
     if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():

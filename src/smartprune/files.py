@@ -271,6 +271,8 @@ def read_json(path: Path, what: str, error: type[SmartpruneError] = DataError) -
         data = json.loads(read_text(path, what, error))
     except json.JSONDecodeError as exc:
         raise error(f"{what} {path} is not valid JSON (line {exc.lineno})") from None
+    except RecursionError:
+        raise error(f"{what} {path} is nested too deeply to be read") from None
     if not isinstance(data, dict):
         raise error(f"{what} {path} holds a JSON {type(data).__name__}, expected an object")
     return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -46,6 +47,9 @@ def check_sizes(raw: dict, where: Path) -> None:
     """Every size of a raw config a positive whole number (not a string, a float or a bool), the hidden
     width a multiple of the heads and the heads of the key/value heads: one line each, instead of
     transformers' ZeroDivisionError or a model built from a negative width."""
+    bad = _non_finite(raw)
+    if bad is not None:
+        raise ModelError(f"{where}: {bad[0]} is {bad[1]!r}; a config holds finite numbers")
     for key in SIZE_KEYS:
         value = raw.get(key)
         if value is None:
@@ -58,6 +62,19 @@ def check_sizes(raw: dict, where: Path) -> None:
     kv = raw.get("num_key_value_heads")
     if heads and kv and heads % kv:
         raise ModelError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+
+
+def _non_finite(value, key: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinite number in a raw config (JSON as Python reads it takes NaN and Infinity), with
+    its key path: a norm's epsilon or a rope base of NaN builds a model that computes only NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def physical_memory() -> int:

@@ -28,6 +28,17 @@ def check_environment() -> None:
     """Every switch's value, before a command's work."""
     for name in SWITCHES:
         switch(name)
+    check_cache_dir()
+
+
+def check_cache_dir() -> None:
+    """The cache folder ($SMARTPRUNE_CACHE) is a folder or can become one: the first of it and its parents
+    that exists must be a folder (a file there fails every conversion and kernel build later, mid-run)."""
+    path = cache_dir()
+    first = next((p for p in (path, *path.parents) if p.exists()), None)
+    if first is not None and not first.is_dir():
+        raise DataError(f"cache folder {path} (${CACHE_ENV} or ~/.cache/smartprune) cannot be made: {first} is a "
+                        "file, not a folder")
 
 
 def repo_root() -> Path:

@@ -6,6 +6,7 @@ inside the command, so ``--help`` stays fast."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from smartprune.cli.shared import (
     MODEL_HELP,
@@ -163,8 +164,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # recover flags drawn from RecoverConfig's fields (validated by the recipe schema, so ranges and NaN are
 # checked once); the budget, the window length and the compute dtype are declared beside them
 RECOVER_FLAGS = ("text", "batch_size", "lr", "weight_decay", "temperature", "kl_weight", "ce_weight", "hidden_weight",
-                 "objective", "lr_after_fits", "block_steps", "block_lr", "cache_windows", "eval_every", "eval_windows",
-                 "checkpoint_minutes", "sharding")
+                 "objective", "lr_after_fits", "block_steps", "block_lr", "block_loss", "cache_windows", "eval_every",
+                 "eval_windows", "checkpoint_minutes", "sharding")
 
 
 def add_recover(sub) -> None:
@@ -199,6 +200,33 @@ def add_recover(sub) -> None:
 
 
 
+# recover flags that act only on block-wise fits, or only on distillation from a teacher
+BLOCK_FLAGS = ("lr_after_fits", "block_steps", "block_lr", "block_loss", "cache_windows")
+TEACHER_FLAGS = ("kl_weight", "temperature", "hidden_weight")
+
+
+def unused_recover_flags(given: dict, teacher: str, processes: int) -> None:
+    """One line for a `recover` flag that does nothing with the others given, before any model loads (with
+    objective auto the fits run where the model's shapes changed, so their flags stand)."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if given.get("objective") == "end_to_end":
+        for name in BLOCK_FLAGS:
+            if name in given:
+                raise DataError(f"{flag(name)} acts on block-wise fits, and --objective end_to_end runs none")
+    if teacher == "none":
+        for name in TEACHER_FLAGS:
+            if name in given:
+                raise DataError(f"{flag(name)} acts on distillation from a teacher, and --teacher none trains on the "
+                                "text alone")
+    if given.get("kl_weight") == 0 and "temperature" in given:
+        raise DataError("--temperature scales the KL term, and --kl-weight 0 turns it off")
+    if given.get("sharding") == "fsdp" and processes == 1:
+        raise DataError("--sharding fsdp splits the model over processes, and this run has one; give --nproc N "
+                        "(or run under torchrun)")
+
+
 def cmd_recover(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -209,6 +237,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     kind = gguf_type(args)
     given = {k: getattr(args, k) for k in (*RECOVER_FLAGS, "steps", "tokens", "minutes", "seqlen", "compute_dtype")
              if getattr(args, k) is not None}
+    world = os.environ.get("WORLD_SIZE", "")  # torchrun's workers run with --nproc 1
+    unused_recover_flags(given, args.teacher, max(args.nproc, int(world) if world.isdigit() else 1))
     given["teacher"] = "none" if args.teacher == "none" else "dense"
     cfg = build_section(RecoverConfig, given, "recover")
     run = recover_model(args.compressed, teacher=args.teacher, out=args.out, cfg=cfg, dense_out=args.dense_out,

@@ -17,6 +17,7 @@ from smartprune.cli.shared import (
     positive,
     renamed,
     say,
+    unused_eval_flags,
 )
 
 
@@ -43,9 +44,12 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from smartprune.evaluation.suite import kinds_of
     from smartprune.runs.evaluate import evaluate_models
 
-    result = evaluate_models(args.models, tasks=args.tasks.split(","), settings=eval_settings(args),
+    settings = eval_settings(args)  # values checked first (a mistyped --mode gets its suggestion)
+    unused_eval_flags(args, kinds_of(args.tasks.split(",")))
+    result = evaluate_models(args.models, tasks=args.tasks.split(","), settings=settings,
                              json_path=args.json, device=args.device, compute_dtype=args.compute_dtype,
                              progress=not args.quiet, resident=args.resident)
     say(result.summary())

@@ -204,24 +204,26 @@ def check_paths(args: argparse.Namespace) -> None:
 def eval_options(p: argparse.ArgumentParser, *groups: str) -> None:
     """Options shared by eval, generate and classify, by group: perplexity, classification, finetune,
     generation (every command gets --seed and --json)."""
+    # Defaults None where `eval` must tell a flag given from one left alone (a flag for a kind of task the run does
+    # not have is refused: `unused_eval_flags`); the settings' dataclasses hold the defaults the help names.
     if "perplexity" in groups:
-        p.add_argument("--seqlen", type=positive, default=1024, help="perplexity window length (1024)")
+        p.add_argument("--seqlen", type=positive, help="perplexity window length (1024)")
         p.add_argument("--stride", type=positive, help="sliding-window perplexity stride (default: non-overlapping)")
         p.add_argument("--limit", type=int, help="perplexity: only the first N windows")
     if "classification" in groups:
         p.add_argument("--examples", type=int, help="classification: at most N dev examples (a seeded subset)")
     if "mode" in groups:
-        p.add_argument("--mode", default="zero-shot", help="classification: zero-shot (default) or finetune")
+        p.add_argument("--mode", help="classification: zero-shot (default) or finetune")
     if "finetune" in groups:
-        p.add_argument("--max-train", type=int, default=1000, help="fine-tune: training examples (1000)")
-        p.add_argument("--epochs", type=int, default=1, help="fine-tune: epochs (1)")
-        p.add_argument("--ft-seqlen", type=int, default=128, help="fine-tune: tokens per example (128)")
-        p.add_argument("--ft-batch-size", type=int, default=8, help="fine-tune: examples per step (8)")
-        p.add_argument("--lr", type=float, default=3e-5, help="fine-tune: learning rate (3e-5)")
+        p.add_argument("--max-train", type=int, help="fine-tune: training examples (1000)")
+        p.add_argument("--epochs", type=int, help="fine-tune: epochs (1)")
+        p.add_argument("--ft-seqlen", type=int, help="fine-tune: tokens per example (128)")
+        p.add_argument("--ft-batch-size", type=int, help="fine-tune: examples per step (8)")
+        p.add_argument("--lr", type=float, help="fine-tune: learning rate (3e-5)")
     if "generation" in groups:
         p.add_argument("--prompt", action="append", help="generation prompt (repeatable; default: the paper's "
                        "two, 'Once upon a time' and 'The Industrial Revolution')")
-        p.add_argument("--lengths", type=positive, nargs="+", default=[128, 512],
+        p.add_argument("--lengths", type=positive, nargs="+",
                        help="generation: token counts the metrics are taken at (128 512)")
         p.add_argument("--sample", action="store_true", help="generation: seeded nucleus sampling, not greedy")
     if "device" in groups:
@@ -249,7 +251,7 @@ def eval_settings(args: argparse.Namespace):
     try:
         finetune = FinetuneConfig(**{k: a[o] for k, o in (("max_train", "max_train"), ("epochs", "epochs"),
                                                           ("seqlen", "ft_seqlen"), ("batch_size", "ft_batch_size"),
-                                                          ("lr", "lr"), ("seed", "seed")) if o in a})
+                                                          ("lr", "lr"), ("seed", "seed")) if a.get(o) is not None})
         generation = GenerationConfig(**{k: v for k, v in (("prompts", tuple(a.get("prompt") or ())),
                                                            ("lengths", tuple(a.get("lengths") or ())),
                                                            ("greedy", not a.get("sample", False)),
@@ -258,4 +260,34 @@ def eval_settings(args: argparse.Namespace):
         raise DataError(str(exc)) from None
     return EvalSettings(**{k: a[k] for k in ("seqlen", "stride", "limit", "examples", "mode", "lm_eval_include",
                                             "lm_eval_allow_code")
-                           if k in a}, finetune=finetune, generation=generation, seed=args.seed)
+                           if a.get(k) is not None}, finetune=finetune, generation=generation, seed=args.seed)
+
+
+# eval's flags by the kind of task they act on (cli/shared.eval_options declares them)
+EVAL_FLAGS = {"perplexity": ("seqlen", "stride", "limit"), "generation": ("prompt", "lengths", "sample"),
+              "classification": ("mode", "max_train", "epochs", "ft_seqlen", "ft_batch_size", "lr"),
+              "lm-eval": ("lm_eval_include",)}
+FINETUNE_FLAGS = ("max_train", "epochs", "ft_seqlen", "ft_batch_size", "lr")
+
+
+def unused_eval_flags(args: argparse.Namespace, kinds: set[str]) -> None:
+    """One line for a flag `eval` was given that does nothing with these tasks (`kinds`: suite.kinds_of),
+    before any model loads: a setting silently ignored reads as one that took effect."""
+    def given(name: str) -> bool:
+        return getattr(args, name, None) not in (None, False)
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for kind, names in EVAL_FLAGS.items():
+        for name in names:
+            if given(name) and kind not in kinds:
+                raise DataError(f"{flag(name)} acts on {kind} tasks, and --tasks {args.tasks} has none")
+    if given("examples") and not kinds & {"classification", "lm-eval"}:
+        raise DataError(f"--examples acts on classification and lm-eval tasks, and --tasks {args.tasks} has none")
+    if given("lm_eval_allow_code") and not given("lm_eval_include"):
+        raise DataError("--lm-eval-allow-code lets an --lm-eval-include folder run code; no folder was given")
+    for name in FINETUNE_FLAGS:
+        if given(name) and args.mode != "finetune":
+            raise DataError(f"{flag(name)} acts on --mode finetune (fine-tuning before scoring); the mode is "
+                            f"{args.mode or 'zero-shot'}")

@@ -105,8 +105,15 @@ def add_sweep(sub) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from smartprune.errors import DataError
+    from smartprune.evaluation.suite import kinds_of
     from smartprune.runs.sweep import SweepSettings, parse_rates, run_sweep, summary
 
+    kinds = kinds_of(args.tasks.split(","))  # a flag for tasks the sweep does not evaluate would do nothing
+    if args.examples is not None and not kinds & {"classification", "lm-eval"}:
+        raise DataError(f"--examples acts on classification and lm-eval tasks, and --tasks {args.tasks} has none")
+    if args.limit is not None and "perplexity" not in kinds:
+        raise DataError(f"--limit acts on perplexity tasks, and --tasks {args.tasks} has none")
     settings = SweepSettings(model=args.model, method=args.method, rates=parse_rates(args.rates),
                              variants=args.variants.split(",") if args.variants else [""],
                              tasks=args.tasks.split(","), base=args.base, limit=args.limit, examples=args.examples,

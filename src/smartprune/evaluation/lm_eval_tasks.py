@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,34 +51,83 @@ def _lm_eval():
     return lm_eval
 
 
-# YAML tags through which an lm-eval task file makes lm-eval import and run Python (a task's functions,
-# its class); a task folder is data, so these are refused unless the user allows code (--lm-eval-allow-code)
-CODE_TAGS = re.compile(r"!function\b|!!python/")
+# lm-eval makes a task YAML import and run Python through one tag, `!function module.name` (its loader is
+# otherwise YAML's safe one, which refuses `!!python/...`). A task folder is data, so that tag is refused unless
+# the user allows code (--lm-eval-allow-code). The files are parsed as lm-eval parses them, not searched as text:
+# a tag can be spelled many ways in YAML (`%TAG` handles, `%66`-escapes, a UTF-16 file) and resolves to the same
+# `!function`, and `include:` takes a list.
 ALLOW_CODE = "--lm-eval-allow-code"
+FUNCTION_TAG = "!function"
+
+
+def _scan_loader():
+    """lm-eval's task loader (`lm_eval.tasks._yaml_loader`: libyaml's safe loader where present, with
+    `!function`), but the tag constructs a harmless marker instead of importing anything."""
+    import yaml
+
+    class Scan(yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.FullLoader):
+        pass
+
+    Scan.add_constructor(FUNCTION_TAG, lambda loader, node: FUNCTION_TAG)
+    return Scan
+
+
+def _function_node(root):
+    """The first node tagged `!function` under `root` (keys and values; aliases visited once), or None;
+    walked with a stack, so a deeply nested file is no RecursionError."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.tag == FUNCTION_TAG:
+            return node
+        if isinstance(node.value, list):  # a sequence's items, or a mapping's (key, value) pairs
+            stack.extend(sub for child in node.value for sub in (child if isinstance(child, tuple) else (child,)))
+    return None
+
+
+def _includes(path: Path, loader) -> list[Path]:
+    """The files `path`'s `include:` names (a name or a list, relative to the file, as lm-eval resolves them);
+    none where the file does not load (lm-eval cannot load it either, so it runs nothing from it)."""
+    import yaml
+
+    try:
+        cfg = yaml.load(path.read_bytes(), Loader=loader)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return []
+    names = cfg.get("include", []) if isinstance(cfg, dict) else []
+    return [path.parent / n if not Path(n).is_absolute() else Path(n)
+            for n in (names if isinstance(names, list) else [names]) if isinstance(n, str)]
 
 
 def check_no_code(include: str, allow_code: bool = False) -> None:
-    """A task folder runs no code unless allowed: every YAML in it (and every YAML its ``include:`` keys
-    name) is scanned for the tags that make lm-eval import Python; one line naming the file if found."""
+    """A task folder runs no code unless allowed: every YAML in it (and every file their ``include:`` keys
+    name, transitively) is parsed as lm-eval parses it and refused, in one line naming the file, where a value
+    is tagged `!function`."""
     if allow_code:
         return
-    todo = sorted(p for p in Path(include).rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    import yaml
+
+    loader = _scan_loader()
+    folder = Path(include)
+    todo = sorted(p for suffix in ("yaml", "yml") for p in folder.glob(f"**/*.{suffix}") if p.is_file())
     seen: set[Path] = set()
     while todo:
         path = todo.pop().resolve()
-        if path in seen:
+        if path in seen or not path.is_file():
             continue
         seen.add(path)
-        text = path.read_text(errors="replace")
-        hit = CODE_TAGS.search(text)
-        if hit:
-            line = text[hit.start():].splitlines()[0].strip()
-            raise DataError(f"--lm-eval-include {include}: {path} runs Python code ({line!r}); task folders run no "
-                            f"code unless you pass {ALLOW_CODE}")
-        for name in re.findall(r"^\s*include:\s*['\"]?([^'\"\s#]+)", text, flags=re.M):
-            other = (path.parent / name).expanduser()
-            if other.is_file():
-                todo.append(other)
+        try:
+            root = yaml.compose(path.read_bytes(), Loader=loader)
+        except yaml.YAMLError:
+            continue  # lm-eval's loader fails on it as well: nothing of it runs
+        hit = None if root is None else _function_node(root)
+        if hit is not None:
+            raise DataError(f"--lm-eval-include {include}: {path} runs Python code ({FUNCTION_TAG} {hit.value}); "
+                            f"task folders run no code unless you pass {ALLOW_CODE}")
+        todo.extend(_includes(path, loader))
 
 
 @lru_cache(maxsize=4)

@@ -110,6 +110,13 @@ def _kinds() -> dict[str, TaskKind]:
     return {**dict.fromkeys(EVAL_TEXTS, ppl), **dict.fromkeys(TASKS, cls), "generation": gen}
 
 
+def kinds_of(names: list[str]) -> set[str]:
+    """Which kinds of task `names` holds: perplexity, classification, generation, lm-eval (an unknown name
+    raises, as in check_tasks)."""
+    return {"lm-eval" if lm_eval_tasks.is_lm_eval(n) else "perplexity" if n in EVAL_TEXTS else
+            "classification" if n in TASKS else "generation" for n in _known(names)}
+
+
 def task_names() -> list[str]:
     return list(_kinds())
 
@@ -117,6 +124,14 @@ def task_names() -> list[str]:
 def check_tasks(names: list[str], lm_eval_include: str | None = None, allow_code: bool = False) -> list[str]:
     """`names` without blanks (a bare name after an `lm-eval:` one is lm-eval's too); an unknown one
     raises with a suggestion."""
+    names = _known(names)
+    lm_eval_tasks.check(names, lm_eval_include, allow_code)
+    return names
+
+
+def _known(names: list[str]) -> list[str]:
+    """`names` without blanks, expanded (a bare name after an `lm-eval:` one is lm-eval's too); one that is
+    neither ours nor lm-eval's raises with a suggestion."""
     kinds = _kinds()
     names = lm_eval_tasks.expand([n.strip() for n in names if n.strip()], set(kinds))
     if not names:
@@ -125,7 +140,6 @@ def check_tasks(names: list[str], lm_eval_include: str | None = None, allow_code
         if n not in kinds and not lm_eval_tasks.is_lm_eval(n):
             raise DataError(f"unknown task '{n}'{did_you_mean(n, kinds)}; known: {', '.join(kinds)}, or "
                             "lm-eval:TASK (lm-evaluation-harness)")
-    lm_eval_tasks.check(names, lm_eval_include, allow_code)
     return names
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from smartprune.options import option
 
 OBJECTIVES = ("end_to_end", "blockwise", "auto")
+BLOCK_LOSSES = ("mse", "token")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class RecoverConfig:
                                          hi=1.0)
     block_lr: float = option(3e-3, "objective blockwise: AdamW peak learning rate of the block fits (warm-up, then "
                              "cosine to a tenth, per block)", lo=0.0, hi=1.0)
+    block_loss: str = option("mse", "objective blockwise: what a block fit minimizes: mse (the squared error of "
+                             "the block's output) | token (each token's squared error over its target's squared "
+                             "norm: the next block reads its input through an RMS norm, so a token whose hidden "
+                             "state is a hundred times larger weighs no more than the others)",
+                             choices=BLOCK_LOSSES)
     cache_windows: int = option(64, "objective blockwise: training windows whose hidden states are cached", lo=1,
                                 hi=1e6)
     eval_every: int = option(50, "steps between held-out perplexity checks", lo=1, hi=1e9)
@@ -81,11 +87,14 @@ class RecoverConfig:
 # cores (30 and 8 minutes; a step of 4 x 256 tokens takes about 17 s there, of 4 x 128 about 10 s: docs/results),
 # distillation from the dense model. Until 2026-11-30 they were 120 and 16 steps (docs/frontier.md's runs). The
 # full budget fits a structured model's blocks first (auto), then takes its end-to-end steps at 3e-4: on `slim-40`
-# that beat end-to-end steps for the same CPU time, and 1e-3 after the fits (docs/structured-results.md). The
+# that beat end-to-end steps for the same CPU time, and 1e-3 after the fits (docs/structured-results.md); 64 fit
+# steps per block on 128 cached windows (since 2026-12-08; 32 on 64 before) cost 1.27x the seconds of 32 and give
+# 0.94x the perplexity, and the whole recovery (350 s on `slim-40`) stays within what the demo spends on each
+# recipe's (370-400 s). The
 # quick one fits too, shorter (16 steps per block on 32 cached windows: 33 s on `slim-40`, 0.79x the perplexity of
 # its 8 end-to-end steps alone for 1.9x their seconds). Models that keep the dense shapes (`paper`, `smart-40`,
 # every unstructured recipe) take no fits under auto, so both budgets run them exactly as before.
 RECOVERY_BUDGETS = {"full": {"steps": 40, "seqlen": 256, "batch_size": 4, "lr": 1e-3, "eval_every": 20,
-                             "objective": "auto", "lr_after_fits": 3e-4},
+                             "objective": "auto", "lr_after_fits": 3e-4, "block_steps": 64, "cache_windows": 128},
                     "quick": {"steps": 8, "seqlen": 128, "batch_size": 4, "lr": 1e-3, "eval_every": 8,
                               "objective": "auto", "block_steps": 16, "cache_windows": 32, "lr_after_fits": 3e-4}}

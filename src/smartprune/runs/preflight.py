@@ -79,6 +79,9 @@ def preflight(spec: RunSpec) -> Prepared:
     check_outputs_apart(o.out, o.dense_out, local)
     device = resolve_device(spec.compute.device)
     resolve_compute_dtype(spec.compute.compute_dtype, device)
+    if spec.compute.offload and device.type == "cpu":  # it would move each block from the CPU to the CPU
+        raise DataError("--offload keeps the blocks not being compressed off a GPU; this run is on the CPU, where "
+                        "the whole model already is")
     if o.dtype not in DTYPES:
         raise OutputError(f"unknown dtype '{o.dtype}'{did_you_mean(o.dtype, DTYPES)}; known: {', '.join(DTYPES)}")
     recipe, schedule = resolve_recipe(spec)

@@ -36,6 +36,12 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_N
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF",
                "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON")  # the build is renamed into place: relative library paths
+# No AMX tiles on x86-64: with GGML_NATIVE on a CPU that lists AMX, ggml's tiled q8_0 products use them, and on a
+# virtual machine that lists AMX without running it (this project's, 2026-12-08) every q8_0 model crashes
+# llama.cpp (SIGSEGV / invalid opcode in libggml-cpu); AVX-512 and AVX2 stay as the CPU has them.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if os.uname().machine == "x86_64":
+    CMAKE_FLAGS = (*CMAKE_FLAGS, f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
 
 
 class RuntimeMissing(SmartpruneError):

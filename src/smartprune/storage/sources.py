@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from smartprune.errors import ModelError, did_you_mean
-from smartprune.files import apply_umask, umask
+from smartprune.files import apply_umask, read_json, umask
 from smartprune.hf import (
     check_architecture,
     check_size,
@@ -271,7 +271,26 @@ def _check_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a model folder (no config.json)")
     _refuse_compressed_without_manifest(path)
+    _check_shard_index(path)
     read_config(path)
+
+
+def _check_shard_index(path: Path) -> None:
+    """A sharded folder's index names its shards as files of the folder itself: one that names a path
+    elsewhere (``../other/model.safetensors``) would load another folder's weights as this model."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    raw = read_json(index, "shard index", ModelError)
+    shards = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(shards, dict) or not all(isinstance(f, str) for f in shards.values()):
+        raise ModelError(f"{index}: no weight_map of tensor names to shard files")
+    for file in sorted(set(shards.values())):
+        if Path(file).name != file or file in (".", ".."):
+            raise ModelError(f"{index}: shard {file!r} is not a file of the model folder; an index names its shards "
+                             "by file name, beside it")
+        if not (path / file).is_file():
+            raise ModelError(f"{index}: shard {file} is missing from the folder")
 
 
 def _refuse_compressed_without_manifest(path: Path) -> None:

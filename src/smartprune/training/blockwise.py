@@ -151,7 +151,7 @@ def _fit_block(adapter, i: int, x: Tensor, target: Tensor, cfg: RecoverConfig, g
         pick = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen).to(device)
         with autocast(device, dtype):
             out = adapter.run_block(i, x[pick])
-        loss = F.mse_loss(out.float(), target[pick].float())
+        loss = _block_loss(out.float(), target[pick].float(), cfg.block_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         masks.mask_gradients()
@@ -163,6 +163,14 @@ def _fit_block(adapter, i: int, x: Tensor, target: Tensor, cfg: RecoverConfig, g
         bar.set_postfix(block=i, loss=f"{loss.item():.4g}")
     for p in params:
         p.grad = None
+
+
+def _block_loss(out: Tensor, target: Tensor, kind: str) -> Tensor:
+    """mse: the plain squared error; token: each token's squared error relative to its target's squared norm
+    (a few tokens carry hidden states far larger than the rest, and would otherwise be most of the loss)."""
+    if kind == "mse":
+        return F.mse_loss(out, target)
+    return ((out - target).square().sum(-1) / target.square().sum(-1).clamp_min(1e-12)).mean()
 
 
 def _relative_error(out: Tensor, target: Tensor) -> float:

@@ -39,13 +39,18 @@ class Checkpointer:
     """Atomic checkpoints (write a temporary file, then rename), so a crash or Ctrl-C while saving
     leaves the previous checkpoint usable."""
 
-    def __init__(self, folder: Path | None, minutes: float, sharded: bool = False) -> None:
+    def __init__(self, folder: Path | None, minutes: float, sharded: bool = False, seed: int = 0) -> None:
         self.path = None if folder is None else folder / CHECKPOINT
+        self.seed = seed  # saved beside the settings: a resume with another seed would silently keep the old draws
         self.every = minutes * 60
         self.last = time.monotonic()
         self.saved_step = -1  # the step of the last checkpoint this run wrote
         self.full = False  # a save found the disk full
         self.sharded = sharded  # states are gathered from every process first (all must call save)
+
+    def _settings(self, cfg: RecoverConfig) -> dict:
+        """What a checkpoint must have been made with to be resumed: the recovery settings and the seed."""
+        return {**asdict(cfg), "seed": self.seed}
 
     def due(self) -> bool:
         return self.path is not None and time.monotonic() - self.last >= self.every
@@ -63,7 +68,7 @@ class Checkpointer:
         try:
             with open(tmp, "wb") as f:  # through a Python file: a full disk then surfaces as an OSError
                 torch.save({"model": model_state, "optimizer": opt_state, "generator": gen.get_state(),
-                            "state": asdict(state), "config": asdict(cfg)}, f)
+                            "state": asdict(state), "config": self._settings(cfg)}, f)
             os.replace(tmp, self.path)
         except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
@@ -93,8 +98,9 @@ class Checkpointer:
                 or not isinstance(ckpt["config"], dict):
             raise DataError(f"checkpoint {self.path} is not a smartprune recovery checkpoint; remove it and run "
                             "without --resume")
-        if ckpt["config"] != asdict(cfg):
-            changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != asdict(cfg).get(k))
+        want = self._settings(cfg)
+        if ckpt["config"] != want:
+            changed = sorted(k for k in {*ckpt["config"], *want} if ckpt["config"].get(k) != want.get(k))
             raise DataError(f"checkpoint {self.path} was made with other recovery settings ({', '.join(changed)}); "
                             "resume with the same ones")
         _check_fields(self.path, ckpt["state"])

@@ -150,7 +150,8 @@ def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module |
     masks = StructureMasks(student)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    ckpt = Checkpointer(None if checkpoint_dir is None else Path(checkpoint_dir), cfg.checkpoint_minutes, sharded)
+    ckpt = Checkpointer(None if checkpoint_dir is None else Path(checkpoint_dir), cfg.checkpoint_minutes, sharded,
+                         seed)
     state = ckpt.load(student, opt, gen, cfg) if resume else RecoveryState()
     if not state.total_steps:
         per_step = cfg.batch_size * cfg.seqlen
