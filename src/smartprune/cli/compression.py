@@ -13,6 +13,7 @@ from smartprune.cli.shared import (
     compute_dtype,
     config_flags,
     device,
+    flag_name,
     json_out,
     overwrite,
     positive,
@@ -208,18 +209,15 @@ TEACHER_FLAGS = ("kl_weight", "temperature", "hidden_weight")
 def unused_recover_flags(given: dict, teacher: str, processes: int) -> None:
     """One line for a `recover` flag that does nothing with the others given, before any model loads (with
     objective auto the fits run where the model's shapes changed, so their flags stand)."""
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
     if given.get("objective") == "end_to_end":
         for name in BLOCK_FLAGS:
             if name in given:
-                raise DataError(f"{flag(name)} acts on block-wise fits, and --objective end_to_end runs none")
+                raise DataError(f"{flag_name(name)} acts on block-wise fits, and --objective end_to_end runs none")
     if teacher == "none":
         for name in TEACHER_FLAGS:
             if name in given:
-                raise DataError(f"{flag(name)} acts on distillation from a teacher, and --teacher none trains on the "
-                                "text alone")
+                raise DataError(f"{flag_name(name)} acts on distillation from a teacher, and --teacher none trains "
+                                "on the text alone")
     if given.get("kl_weight") == 0 and "temperature" in given:
         raise DataError("--temperature scales the KL term, and --kl-weight 0 turns it off")
     if given.get("sharding") == "fsdp" and processes == 1:

@@ -28,6 +28,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def flag_name(dest: str) -> str:
+    """The command-line spelling of an option's dest: lr_after_fits -> --lr-after-fits."""
+    return "--" + dest.replace("_", "-")
+
+
 def positive(value: str) -> int:
     n = int(value)
     if n < 1:
@@ -92,7 +97,7 @@ def config_flags(p, cls, names: tuple[str, ...], *, flags: dict[str, str] | None
         kind = str(f.type).split("|")[0].strip()
         shown = "" if default is None else f" (default: {default:g})" if isinstance(default, float) else \
             f" (default: {default})"
-        p.add_argument((flags or {}).get(name, "--" + name.replace("_", "-")), dest=name, default=None,
+        p.add_argument((flags or {}).get(name, flag_name(name)), dest=name, default=None,
                        type={"int": int, "float": float}.get(kind, str), choices=meta.get("choices"),
                        help=meta["doc"] + shown)
 
@@ -179,12 +184,12 @@ def check_paths(args: argparse.Namespace) -> None:
                 inputs.append((name, Path(v).resolve()))
     for name in OUTPUTS:
         if getattr(args, name, None):
-            check_writable_name("--" + name.replace("_", "-"), Path(getattr(args, name)))
+            check_writable_name(flag_name(name), Path(getattr(args, name)))
     outputs = [(name, refuse_protected(Path(getattr(args, name)))) for name in OUTPUTS if getattr(args, name, None)]
     if getattr(args, "json", None) and args.command in JSON_TWIN:
         outputs.append(("json (its Markdown twin)", Path(args.json).resolve().with_suffix(".md")))
     def label(name: str) -> str:  # as the command line spells it
-        return name.upper().rstrip("S") if name in POSITIONAL else "--" + name.replace("_", "-")
+        return name.upper().rstrip("S") if name in POSITIONAL else flag_name(name)
 
     for i, (name, path) in enumerate(outputs):
         for other, where in inputs + outputs[i + 1:]:
@@ -276,18 +281,15 @@ def unused_eval_flags(args: argparse.Namespace, kinds: set[str]) -> None:
     def given(name: str) -> bool:
         return getattr(args, name, None) not in (None, False)
 
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
     for kind, names in EVAL_FLAGS.items():
         for name in names:
             if given(name) and kind not in kinds:
-                raise DataError(f"{flag(name)} acts on {kind} tasks, and --tasks {args.tasks} has none")
+                raise DataError(f"{flag_name(name)} acts on {kind} tasks, and --tasks {args.tasks} has none")
     if given("examples") and not kinds & {"classification", "lm-eval"}:
         raise DataError(f"--examples acts on classification and lm-eval tasks, and --tasks {args.tasks} has none")
     if given("lm_eval_allow_code") and not given("lm_eval_include"):
         raise DataError("--lm-eval-allow-code lets an --lm-eval-include folder run code; no folder was given")
     for name in FINETUNE_FLAGS:
         if given(name) and args.mode != "finetune":
-            raise DataError(f"{flag(name)} acts on --mode finetune (fine-tuning before scoring); the mode is "
+            raise DataError(f"{flag_name(name)} acts on --mode finetune (fine-tuning before scoring); the mode is "
                             f"{args.mode or 'zero-shot'}")

@@ -88,13 +88,13 @@ def _function_node(root):
     return None
 
 
-def _includes(path: Path, loader) -> list[Path]:
+def _includes(path: Path, data: bytes, loader) -> list[Path]:
     """The files `path`'s `include:` names (a name or a list, relative to the file, as lm-eval resolves them);
     none where the file does not load (lm-eval cannot load it either, so it runs nothing from it)."""
     import yaml
 
     try:
-        cfg = yaml.load(path.read_bytes(), Loader=loader)
+        cfg = yaml.load(data, Loader=loader)  # loaded, not read off the nodes: a `<<:` merge may bring `include:`
     except (yaml.YAMLError, ValueError, RecursionError):
         return []
     names = cfg.get("include", []) if isinstance(cfg, dict) else []
@@ -120,14 +120,15 @@ def check_no_code(include: str, allow_code: bool = False) -> None:
             continue
         seen.add(path)
         try:
-            root = yaml.compose(path.read_bytes(), Loader=loader)
+            data = path.read_bytes()
+            root = yaml.compose(data, Loader=loader)
         except yaml.YAMLError:
             continue  # lm-eval's loader fails on it as well: nothing of it runs
         hit = None if root is None else _function_node(root)
         if hit is not None:
             raise DataError(f"--lm-eval-include {include}: {path} runs Python code ({FUNCTION_TAG} {hit.value}); "
                             f"task folders run no code unless you pass {ALLOW_CODE}")
-        todo.extend(_includes(path, loader))
+        todo.extend(_includes(path, data, loader))
 
 
 @lru_cache(maxsize=4)
