@@ -75,6 +75,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # full budget: demo-full now): with its 40 end-to-end steps, and with 20
     "demo-full-fits64": ("demo-full", {"block_steps": 64, "cache_windows": 128}),
     "demo-full-fits64-steps20": ("demo-full", {"block_steps": 64, "cache_windows": 128, "steps": 20}),
+    # every kept block's output held to the dense span's in the end-to-end steps (relative squared error), beside
+    # the KL and the cross-entropy, at two weights
+    "demo-quick-hidden1": ("demo-quick", {"hidden_weight": 1.0, "hidden_layers": "blocks"}),
+    "demo-quick-hidden10": ("demo-quick", {"hidden_weight": 10.0, "hidden_layers": "blocks"}),
+    "demo-full-hidden1": ("demo-full", {"hidden_weight": 1.0, "hidden_layers": "blocks"}),
+    "demo-full-hidden10": ("demo-full", {"hidden_weight": 10.0, "hidden_layers": "blocks"}),
 }
 
 

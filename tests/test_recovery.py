@@ -256,6 +256,58 @@ def test_blockwise_pairs_a_kept_block_with_the_dense_span_it_replaces(gpt2_token
     assert max(r["blockwise"]["relative_error_before"]) < 1e-6
 
 
+def test_the_block_hidden_state_loss_by_hand():
+    """``hidden_layers: blocks`` with the other losses off: the mean over pairs of each pair's squared error
+    over its target's mean square, times the weight. Pairs (1, 1) and (2, 3): (2-1)^2 / 2^2 = 0.25 and
+    (3-0)^2 / 3^2 = 1, mean 0.625, weight 2 -> 1.25. The models stand in as callables."""
+    from types import SimpleNamespace
+
+    from smartprune.training.recover import distillation_loss
+
+    ones = torch.ones(1, 3, 2)
+    logits = torch.zeros(1, 3, 5)
+    student = lambda ids, output_hidden_states: SimpleNamespace(  # noqa: E731
+        logits=logits, hidden_states=(ones, ones, 0 * ones))
+    teacher = lambda ids, output_hidden_states: SimpleNamespace(  # noqa: E731
+        logits=logits, hidden_states=(ones, 2 * ones, 7 * ones, 3 * ones))
+    cfg = RecoverConfig(kl_weight=0.0, ce_weight=0.0, hidden_weight=2.0, hidden_layers="blocks")
+    loss = distillation_loss(student, teacher, torch.zeros(1, 3, dtype=torch.long), cfg, [(1, 1), (2, 3)])
+    assert loss.item() == pytest.approx(1.25, abs=1e-6)
+
+
+def test_block_hidden_states_pair_a_kept_block_with_the_end_of_its_dense_span(gpt2_tokenizer, use_data):
+    """The identity block of the test above removed: each kept block's output equals the output of the dense
+    span it stands for, so the block hidden-state loss is zero with the report's removed blocks; told
+    nothing, the pairing is refused; and recovery runs with it."""
+    from smartprune.adapters import get_adapter
+    from smartprune.errors import DataError
+    from smartprune.training.recover import distillation_loss, hidden_pairs
+
+    teacher = tiny_model("llama", VOCAB)
+    teacher.config.num_hidden_layers = 3
+    teacher.model.layers.append(copy.deepcopy(teacher.model.layers[1]))
+    teacher.model.layers[2].self_attn.layer_idx = 2
+    with torch.no_grad():
+        teacher.model.layers[1].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[1].mlp.down_proj.weight.zero_()
+    student = copy.deepcopy(teacher)
+    get_adapter(student).keep_blocks([0, 2])
+    assert hidden_pairs(student, teacher, [1]) == [(1, 2), (2, 3)]
+    with pytest.raises(DataError, match="2 of the teacher's 3 blocks"):
+        hidden_pairs(student, teacher, [])
+    cfg = RecoverConfig(kl_weight=0.0, ce_weight=0.0, hidden_weight=1.0, hidden_layers="blocks", **SMALL)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert distillation_loss(student, teacher, ids, cfg, hidden_pairs(student, teacher, [1])).item() < 1e-10
+    with torch.no_grad():
+        student.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    assert distillation_loss(student, teacher, ids, cfg, hidden_pairs(student, teacher, [1])).item() > 1e-4
+    cfg = RecoverConfig(steps=2, objective="end_to_end", hidden_weight=1.0, hidden_layers="blocks", **SMALL)
+    r = recover(student, gpt2_tokenizer, cfg, teacher=teacher, progress=False, removed_blocks=[1])
+    assert r["steps"] == 2 and r["config"]["hidden_layers"] == "blocks"
+    with pytest.raises(DataError, match="2 of the teacher's 3 blocks"):
+        recover(student, gpt2_tokenizer, cfg, teacher=teacher, progress=False)
+
+
 def test_a_teacher_with_another_vocabulary_is_refused(compressed, gpt2_tokenizer, use_data):
     from smartprune.errors import DataError
 
@@ -351,6 +403,7 @@ def test_recover_command_writes_a_loadable_model_and_report(compressed, model_di
     (["--objective", "end_to_end", "--block-loss", "token"], "--block-loss acts on block-wise fits"),
     (["--temperature", "2"], "--temperature acts on distillation from a teacher"),
     (["--sharding", "fsdp"], "this run has one"),
+    (["--hidden-layers", "blocks"], "--hidden-layers acts on distillation from a teacher"),
 ])
 def test_recover_command_bad_input_is_one_line(argv, message, model_dirs, use_data, tmp_path, capsys):
     if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
@@ -373,6 +426,8 @@ def test_recipe_recover_section_is_validated():
         build_recipe({"irc": {}, "recover": {"lr": float("nan")}}, "x", "test")
     with pytest.raises(RecipeError, match="ce_weight"):
         build_recipe({"irc": {}, "recover": {"teacher": "none", "ce_weight": 0}}, "x", "test")
+    with pytest.raises(RecipeError, match="hidden_layers: blocks chooses what hidden_weight matches"):
+        build_recipe({"irc": {}, "recover": {"hidden_layers": "blocks"}}, "x", "test")
 
 
 def test_demo_prints_dense_compressed_and_recovered(model_dirs, use_data, tmp_path):

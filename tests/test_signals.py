@@ -29,11 +29,11 @@ def _signal_inside_step(monkeypatch, at_step: int, signum: int) -> None:
     loss = rec.distillation_loss
     calls = {"n": 0}
 
-    def signalling(student, teacher, ids, cfg):
+    def signalling(student, teacher, ids, cfg, *pairs):
         calls["n"] += 1
         if calls["n"] == at_step:
             os.kill(os.getpid(), signum)
-        return loss(student, teacher, ids, cfg)
+        return loss(student, teacher, ids, cfg, *pairs)
 
     monkeypatch.setattr(rec, "distillation_loss", signalling)
 
@@ -73,12 +73,12 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_whole_checkpoint(compr
     loss = rec.distillation_loss
     calls = {"n": 0}
 
-    def twice(student, teacher, ids, cfg):
+    def twice(student, teacher, ids, cfg, *pairs):
         calls["n"] += 1
         if calls["n"] == 3:  # inside step 3: the second signal raises there, half-way through the step
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        return loss(student, teacher, ids, cfg)
+        return loss(student, teacher, ids, cfg, *pairs)
 
     monkeypatch.setattr(rec, "distillation_loss", twice)
     with pytest.raises(KeyboardInterrupt):

@@ -165,8 +165,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # recover flags drawn from RecoverConfig's fields (validated by the recipe schema, so ranges and NaN are
 # checked once); the budget, the window length and the compute dtype are declared beside them
 RECOVER_FLAGS = ("text", "batch_size", "lr", "weight_decay", "temperature", "kl_weight", "ce_weight", "hidden_weight",
-                 "objective", "lr_after_fits", "block_steps", "block_lr", "block_loss", "cache_windows", "eval_every",
-                 "eval_windows", "checkpoint_minutes", "sharding")
+                 "hidden_layers", "objective", "lr_after_fits", "block_steps", "block_lr", "block_loss",
+                 "cache_windows", "eval_every", "eval_windows", "checkpoint_minutes", "sharding")
 
 
 def add_recover(sub) -> None:
@@ -203,7 +203,7 @@ def add_recover(sub) -> None:
 
 # recover flags that act only on block-wise fits, or only on distillation from a teacher
 BLOCK_FLAGS = ("lr_after_fits", "block_steps", "block_lr", "block_loss", "cache_windows")
-TEACHER_FLAGS = ("kl_weight", "temperature", "hidden_weight")
+TEACHER_FLAGS = ("kl_weight", "temperature", "hidden_weight", "hidden_layers")
 
 
 def unused_recover_flags(given: dict, teacher: str, processes: int) -> None:

@@ -10,6 +10,7 @@ from smartprune.options import option
 
 OBJECTIVES = ("end_to_end", "blockwise", "auto")
 BLOCK_LOSSES = ("mse", "token")
+HIDDEN_LAYERS = ("last", "blocks")
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,12 @@ class RecoverConfig:
     temperature: float = option(1.0, "distillation temperature (the KL term is scaled by its square)", lo=1e-3,
                                 hi=100.0)
     ce_weight: float = option(1.0, "weight of the next-token cross-entropy", lo=0.0, hi=1e6)
-    hidden_weight: float = option(0.0, "weight of matching the last hidden states (mean squared error)", lo=0.0,
+    hidden_weight: float = option(0.0, "weight of matching the teacher's hidden states (see hidden_layers)", lo=0.0,
                                   hi=1e6)
+    hidden_layers: str = option("last", "which hidden states hidden_weight matches: last (the final ones, mean "
+                                "squared error) | blocks (every kept block's output against the output of the dense "
+                                "span it stands for, each error relative to its target's mean square, averaged)",
+                                choices=HIDDEN_LAYERS)
     objective: str = option("auto", "end_to_end (distil the whole model) | blockwise (first fit each block to "
                             "the dense block's outputs on cached windows, block_steps steps per block, far cheaper "
                             "per step; then the end-to-end budget) | auto (blockwise where the compression changed "
@@ -75,6 +80,9 @@ class RecoverConfig:
             raise ValueError("objective: blockwise fits the dense model's block outputs; it needs teacher: dense")
         if self.teacher == "none" and self.ce_weight == 0:
             raise ValueError("ce_weight: without a teacher the cross-entropy is the only loss; it must be above 0")
+        if self.hidden_layers != "last" and self.hidden_weight == 0:
+            raise ValueError(f"hidden_layers: {self.hidden_layers} chooses what hidden_weight matches, and "
+                             "hidden_weight is 0")
         if self.teacher == "dense" and self.kl_weight == self.ce_weight == self.hidden_weight == 0:
             raise ValueError("kl_weight: every loss weight is 0")
 

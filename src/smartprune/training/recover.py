@@ -35,7 +35,7 @@ from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.modules.masked import FOLDED, Maskable
 from smartprune.recipes.schema import RecoverConfig
-from smartprune.training.blockwise import check_blockwise, fit_blocks, resolve_objective
+from smartprune.training.blockwise import block_spans, check_blockwise, fit_blocks, resolve_objective
 from smartprune.training.checkpoint import Checkpointer, RecoveryState
 from smartprune.training.distributed import agreed, all_reduce_mean, any_rank, check_batch_split, world
 from smartprune.training.schedule import lr_at
@@ -66,8 +66,22 @@ def structure_report(model: nn.Module) -> dict:
             "kept": revived == 0}
 
 
-def distillation_loss(student: nn.Module, teacher: nn.Module | None, ids: Tensor, cfg: RecoverConfig) -> Tensor:
-    """The recovery loss on windows `ids` (batch, seqlen), accumulated in float32."""
+def hidden_pairs(student: nn.Module, teacher: nn.Module, removed: Sequence[int]) -> list[tuple[int, int]]:
+    """For ``hidden_layers: blocks``: (student, teacher) indices into the models' ``hidden_states``, one pair per
+    kept block: its output against the output of the dense span it stands for (itself and the removed blocks
+    after it), as the block-wise fits pair them. Index 0 is the embeddings, index i the output of block i-1."""
+    n, m = len(get_adapter(student).blocks()), len(get_adapter(teacher).blocks())
+    spans = block_spans(m, removed)
+    if len(spans) != n:
+        raise DataError(f"hidden_layers blocks pairs each block with the dense model's, but the model has {n} of "
+                        f"the teacher's {m} blocks and its report names {len(set(removed))} removed")
+    return [(k + 1, span.stop) for k, span in enumerate(spans)]
+
+
+def distillation_loss(student: nn.Module, teacher: nn.Module | None, ids: Tensor, cfg: RecoverConfig,
+                      pairs: Sequence[tuple[int, int]] = ()) -> Tensor:
+    """The recovery loss on windows `ids` (batch, seqlen), accumulated in float32 (`pairs`: `hidden_pairs`,
+    for ``hidden_layers: blocks``)."""
     want_hidden = teacher is not None and cfg.hidden_weight > 0
     out = student(ids, output_hidden_states=want_hidden)
     logits = out.logits[:, :-1].float()
@@ -85,7 +99,12 @@ def distillation_loss(student: nn.Module, teacher: nn.Module | None, ids: Tensor
         kl = F.kl_div(log_q.reshape(-1, log_q.shape[-1]), log_p.reshape(-1, log_p.shape[-1]), log_target=True,
                       reduction="batchmean")
         loss = loss + cfg.kl_weight * t * t * kl
-    if want_hidden:
+    if want_hidden and cfg.hidden_layers == "blocks":
+        # relative: the residual stream grows from block to block, and each block should count alike
+        errors = [F.mse_loss(out.hidden_states[s].float(), ref.hidden_states[t].float())
+                  / ref.hidden_states[t].float().pow(2).mean().clamp_min(1e-12) for s, t in pairs]
+        loss = loss + cfg.hidden_weight * torch.stack(errors).mean()
+    elif want_hidden:
         loss = loss + cfg.hidden_weight * F.mse_loss(out.hidden_states[-1].float(), ref.hidden_states[-1].float())
     return loss
 
@@ -110,6 +129,7 @@ class _Run:
     size: int
     sharded: bool
     removed: tuple[int, ...] = ()  # the dense model's blocks the student no longer has (block-wise spans)
+    pairs: tuple[tuple[int, int], ...] = ()  # hidden_layers blocks: student / teacher hidden-state indices
 
 
 def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module | None, device: torch.device,
@@ -127,6 +147,9 @@ def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module |
                         f"model's ({model.config.vocab_size}); distillation needs the model it was compressed from")
     if cfg.objective == "blockwise":  # the config refuses it without a teacher; the dense one is there now
         check_blockwise(model, teacher, size, removed)
+    pairs = ()
+    if teacher is not None and cfg.hidden_weight > 0 and cfg.hidden_layers == "blocks":
+        pairs = tuple(hidden_pairs(model, teacher, removed))
     check_positions(model, cfg.seqlen, "recovery seqlen")
     train, held = recovery_streams(tokenizer, cfg.text, cfg.seqlen, cfg.eval_windows)
     if train.numel() < cfg.seqlen + cfg.batch_size:
@@ -160,7 +183,7 @@ def _setup(model: nn.Module, tokenizer, cfg: RecoverConfig, teacher: nn.Module |
         else:  # a minutes budget starts from the default and is sized after two steps (`_step`)
             state.total_steps = math.ceil(cfg.tokens / per_step) if cfg.tokens else DEFAULT_STEPS
     run = _Run(student, teacher, params, masks, opt, gen, ckpt, state, train, held, device, dtype, rank, size, sharded,
-               removed)
+               removed, pairs)
     if not state.held_out:  # a resumed run has its starting perplexity already
         state.held_out.append({"step": 0, "tokens": 0, "seconds": 0.0, "perplexity": _held_out_ppl(run, cfg)})
     return run
@@ -187,7 +210,7 @@ def _step(run: _Run, cfg: RecoverConfig, started: float) -> None:
     for group in run.opt.param_groups:
         group["lr"] = lr_at(state.step, state.total_steps, cfg)
     with autocast(run.device, run.dtype):
-        loss = distillation_loss(run.student, run.teacher, ids.to(run.device), cfg)
+        loss = distillation_loss(run.student, run.teacher, ids.to(run.device), cfg, run.pairs)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if not run.sharded:  # FSDP has already reduce-scattered (averaged) the gradients
