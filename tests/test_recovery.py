@@ -235,10 +235,11 @@ def test_block_spans_give_each_kept_block_the_removed_blocks_after_it():
     assert removed_in({"structure": {"depth": {"removed": [3, 7]}}}) == [3, 7] and removed_in({}) == []
 
 
-def test_blockwise_pairs_a_kept_block_with_the_dense_span_it_replaces(gpt2_tokenizer, use_data):
-    """Block 1 of three made an identity (its attention and MLP outputs zero: the residual passes through)
-    and removed: the two kept blocks reproduce the dense spans [0, 1] and [2] exactly before any fit, so
-    the pairing and the span's inputs are right; told nothing, the same student is refused."""
+def _identity_block_removed():
+    """A three-block teacher whose block 1 is an identity (its attention and MLP outputs zero: the residual
+    passes through), and a copy of it with block 1 removed."""
+    from smartprune.adapters import get_adapter
+
     teacher = tiny_model("llama", VOCAB)
     teacher.config.num_hidden_layers = 3
     teacher.model.layers.append(copy.deepcopy(teacher.model.layers[1]))
@@ -247,9 +248,15 @@ def test_blockwise_pairs_a_kept_block_with_the_dense_span_it_replaces(gpt2_token
         teacher.model.layers[1].self_attn.o_proj.weight.zero_()
         teacher.model.layers[1].mlp.down_proj.weight.zero_()
     student = copy.deepcopy(teacher)
-    from smartprune.adapters import get_adapter
-
     get_adapter(student).keep_blocks([0, 2])
+    return teacher, student
+
+
+def test_blockwise_pairs_a_kept_block_with_the_dense_span_it_replaces(gpt2_tokenizer, use_data):
+    """Block 1 of three made an identity (its attention and MLP outputs zero: the residual passes through)
+    and removed: the two kept blocks reproduce the dense spans [0, 1] and [2] exactly before any fit, so
+    the pairing and the span's inputs are right; told nothing, the same student is refused."""
+    teacher, student = _identity_block_removed()
     cfg = RecoverConfig(steps=0, objective="blockwise", block_steps=0, cache_windows=4, **SMALL)
     r = recover(student, gpt2_tokenizer, cfg, teacher=teacher, progress=False, removed_blocks=[1])
     assert r["blockwise"]["spans"] == [[0, 1], [2, 2]]
@@ -279,28 +286,20 @@ def test_block_hidden_states_pair_a_kept_block_with_the_end_of_its_dense_span(gp
     """The identity block of the test above removed: each kept block's output equals the output of the dense
     span it stands for, so the block hidden-state loss is zero with the report's removed blocks; told
     nothing, the pairing is refused; and recovery runs with it."""
-    from smartprune.adapters import get_adapter
     from smartprune.errors import DataError
     from smartprune.training.recover import distillation_loss, hidden_pairs
 
-    teacher = tiny_model("llama", VOCAB)
-    teacher.config.num_hidden_layers = 3
-    teacher.model.layers.append(copy.deepcopy(teacher.model.layers[1]))
-    teacher.model.layers[2].self_attn.layer_idx = 2
-    with torch.no_grad():
-        teacher.model.layers[1].self_attn.o_proj.weight.zero_()
-        teacher.model.layers[1].mlp.down_proj.weight.zero_()
-    student = copy.deepcopy(teacher)
-    get_adapter(student).keep_blocks([0, 2])
-    assert hidden_pairs(student, teacher, [1]) == [(1, 2), (2, 3)]
+    teacher, student = _identity_block_removed()
+    pairs = hidden_pairs(student, teacher, [1])
+    assert pairs == [(1, 2), (2, 3)]
     with pytest.raises(DataError, match="2 of the teacher's 3 blocks"):
         hidden_pairs(student, teacher, [])
     cfg = RecoverConfig(kl_weight=0.0, ce_weight=0.0, hidden_weight=1.0, hidden_layers="blocks", **SMALL)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert distillation_loss(student, teacher, ids, cfg, hidden_pairs(student, teacher, [1])).item() < 1e-10
+    assert distillation_loss(student, teacher, ids, cfg, pairs).item() < 1e-10
     with torch.no_grad():
         student.model.layers[0].mlp.down_proj.weight.mul_(1.5)
-    assert distillation_loss(student, teacher, ids, cfg, hidden_pairs(student, teacher, [1])).item() > 1e-4
+    assert distillation_loss(student, teacher, ids, cfg, pairs).item() > 1e-4
     cfg = RecoverConfig(steps=2, objective="end_to_end", hidden_weight=1.0, hidden_layers="blocks", **SMALL)
     r = recover(student, gpt2_tokenizer, cfg, teacher=teacher, progress=False, removed_blocks=[1])
     assert r["steps"] == 2 and r["config"]["hidden_layers"] == "blocks"

@@ -40,11 +40,17 @@ def check_blockwise(student: nn.Module, teacher: nn.Module, world_size: int, rem
     by the config and checked by recovery's setup)."""
     if world_size > 1:
         raise DataError("recovery objective 'blockwise' runs in one process; use --nproc 1 (or objective end_to_end)")
+    check_paired(student, teacher, removed, "recovery objective 'blockwise'", "objective end_to_end")
+
+
+def check_paired(student: nn.Module, teacher: nn.Module, removed: Sequence[int], what: str, instead: str) -> None:
+    """One line where `what` (a setting that pairs each kept block with the dense span it stands for) cannot pair
+    the student's blocks with the teacher's once the `removed` ones are taken out; `instead`: the setting to use."""
     n, m = len(get_adapter(student).blocks()), len(get_adapter(teacher).blocks())
     if not _paired(n, m, removed) or any(not 0 <= i < m for i in removed):
-        raise DataError(f"recovery objective 'blockwise' pairs each block with the dense model's, but the model has "
-                        f"{n} of the teacher's {m} blocks and its report names {len(set(removed))} removed (stage "
-                        "depth records which); use objective end_to_end")
+        raise DataError(f"{what} pairs each block with the dense model's, but the model has {n} of the teacher's {m} "
+                        f"blocks and its report names {len(set(removed))} removed (stage depth records which); use "
+                        f"{instead}")
 
 
 def shapes_changed(student: nn.Module, teacher: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from smartprune.errors import DataError
 from smartprune.evaluation.perplexity import perplexity_of_ids
 from smartprune.modules.masked import FOLDED, Maskable
 from smartprune.recipes.schema import RecoverConfig
-from smartprune.training.blockwise import block_spans, check_blockwise, fit_blocks, resolve_objective
+from smartprune.training.blockwise import block_spans, check_blockwise, check_paired, fit_blocks, resolve_objective
 from smartprune.training.checkpoint import Checkpointer, RecoveryState
 from smartprune.training.distributed import agreed, all_reduce_mean, any_rank, check_batch_split, world
 from smartprune.training.schedule import lr_at
@@ -70,12 +70,8 @@ def hidden_pairs(student: nn.Module, teacher: nn.Module, removed: Sequence[int])
     """For ``hidden_layers: blocks``: (student, teacher) indices into the models' ``hidden_states``, one pair per
     kept block: its output against the output of the dense span it stands for (itself and the removed blocks
     after it), as the block-wise fits pair them. Index 0 is the embeddings, index i the output of block i-1."""
-    n, m = len(get_adapter(student).blocks()), len(get_adapter(teacher).blocks())
-    spans = block_spans(m, removed)
-    if len(spans) != n:
-        raise DataError(f"hidden_layers blocks pairs each block with the dense model's, but the model has {n} of "
-                        f"the teacher's {m} blocks and its report names {len(set(removed))} removed")
-    return [(k + 1, span.stop) for k, span in enumerate(spans)]
+    check_paired(student, teacher, removed, "hidden_layers blocks", "hidden_layers last")
+    return [(k + 1, span.stop) for k, span in enumerate(block_spans(len(get_adapter(teacher).blocks()), removed))]
 
 
 def distillation_loss(student: nn.Module, teacher: nn.Module | None, ids: Tensor, cfg: RecoverConfig,
